@@ -1,0 +1,38 @@
+"""Shared fixtures: a small random-weight Demucs and its ONNX export, built once per session."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+SMALL_CONFIG = dict(channels=4, segment_length=44100)
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """A random-weight Demucs v2 (4 channels, 1 s segments) and its CheckpointInfo."""
+    import torch
+
+    from stemserve.checkpoints import CheckpointInfo
+    from stemserve.model import SOURCES, Demucs
+
+    torch.manual_seed(1234)
+    model = Demucs(SOURCES, **SMALL_CONFIG).eval()
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    digest = hashlib.sha256(repr(sorted((k, v.sum().item()) for k, v in state.items()))
+                            .encode()).hexdigest()
+    info = CheckpointInfo(name="small", path=Path("small.th"), sha256=digest,
+                          config=dict(SMALL_CONFIG))
+    return model, info
+
+
+@pytest.fixture(scope="session")
+def small_export(small_model, tmp_path_factory) -> Path:
+    """Folder with ``model.onnx`` and ``model.json`` for :func:`small_model`."""
+    from stemserve.export.to_onnx import export_onnx
+
+    model, info = small_model
+    out = tmp_path_factory.mktemp("export")
+    export_onnx(model, info, out)
+    return out
