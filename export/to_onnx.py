@@ -8,24 +8,30 @@ to demucs' ``apply_model``. The caller center-trims, as ``apply_model`` does.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
-from stemserve.checkpoints import CheckpointInfo
 from stemserve.model import Demucs
 from stemserve.spec import ModelSpec, output_length
+
+if TYPE_CHECKING:
+    from stemserve.checkpoints import CheckpointInfo
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 MODEL_NAME = "demucs"
+TRACE_LENGTH = 4096
 
 
 def build_spec(model: Demucs, info: CheckpointInfo, segment_length: int,
@@ -48,65 +54,83 @@ def build_spec(model: Demucs, info: CheckpointInfo, segment_length: int,
     )
 
 
+class HalfPrecision(nn.Module):
+    """Run ``model`` in fp16 behind fp32 inputs and outputs.
+
+    Clients send the same fp32 tensors to either variant; only the weights and compute halve.
+    """
+
+    def __init__(self, model: Demucs):
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        return self.model(mix.half()).float()
+
+
 def export_onnx(model: Demucs, info: CheckpointInfo, out_dir: Path, *,
                 segment_length: int | None = None, fp16: bool = False,
                 opset: int = OPSET) -> ModelSpec:
-    """Write ``model.onnx`` and ``model.json`` (and the fp16 pair) into ``out_dir``.
+    """Write ``model.onnx`` and ``model.json`` (and ``model.fp16.*`` if asked) into ``out_dir``.
 
-    Files are written under temporary names and renamed at the end, so an interrupted export
-    never leaves a model that looks complete. Returns the fp32 spec.
+    Returns the fp32 spec.
     """
     model = model.eval()
     segment_length = int(segment_length or model.segment_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = build_spec(model, info, segment_length)
-    example = torch.zeros(1, model.audio_channels, spec.padded_length)
+    _export_graph(model, spec, out_dir, opset)
+    if fp16:
+        half = build_spec(model, info, segment_length, precision="fp16",
+                          onnx_file="model.fp16.onnx")
+        _export_graph(HalfPrecision(model), half, out_dir, opset)
+    return spec
 
+
+def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int) -> None:
+    """Trace ``module`` to ``out_dir/spec.onnx_file`` and write its sidecar beside it.
+
+    The graph goes to a temporary name and is renamed, then the sidecar is written the same
+    way, so an interrupted export never leaves a pair that looks complete.
+    """
     onnx_path = out_dir / spec.onnx_file
-    start = time.perf_counter()
     tmp = onnx_path.with_suffix(".onnx.tmp")
+    # Both axes are dynamic, so a short example traces the same graph at a fraction of the
+    # cost (tracing runs one forward pass; fp16 on a CPU is slow).
+    example = torch.zeros(1, spec.audio_channels, spec.valid_length(TRACE_LENGTH))
+    start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         # The tracer warns about Python ints taken from shapes in julius and center_trim;
-        # those are exported as shape ops and checked by the parity tests.
+        # they are exported as shape ops, which the parity tests at other lengths check.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(tmp),
+            module, (example,), str(tmp),
             input_names=[spec.input_name], output_names=[spec.output_name],
             dynamic_axes={spec.input_name: {0: "batch", 2: "time"},
                           spec.output_name: {0: "batch", 3: "out_time"}},
             opset_version=opset, dynamo=False)
+    _fix_output_dims(tmp, spec)
     onnx.checker.check_model(str(tmp))
-    _commit(tmp, onnx_path, spec, out_dir / "model.json")
-    logger.info("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
-
-    if fp16:
-        half = build_spec(model, info, segment_length, precision="fp16",
-                          onnx_file="model.fp16.onnx")
-        to_fp16(onnx_path, out_dir / half.onnx_file, half, out_dir / "model.fp16.json")
-    return spec
-
-
-def to_fp16(src: Path, dst: Path, spec: ModelSpec, sidecar: Path) -> None:
-    """Convert weights and compute to fp16, keeping fp32 inputs and outputs.
-
-    Inputs and outputs stay fp32 so that clients send the same tensors to either variant.
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    tmp = dst.with_suffix(".onnx.tmp")
-    onnx.save(half, str(tmp))
-    onnx.checker.check_model(str(tmp))
-    _commit(tmp, dst, spec, sidecar)
-
-
-def _commit(tmp: Path, dst: Path, spec: ModelSpec, sidecar: Path) -> None:
-    """Rename the finished graph into place, then write its sidecar (the sidecar last)."""
-    os.replace(tmp, dst)
+    os.replace(tmp, onnx_path)
+    sidecar = out_dir / Path(spec.onnx_file).with_suffix(".json").name
     sidecar_tmp = sidecar.with_suffix(".json.tmp")
     spec.save(sidecar_tmp)
     os.replace(sidecar_tmp, sidecar)
+    logger.info("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
+
+
+def _fix_output_dims(path: Path, spec: ModelSpec) -> None:
+    """State the sources and channels axes of ``stems`` as numbers, not symbols.
+
+    The tracer names them symbolically; serving configs and TensorRT read them as fixed.
+    """
+    graph = onnx.load(str(path))
+    dims = graph.graph.output[0].type.tensor_type.shape.dim
+    for axis, size in ((1, len(spec.sources)), (2, spec.audio_channels)):
+        dims[axis].Clear()
+        dims[axis].dim_value = size
+    onnx.save(graph, str(path))
 
 
 def onnx_parity(model: Demucs, onnx_path: Path, spec: ModelSpec, batch_sizes=(1, 3),
