@@ -90,3 +90,38 @@ def test_tensorrt_command_uses_sidecar_shapes(small_export, spec, tmp_path):
     assert "--fp16" in command
     minimum = next(arg for arg in command if arg.startswith("--minShapes"))
     assert int(minimum.rsplit("x", 1)[1]) < spec.padded_length
+
+
+def _stemserve(*args: str, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stemserve", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_export_command_from_a_checkpoint_file(small_model, tmp_path):
+    model, _ = small_model
+    checkpoint = tmp_path / "mine.th"
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "out"
+    done = _stemserve("export", "--model", str(checkpoint), "--config", "demucs_unittest",
+                      "--segment", "0.5", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "max abs error" in done.stdout
+    spec = ModelSpec.load(out / "model.json")
+    assert spec.segment_length == 22050 and spec.checkpoint == "mine"
+    assert len(spec.checkpoint_sha256) == 64
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
+
+
+def test_export_command_errors_are_clear(tmp_path):
+    done = _stemserve("export", "--model", "no_such_model", "-o", str(tmp_path / "x"))
+    assert done.returncode == 1
+    assert "no_such_model" in done.stderr and "demucs_quantized" in done.stderr
+    assert "Traceback" not in done.stderr
+    bogus = tmp_path / "bogus.th"
+    bogus.write_text("not a checkpoint")
+    done = _stemserve("export", "--model", str(bogus), "-o", str(tmp_path / "y"))
+    assert done.returncode == 1 and str(bogus) in done.stderr
+    assert not (tmp_path / "y").exists()

@@ -1,0 +1,6 @@
+"""``python -m stemserve`` is the ``stemserve`` command."""
+import sys
+
+from stemserve.cli import main
+
+sys.exit(main())
