@@ -1,0 +1,95 @@
+"""Triton python-backend model: Demucs v2 on ONNX Runtime, for CPU-only servers.
+
+With dynamic batching Triton hands ``execute`` a list of requests and leaves batching to
+the model: requests whose segments have the same shape are stacked into one ONNX Runtime
+run, and the output is split back per request. A bad request gets its own error response;
+the others in the same call are still served.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+from stemserve.spec import ModelSpec
+
+
+class TritonPythonModel:
+    """One ONNX Runtime session per model instance, created from the version folder."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.spec = ModelSpec.load(version_dir / "model.json")
+        # The network's smallest valid length: anything shorter cannot pass the encoder.
+        self.min_length = self.spec.valid_length(1)
+
+        threads = int(config.get("parameters", {}).get("intra_op_threads", {})
+                      .get("string_value", "0"))
+        options = ort.SessionOptions()
+        # Threads inside each operator use every core; the graph is one chain, so one
+        # inter-op thread loses nothing and avoids oversubscription.
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(version_dir / self.spec.onnx_file), options,
+                                            providers=["CPUExecutionProvider"])
+        pb_utils.Logger.log_info(
+            f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on ONNX Runtime "
+            f"{ort.__version__}, {options.intra_op_num_threads} intra-op threads")
+
+    def _problem(self, mix: np.ndarray) -> str | None:
+        """Why ``mix`` cannot be run, or None.
+
+        Triton already checks dtype and dims against config.pbtxt; this also covers a
+        config edited by hand and a segment shorter than the network accepts.
+        """
+        channels = self.spec.audio_channels
+        if mix.dtype != np.float32 or mix.ndim != 3 or mix.shape[1] != channels:
+            return (f"'{self.spec.input_name}' must be float32 [batch, {channels}, time], "
+                    f"got {mix.dtype} {list(mix.shape)}")
+        if mix.shape[2] < self.min_length:
+            return (f"'{self.spec.input_name}' has {mix.shape[2]} samples, the network needs "
+                    f"at least {self.min_length} (send spec.valid_length(n) samples)")
+        return None
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        for index, request in enumerate(requests):
+            mix = pb_utils.get_input_tensor_by_name(request, self.spec.input_name).as_numpy()
+            problem = self._problem(mix)
+            if problem:
+                responses[index] = _error(problem, pb_utils.TritonError.INVALID_ARG)
+            else:
+                groups.setdefault(mix.shape[1:], []).append((index, mix))
+
+        for members in groups.values():
+            batch = np.concatenate([mix for _, mix in members])
+            try:
+                stems = self.session.run([self.spec.output_name],
+                                         {self.spec.input_name: batch})[0]
+            except Exception as err:  # ONNX Runtime raises several unrelated types
+                for index, _ in members:
+                    responses[index] = _error(
+                        f"ONNX Runtime failed on a batch of shape {list(batch.shape)}: {err}",
+                        pb_utils.TritonError.INTERNAL)
+                continue
+            offset = 0
+            for index, mix in members:
+                part = stems[offset:offset + len(mix)]
+                offset += len(mix)
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(self.spec.output_name, part)])
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
+
+
+def _error(message: str, code: int) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

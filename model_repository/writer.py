@@ -1,0 +1,320 @@
+"""Fill a Triton model repository from an export folder, and refuse inconsistent ones.
+
+The committed ``config.pbtxt`` files next to this module are templates for the knobs that
+do not depend on the model (backend, batching, instances, TensorRT options). Everything that
+does, names, dims, the warm-up length and TensorRT profile shapes, comes from the export's
+sidecar: the writer parses the template into a ``ModelConfig`` protobuf, sets those fields
+and writes it back, so a written config always parses and always matches its model.
+
+Each filled version folder also gets ``fill.json``: the hashes of the model file and the
+sidecar it was filled with. :func:`check_repository` compares the graph's tensors with the
+sidecar and the files with those hashes, so a model file swapped or re-exported behind the
+sidecar's back is refused before any server starts.
+
+Usage: ``python -m stemserve.model_repository.writer EXPORT_DIR REPO_DIR --variant gpu``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from stemserve.errors import StemserveError
+from stemserve.spec import ModelSpec
+
+TEMPLATES = Path(__file__).resolve().parent
+VARIANTS = ("cpu", "gpu", "gpu-trt")
+SIDECAR = "model.json"
+FILL_RECORD = "fill.json"
+PLAN_FILE = "model.plan"
+# Initializers up to this size may be shape constants that shape inference must read.
+SHAPE_CONSTANT_BYTES = 1024
+HEADER = ("# Written by stemserve.model_repository.writer from {template}\n"
+          "# and {sidecar}: edit the template, then fill the repository again.\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_config(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt; a misspelled field is a clear error naming the file."""
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as err:
+        raise StemserveError(f"{path}: not a valid Triton model configuration: {err}") from err
+
+
+def _template_dir(variant: str) -> Path:
+    if variant not in VARIANTS:
+        raise StemserveError(f"unknown repository variant {variant!r}; "
+                             f"choose one of {', '.join(VARIANTS)}")
+    return TEMPLATES / variant / "demucs"
+
+
+def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = True,
+                  max_batch_size: int | None = None,
+                  dynamic_batching: bool = True) -> mc.ModelConfig:
+    """The variant's template with every model-dependent field taken from ``spec``.
+
+    ``tensorrt`` only matters for ``gpu`` (ONNX Runtime's TensorRT provider on or off);
+    ``dynamic_batching=False`` serves each request alone (the benchmark's baseline).
+    """
+    config = load_config(_template_dir(variant) / "config.pbtxt")
+    config.name = spec.model_name
+    if max_batch_size is not None:
+        if max_batch_size < 1:
+            raise StemserveError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        config.max_batch_size = max_batch_size
+    batch = config.max_batch_size
+    if variant == "gpu":
+        config.default_model_filename = spec.onnx_file
+    (tensor_in,), (tensor_out,) = config.input, config.output
+    tensor_in.name, tensor_out.name = spec.input_name, spec.output_name
+    tensor_in.dims[:] = [spec.audio_channels, -1]
+    tensor_out.dims[:] = [len(spec.sources), spec.audio_channels, -1]
+    for warmup in config.model_warmup:
+        (template_input,) = warmup.inputs.values()
+        warmup.inputs.clear()
+        warmup.inputs[spec.input_name].CopyFrom(template_input)
+        warmup.inputs[spec.input_name].dims[:] = [spec.audio_channels, spec.padded_length]
+
+    if not dynamic_batching:
+        config.ClearField("dynamic_batching")
+    elif config.HasField("dynamic_batching"):
+        # Keep the template's sizes that fit, and always let a full batch leave at once.
+        sizes = config.dynamic_batching.preferred_batch_size
+        sizes[:] = [size for size in sizes if size < batch] + [batch]
+
+    if variant == "gpu":
+        if tensorrt:
+            (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+            shape = f"{spec.audio_channels}x{spec.padded_length}"
+            accelerator.parameters.update({
+                "trt_profile_min_shapes":
+                    f"{spec.input_name}:1x{spec.audio_channels}x{spec.valid_length(1)}",
+                "trt_profile_opt_shapes": f"{spec.input_name}:{batch}x{shape}",
+                "trt_profile_max_shapes": f"{spec.input_name}:{batch}x{shape}",
+            })
+        else:
+            config.optimization.ClearField("execution_accelerators")
+            if not config.optimization.ListFields():
+                config.ClearField("optimization")
+    return config
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (no copy of a large model) or copy it across file systems.
+
+    The export replaces its files by rename, so a later export never changes a linked copy.
+    """
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
+                    tensorrt: bool = True, version: int = 1, max_batch_size: int | None = None,
+                    dynamic_batching: bool = True) -> Path:
+    """Fill ``repo_dir`` (a Triton model repository) from ``export_dir``; returns the model dir.
+
+    ``export_dir`` holds ``model.json`` and the graph it names (``model.plan``, built by the
+    export's TensorRT script, for ``gpu-trt``). The version folder is rebuilt from scratch,
+    config.pbtxt is written last, and the result is checked with :func:`check_repository`.
+    """
+    export_dir, repo_dir = Path(export_dir), Path(repo_dir)
+    sidecar = export_dir / SIDECAR
+    spec = _load_spec(sidecar)
+    template = _template_dir(variant)
+    config = render_config(spec, variant, tensorrt=tensorrt, max_batch_size=max_batch_size,
+                           dynamic_batching=dynamic_batching)
+    model_file = export_dir / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
+    if not model_file.is_file():
+        hint = ("build it on the serving GPU with the export's TensorRT script"
+                if variant == "gpu-trt" else "run `stemserve export` first")
+        raise StemserveError(f"{model_file} is missing: {hint}")
+
+    model_dir = repo_dir / spec.model_name
+    version_dir = model_dir / str(version)
+    shutil.rmtree(version_dir, ignore_errors=True)
+    version_dir.mkdir(parents=True)
+    template_version = template / "1"
+    if template_version.is_dir():  # the python backend's model.py
+        for item in template_version.glob("*.py"):
+            shutil.copy2(item, version_dir / item.name)
+    _link_or_copy(model_file, version_dir / model_file.name)
+    shutil.copy2(sidecar, version_dir / SIDECAR)
+    record = {"variant": variant, "model_file": model_file.name,
+              "model_sha256": _sha256(model_file), "sidecar_sha256": _sha256(sidecar),
+              "checkpoint_sha256": spec.checkpoint_sha256, "export_dir": str(export_dir)}
+    _write_atomic(version_dir / FILL_RECORD, json.dumps(record, indent=2) + "\n")
+    header = HEADER.format(template=template / "config.pbtxt", sidecar=sidecar)
+    _write_atomic(model_dir / "config.pbtxt",
+                  header + text_format.MessageToString(config))
+    check_repository(repo_dir)
+    return model_dir
+
+
+def _load_spec(sidecar: Path) -> ModelSpec:
+    try:
+        return ModelSpec.load(sidecar)
+    except ValueError as err:
+        raise StemserveError(str(err)) from err
+
+
+def _check_config(config: mc.ModelConfig, spec: ModelSpec, where: Path) -> None:
+    """The config's name, tensors and warm-up shape must be the sidecar's."""
+    expected = {
+        "name": spec.model_name,
+        "input": [(spec.input_name, mc.TYPE_FP32, [spec.audio_channels, -1])],
+        "output": [(spec.output_name, mc.TYPE_FP32,
+                    [len(spec.sources), spec.audio_channels, -1])],
+        "warm-up dims": [[spec.audio_channels, spec.padded_length]] * len(config.model_warmup),
+    }
+    found = {
+        "name": config.name,
+        "input": [(t.name, t.data_type, list(t.dims)) for t in config.input],
+        "output": [(t.name, t.data_type, list(t.dims)) for t in config.output],
+        "warm-up dims": [list(i.dims) for w in config.model_warmup for i in w.inputs.values()],
+    }
+    for key, value in expected.items():
+        if found[key] != value:
+            raise StemserveError(f"{where} and its sidecar disagree on the {key}: "
+                                 f"{found[key]} in config.pbtxt, {value} expected")
+    if config.max_batch_size < 1:
+        raise StemserveError(f"{where}: max_batch_size must be at least 1 (the batch "
+                             "dimension is implicit in dims)")
+
+
+def _check_onnx(path: Path, spec: ModelSpec, sidecar: Path) -> None:
+    """Tensor names, element type, rank and static dims of the graph against the sidecar.
+
+    The exporter may leave the output's dims symbolic; ONNX shape inference with data
+    propagation recovers the static ones. It needs the weights' shapes, not their values,
+    so large initializers are emptied first (the check then costs no second model copy).
+    A dim that stays dynamic passes.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if len(init.raw_data) > SHAPE_CONSTANT_BYTES:
+            init.ClearField("raw_data")
+    graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    initializers = {init.name for init in graph.initializer}
+    channels, sources = spec.audio_channels, len(spec.sources)
+    expected = {"input": [(spec.input_name, "FLOAT", [None, channels, None])],
+                "output": [(spec.output_name, "FLOAT", [None, sources, channels, None])]}
+    for key, values in (("input", graph.input), ("output", graph.output)):
+        found = [(v.name, onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                  [d.dim_value if d.HasField("dim_value") else None
+                   for d in v.type.tensor_type.shape.dim])
+                 for v in values if v.name not in initializers]
+        if not _tensors_agree(found, expected[key]):
+            raise StemserveError(
+                f"{path} and {sidecar} disagree on the {key} (name, type, dims; None is "
+                f"dynamic): {found} in the graph, {expected[key]} in the sidecar")
+
+
+def _tensors_agree(found: list[tuple], expected: list[tuple]) -> bool:
+    """Same names, types and ranks; a dim agrees when equal or dynamic on either side."""
+    return len(found) == len(expected) and all(
+        name == want_name and dtype == want_dtype and len(dims) == len(want)
+        and all(d is None or w is None or d == w for d, w in zip(dims, want))
+        for (name, dtype, dims), (want_name, want_dtype, want) in zip(found, expected))
+
+
+def check_repository(repo_dir: Path) -> ModelSpec:
+    """Refuse a repository whose config, model file and sidecar do not belong together.
+
+    ``repo_dir`` holds one model folder; every numeric version folder in it must have been
+    filled by :func:`fill_repository` and left as it was. Returns the sidecar's spec.
+    """
+    repo_dir = Path(repo_dir)
+    model_dirs = sorted(p.parent for p in repo_dir.glob("*/config.pbtxt"))
+    if len(model_dirs) != 1:
+        raise StemserveError(f"{repo_dir}: expected one model folder with a config.pbtxt, "
+                             f"found {[p.name for p in model_dirs]}; fill it with "
+                             "stemserve.model_repository.writer")
+    model_dir = model_dirs[0]
+    config = load_config(model_dir / "config.pbtxt")
+    versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise StemserveError(f"{model_dir}: no version folder (1/, 2/, ...)")
+    for version_dir in versions:
+        sidecar = version_dir / SIDECAR
+        spec = _load_spec(sidecar)
+        if spec.model_name != model_dir.name:
+            raise StemserveError(f"{sidecar} describes model {spec.model_name!r}, but it "
+                                 f"lies in {model_dir}")
+        _check_config(config, spec, model_dir / "config.pbtxt")
+        try:
+            record = json.loads((version_dir / FILL_RECORD).read_text())
+        except (OSError, ValueError) as err:
+            raise StemserveError(f"{version_dir / FILL_RECORD} is missing or unreadable "
+                                 f"({err}): fill the repository with fill_repository") from err
+        model_file = version_dir / record["model_file"]
+        if not model_file.is_file():
+            raise StemserveError(f"{model_file} is missing (named by {FILL_RECORD})")
+        if spec.checkpoint_sha256 != record["checkpoint_sha256"] or \
+                _sha256(sidecar) != record["sidecar_sha256"]:
+            raise StemserveError(
+                f"{sidecar} is not the sidecar {model_file} was filled with (checkpoint "
+                f"sha256 {spec.checkpoint_sha256[:12]}, {FILL_RECORD} recorded "
+                f"{record['checkpoint_sha256'][:12]}); fill the repository again")
+        if _sha256(model_file) != record["model_sha256"]:
+            raise StemserveError(
+                f"{model_file} changed since it was filled with {sidecar} (sha256 differs "
+                f"from {FILL_RECORD}); fill the repository again from the export")
+        if model_file.suffix == ".onnx":
+            _check_onnx(model_file, spec, sidecar)
+        if config.backend == "python" and not (version_dir / "model.py").is_file():
+            raise StemserveError(f"{version_dir / 'model.py'} is missing (python backend)")
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stemserve.model_repository.writer",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path, help="folder with model.json and its graph")
+    parser.add_argument("repo_dir", type=Path, help="Triton model repository to fill")
+    parser.add_argument("--variant", choices=VARIANTS, default="cpu")
+    parser.add_argument("--no-tensorrt", action="store_true",
+                        help="gpu variant: ONNX Runtime's CUDA provider without TensorRT")
+    parser.add_argument("--version", type=int, default=1, help="version folder to fill")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--no-batching", action="store_true", help="no dynamic batching")
+    args = parser.parse_args(argv)
+    try:
+        model_dir = fill_repository(args.export_dir, args.repo_dir, args.variant,
+                                    tensorrt=not args.no_tensorrt, version=args.version,
+                                    max_batch_size=args.max_batch_size,
+                                    dynamic_batching=not args.no_batching)
+    except StemserveError as err:
+        print(f"stemserve: error: {err}", file=sys.stderr)
+        return 1
+    print(f"filled {model_dir} ({args.variant})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

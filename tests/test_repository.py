@@ -1,0 +1,252 @@
+"""Model repository templates and writer, and the docker-compose file, without a server."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from stemserve.errors import StemserveError
+from stemserve.model_repository.writer import (FILL_RECORD, TEMPLATES, VARIANTS,
+                                               check_repository, fill_repository,
+                                               render_config)
+from stemserve.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+# Keys the onnxruntime backend of Triton 24.10 accepts for the TensorRT accelerator; any
+# other key makes the model fail to load.
+TENSORRT_KEYS = {"precision_mode", "max_workspace_size_bytes", "trt_engine_cache_enable",
+                 "trt_engine_cache_path", "trt_profile_min_shapes", "trt_profile_opt_shapes",
+                 "trt_profile_max_shapes"}
+
+
+@pytest.fixture(scope="module")
+def spec(small_export) -> ModelSpec:
+    return ModelSpec.load(small_export / "model.json")
+
+
+@pytest.fixture(scope="module")
+def export_with_plan(small_export, tmp_path_factory) -> Path:
+    """The small export plus a stand-in ``model.plan`` (a real one needs a GPU)."""
+    folder = tmp_path_factory.mktemp("export-plan")
+    for name in ("model.onnx", "model.json"):
+        shutil.copy2(small_export / name, folder / name)
+    (folder / "model.plan").write_bytes(b"not a real engine")
+    return folder
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _accelerators(config: mc.ModelConfig) -> list:
+    return list(config.optimization.execution_accelerators.gpu_execution_accelerator)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_committed_templates_parse(variant):
+    config = _parse(TEMPLATES / variant / "demucs" / "config.pbtxt")
+    assert config.name == "demucs" and config.max_batch_size >= 1
+    assert len(config.model_warmup) == 1 and config.dynamic_batching.preferred_batch_size
+
+
+FILLS = {
+    "cpu": ("cpu", {}),
+    "gpu-tensorrt": ("gpu", {}),
+    "gpu-cuda": ("gpu", {"tensorrt": False}),
+    "gpu-trt": ("gpu-trt", {}),
+    "cpu-no-batching": ("cpu", {"dynamic_batching": False, "max_batch_size": 1}),
+}
+
+
+@pytest.mark.parametrize("case", FILLS)
+def test_written_config_parses_and_matches_the_sidecar(case, small_export, export_with_plan,
+                                                       spec, tmp_path):
+    variant, options = FILLS[case]
+    export = export_with_plan if variant == "gpu-trt" else small_export
+    model_dir = fill_repository(export, tmp_path, variant, **options)
+    config = _parse(model_dir / "config.pbtxt")
+
+    assert config.name == spec.model_name == model_dir.name
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == \
+        [(spec.input_name, mc.TYPE_FP32, [spec.audio_channels, -1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == \
+        [(spec.output_name, mc.TYPE_FP32, [len(spec.sources), spec.audio_channels, -1])]
+    (warmup,) = config.model_warmup
+    assert warmup.batch_size == 1
+    assert dict(warmup.inputs)[spec.input_name].dims == [spec.audio_channels,
+                                                          spec.padded_length]
+    assert check_repository(tmp_path) == spec
+    model_file = "model.plan" if variant == "gpu-trt" else spec.onnx_file
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == sorted(
+        ["model.json", FILL_RECORD, model_file] + (["model.py"] if variant == "cpu" else []))
+
+    if options.get("dynamic_batching") is False:
+        assert not config.HasField("dynamic_batching")
+    else:
+        assert config.dynamic_batching.preferred_batch_size[-1] == config.max_batch_size
+    accelerators = _accelerators(config)
+    if case == "gpu-tensorrt":
+        (tensorrt,) = accelerators
+        assert tensorrt.name == "tensorrt" and set(tensorrt.parameters) <= TENSORRT_KEYS
+        assert tensorrt.parameters["precision_mode"] == "FP16"
+        batch, shape = config.max_batch_size, f"{spec.audio_channels}x{spec.padded_length}"
+        assert tensorrt.parameters["trt_profile_max_shapes"] == f"mix:{batch}x{shape}"
+        assert tensorrt.parameters["trt_profile_min_shapes"] == \
+            f"mix:1x{spec.audio_channels}x{spec.valid_length(1)}"
+    else:
+        assert not accelerators
+    expected = {"cpu": ("python", ""), "gpu": ("", "onnxruntime_onnx"),
+                "gpu-trt": ("", "tensorrt_plan")}[variant]
+    assert (config.backend, config.platform) == expected
+
+
+def test_max_batch_size_override_keeps_preferred_sizes_within_it(small_export, tmp_path):
+    config = _parse(fill_repository(small_export, tmp_path, "cpu", max_batch_size=6)
+                    / "config.pbtxt")
+    assert config.max_batch_size == 6
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 6]
+
+
+def test_model_file_is_hard_linked(small_export, spec, tmp_path):
+    model_dir = fill_repository(small_export, tmp_path, "cpu")
+    assert (model_dir / "1" / spec.onnx_file).samefile(small_export / spec.onnx_file)
+
+
+def test_refill_replaces_the_version_folder(small_export, tmp_path):
+    model_dir = fill_repository(small_export, tmp_path, "cpu")
+    (model_dir / "1" / "stale.txt").write_text("left from an older fill")
+    fill_repository(small_export, tmp_path, "cpu")
+    assert not (model_dir / "1" / "stale.txt").exists()
+
+
+def test_unknown_variant_and_missing_plan_are_clear_errors(small_export, tmp_path):
+    with pytest.raises(StemserveError, match="unknown repository variant 'tpu'"):
+        fill_repository(small_export, tmp_path, "tpu")
+    with pytest.raises(StemserveError, match=r"model\.plan is missing.*TensorRT script"):
+        fill_repository(small_export, tmp_path, "gpu-trt")
+
+
+@pytest.fixture
+def filled(small_export, tmp_path) -> Path:
+    """A freshly filled CPU repository whose files the refusal tests then tamper with."""
+    fill_repository(small_export, tmp_path / "repository", "cpu")
+    return tmp_path / "repository" / "demucs" / "1"
+
+
+def _write_sidecar(version_dir: Path, spec: ModelSpec, *, record_it: bool) -> None:
+    """Replace the sidecar; ``record_it`` also updates fill.json, as if filled like that."""
+    spec.save(version_dir / "model.json")
+    if record_it:
+        record = json.loads((version_dir / FILL_RECORD).read_text())
+        record["sidecar_sha256"] = hashlib.sha256(
+            (version_dir / "model.json").read_bytes()).hexdigest()
+        record["checkpoint_sha256"] = spec.checkpoint_sha256
+        (version_dir / FILL_RECORD).write_text(json.dumps(record))
+
+
+def test_refuses_a_sidecar_of_another_checkpoint(filled, spec):
+    _write_sidecar(filled, dataclasses.replace(spec, checkpoint_sha256="0" * 64),
+                   record_it=False)
+    with pytest.raises(StemserveError, match=r"model\.json is not the sidecar .*model\.onnx "
+                                             r"was filled with"):
+        check_repository(filled.parents[1])
+
+
+def test_refuses_a_model_file_changed_after_filling(filled, spec):
+    model = filled / spec.onnx_file
+    data = model.read_bytes()
+    model.unlink()  # a hard link: do not write through to the export
+    model.write_bytes(data + b"\0")
+    with pytest.raises(StemserveError, match=r"model\.onnx changed since it was filled with "
+                                             r".*model\.json"):
+        check_repository(filled.parents[1])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sources": ("drums", "bass", "vocals")}, "disagree on the output"),
+    ({"audio_channels": 1}, "disagree on the input"),
+    ({"input_name": "audio"}, "disagree on the input"),
+])
+def test_refuses_a_graph_that_disagrees_with_its_sidecar(filled, spec, change, message):
+    """Even with consistent hashes, names and dims must be the graph's own."""
+    changed = dataclasses.replace(spec, **change)
+    _write_sidecar(filled, changed, record_it=True)
+    config = filled.parent / "config.pbtxt"
+    config.write_text(text_format.MessageToString(render_config(changed, "cpu")))
+    with pytest.raises(StemserveError, match=rf"model\.onnx and .*model\.json {message}"):
+        check_repository(filled.parents[1])
+
+
+def test_refuses_a_config_that_disagrees_with_the_sidecar(filled):
+    config = filled.parent / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "stems"', 'name: "output"'))
+    with pytest.raises(StemserveError, match=r"config\.pbtxt and its sidecar disagree on the "
+                                             r"output"):
+        check_repository(filled.parents[1])
+
+
+def test_refuses_a_repository_not_filled_by_the_writer(filled):
+    (filled / FILL_RECORD).unlink()
+    with pytest.raises(StemserveError, match=r"fill\.json is missing"):
+        check_repository(filled.parents[1])
+
+
+# docker-compose.yml
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _host_ports(service: dict) -> set[int]:
+    return {int(str(port).split(":")[-2]) for port in service.get("ports", [])}
+
+
+def test_compose_services_volumes_and_profiles(compose):
+    services = compose["services"]
+    assert set(services) >= {"export", "triton", "triton-cpu"}
+    assert "profiles" not in services["export"]  # needed by every profile
+    assert services["triton"]["profiles"] == ["gpu"]
+    assert services["triton-cpu"]["profiles"] == ["cpu"]
+    assert set(compose["volumes"]) >= {"model_repository", "checkpoints"}
+    export_volumes = services["export"]["volumes"]
+    assert "checkpoints:/root/.cache/torch/hub/checkpoints" in export_volumes
+    assert any(volume.startswith("model_repository:") for volume in export_volumes)
+    for path in ("docker/export.Dockerfile", "docker/triton-cpu.Dockerfile"):
+        assert (ROOT / path).is_file()
+    assert services["export"]["build"]["dockerfile"] == "docker/export.Dockerfile"
+    assert services["triton-cpu"]["build"]["dockerfile"] == "docker/triton-cpu.Dockerfile"
+
+
+@pytest.mark.parametrize("name, repository", [("triton", "/models/gpu"),
+                                              ("triton-cpu", "/models/cpu")])
+def test_compose_triton_services(compose, name, repository):
+    service = compose["services"][name]
+    assert f"--model-repository={repository}" in service["command"]
+    assert service["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    assert service["healthcheck"]["test"] == \
+        ["CMD", "curl", "-f", "localhost:8000/v2/health/ready"]
+    assert any(volume.startswith("model_repository:/models") for volume in service["volumes"])
+    assert _host_ports(service) == {8010, 8001, 8002}  # 8000 is the web page's
+
+
+def test_compose_gpu_reservation(compose):
+    devices = compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in compose["services"]["triton-cpu"]
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_profile_has_no_port_collision(compose, profile):
+    enabled = [s for s in compose["services"].values()
+               if "profiles" not in s or profile in s["profiles"]]
+    ports = [port for service in enabled for port in _host_ports(service)]
+    assert len(ports) == len(set(ports)) and 8000 not in ports

@@ -1,0 +1,263 @@
+"""The real tritonserver (nvidia-pytriton's binary, python backend) serving the small model.
+
+One server is started per session by the ``triton_server`` fixture; the ``stemserve serve``
+tests start their own through the command line, as a user would.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from stemserve.errors import StemserveError
+from stemserve.spec import ModelSpec
+from stemserve.triton_server import TritonServer
+
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def spec(small_export) -> ModelSpec:
+    return ModelSpec.load(small_export / "model.json")
+
+
+@pytest.fixture(scope="module")
+def reference(small_export, spec):
+    """In-process ONNX Runtime on the same graph: what the server must return."""
+    session = ort.InferenceSession(str(small_export / spec.onnx_file),
+                                   providers=["CPUExecutionProvider"])
+    return lambda mix: session.run([spec.output_name], {spec.input_name: mix})[0]
+
+
+@pytest.fixture
+def client(triton_server):
+    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+        yield client
+
+
+def _inputs(mix: np.ndarray, name: str = "mix", datatype: str = "FP32") -> list:
+    tensor = grpcclient.InferInput(name, list(mix.shape), datatype)
+    tensor.set_data_from_numpy(mix)
+    return [tensor]
+
+
+def _infer(client, spec: ModelSpec, mix: np.ndarray) -> np.ndarray:
+    result = client.infer(spec.model_name, _inputs(mix, spec.input_name),
+                          client_timeout=TIMEOUT_S)
+    return result.as_numpy(spec.output_name)
+
+
+def _mix(spec: ModelSpec, batch: int = 1, length: int | None = None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, spec.audio_channels, length or spec.padded_length),
+                               dtype=np.float32)
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def test_model_is_ready_with_the_sidecars_tensors(client, spec):
+    assert client.is_server_ready() and client.is_model_ready(spec.model_name)
+    metadata = client.get_model_metadata(spec.model_name, as_json=True)
+    assert [(t["name"], t["shape"]) for t in metadata["inputs"]] == \
+        [(spec.input_name, ["-1", str(spec.audio_channels), "-1"])]
+    assert [(t["name"], t["shape"]) for t in metadata["outputs"]] == \
+        [(spec.output_name, ["-1", str(len(spec.sources)), str(spec.audio_channels), "-1"])]
+
+
+@pytest.mark.parametrize("batch, length", [(1, None), (3, None), (1, 20000)],
+                         ids=["padded", "batch3", "last-segment"])
+def test_served_stems_equal_onnxruntime(client, spec, reference, batch, length):
+    length = spec.valid_length(length) if length else spec.padded_length
+    mix = _mix(spec, batch, length, seed=batch)
+    got = _infer(client, spec, mix)
+    expected = reference(mix)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def _counts(client, spec: ModelSpec) -> tuple[int, int]:
+    (stats,) = client.get_inference_statistics(spec.model_name, as_json=True)["model_stats"]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_stems(triton_server, client, spec,
+                                                                reference):
+    clients, per_client = 8, 3
+    mixes = {(c, r): _mix(spec, seed=100 + per_client * c + r)
+             for c in range(clients) for r in range(per_client)}
+    results: dict = {}
+    errors: list = []
+    start = threading.Barrier(clients)
+
+    def run(index: int) -> None:
+        try:
+            with grpcclient.InferenceServerClient(triton_server.grpc_url) as own:
+                start.wait()
+                for r in range(per_client):
+                    results[index, r] = _infer(own, spec, mixes[index, r])
+        except Exception as err:  # reported below, with the thread's own traceback text
+            errors.append(repr(err))
+
+    inferences_before, executions_before = _counts(client, spec)
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert not errors
+    inferences, executions = _counts(client, spec)
+    assert inferences - inferences_before == clients * per_client
+    assert executions - executions_before < inferences - inferences_before, \
+        "no request was batched with another"
+    expected = reference(np.concatenate([mixes[key] for key in sorted(mixes)]))
+    got = np.concatenate([results[key] for key in sorted(mixes)])
+    assert np.abs(got - expected).max() < 1e-4  # each response belongs to its request
+
+
+BAD_REQUESTS = {
+    "three-channels": (lambda spec: _inputs(_mix(spec)[:, :1].repeat(3, axis=1)),
+                       "unexpected shape for input 'mix'"),
+    "float64": (lambda spec: _inputs(_mix(spec).astype(np.float64), datatype="FP64"),
+                "expects 'FP32'"),
+    "missing-input": (lambda spec: [], "missing required input(s) ['mix']"),
+    "batch-above-max": (lambda spec: _inputs(_mix(spec, batch=9)),
+                        "batch-size must be <= 8"),
+    "too-short": (lambda spec: _inputs(_mix(spec, length=100)), "needs at least"),
+    "no-batch-dim": (lambda spec: _inputs(_mix(spec)[0]), "unexpected shape"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_gets_a_clear_error_and_the_server_goes_on(client, spec, case):
+    make, message = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(spec.model_name, make(spec), client_timeout=TIMEOUT_S)
+    assert message in raised.value.message()
+    assert _infer(client, spec, _mix(spec)).shape[:3] == \
+        (1, len(spec.sources), spec.audio_channels)
+
+
+def test_http_health_endpoints(triton_server):
+    for endpoint in ("ready", "live"):
+        assert _get(f"{triton_server.http_url}/v2/health/{endpoint}")[0] == 200
+
+
+def test_metrics_count_inferences(triton_server, client, spec):
+    _infer(client, spec, _mix(spec))
+    status, text = _get(triton_server.metrics_url)
+    assert status == 200
+    counts = [line for line in text.splitlines()
+              if line.startswith("nv_inference_count{") and 'model="demucs"' in line]
+    assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_server_that_dies_at_start_up_reports_its_log(tmp_path, free_ports):
+    model_dir = tmp_path / "repository" / "broken"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 1\n'
+        'input [{name: "x" data_type: TYPE_FP32 dims: [1]}]\n'
+        'output [{name: "y" data_type: TYPE_FP32 dims: [1]}]\n')
+    (model_dir / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n"
+        "    def initialize(self, args):\n"
+        "        raise RuntimeError('broken on purpose')\n")
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, log_file=tmp_path / "server.log")
+    with pytest.raises(StemserveError, match="exited with code 1 during start-up") as raised:
+        server.start(timeout=60)
+    assert "failed to load 'broken' version 1: Internal: RuntimeError: broken on purpose" \
+        in str(raised.value)
+    assert server.pid is None
+
+
+def _process_tree(root: int) -> dict[int, str]:
+    """pid -> command name of ``root`` and all its descendants, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        pid, ppid = int(entry.name), int(rest.split()[1])
+        names[pid] = name
+        parents.setdefault(ppid, []).append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = names.get(pid, "?")
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _serve(export: Path, repository: Path, ports: list[int]) -> list[str]:
+    http, grpc, metrics = ports
+    return [sys.executable, "-m", "stemserve.cli", "serve", "--cpu", "--export-dir", str(export),
+            "--repository", str(repository), "--http-port", str(http),
+            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+
+
+def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_path,
+                                                             free_ports):
+    ports = free_ports(3)
+    process = subprocess.Popen(_serve(small_export, tmp_path / "repository", ports),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C stops it"):
+                break
+        assert any(f"127.0.0.1:{ports[1]}" in line for line in lines), lines
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}") as client:
+            assert client.is_model_ready("demucs")
+        tree = _process_tree(process.pid)
+        assert {"tritonserver", "triton_python_b"} <= set(tree.values()), tree
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, tree)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [tree[pid] for pid in tree if _alive(pid)]
+
+
+def test_serve_command_reports_a_port_in_use(small_export, tmp_path, free_ports):
+    ports = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[1]))
+        taken.listen()
+        result = subprocess.run(_serve(small_export, tmp_path / "repository", ports),
+                                capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 1
+    assert f"stemserve: error: gRPC port {ports[1]} is already in use" in result.stderr
