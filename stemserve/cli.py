@@ -46,6 +46,233 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+REPOSITORY_ROOT = Path("build") / "model_repository"
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="serve an exported model with Triton Inference Server")
+    parser.add_argument("-n", "--model", default=DEFAULT_MODEL,
+                        help="release name or checkpoint path, exported first when its export "
+                             "folder is empty (default: %(default)s)")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help=f"export folder (default: {EXPORT_ROOT}/<model>)")
+    parser.add_argument("--repository", type=Path, default=None,
+                        help=f"model repository to fill (default: {REPOSITORY_ROOT}/cpu, "
+                             "or /gpu when serving on a GPU)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; 0.0.0.0: all)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--no-batching", action="store_true",
+                        help="run every request alone (no dynamic batching)")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpu", action="store_true",
+                        help="require the NGC tritonserver image on this host's GPUs (docker)")
+    device.add_argument("--cpu", action="store_true",
+                        help="use the local CPU server even where a GPU and docker are usable")
+    parser.set_defaults(func=_run_serve)
+
+
+def _stop_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (docker stop, systemd, kill) shuts down like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from stemserve.errors import StemserveError
+    from stemserve.model_repository.writer import fill_repository
+    from stemserve.triton_server import DockerTritonServer, TritonServer, docker_gpu_unavailable
+
+    export_dir = args.export_dir or EXPORT_ROOT / Path(args.model).stem
+    if not (export_dir / "model.json").is_file():
+        print(f"no export in {export_dir}: exporting {args.model} first", file=sys.stderr)
+        _run_export(argparse.Namespace(model=args.model, config=None, segment=None, fp16=False,
+                                       out=export_dir, no_check=True))
+    reason = "--cpu was given" if args.cpu else docker_gpu_unavailable()
+    if reason and args.gpu:
+        raise StemserveError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
+    if reason:
+        print(f"serving on the CPU: {reason}", file=sys.stderr)
+    variant = "cpu" if reason else "gpu"
+    repository = args.repository or REPOSITORY_ROOT / variant
+    fill_repository(export_dir, repository, variant, dynamic_batching=not args.no_batching)
+
+    server_class = TritonServer if reason else DockerTritonServer
+    server = server_class(repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, host=args.host,
+                          log_verbose=1 if args.verbose else 0)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # A first GPU start may pull the image and build TensorRT engines: minutes.
+        server.start(timeout=300 if reason else 1800)
+        print(f"Triton is ready ({variant}, repository {repository}):\n"
+              f"  gRPC    {server.grpc_url}\n  HTTP    {server.http_url}\n"
+              f"  metrics {server.metrics_url}\nCtrl-C stops it.", flush=True)
+        code = server.wait()
+    except KeyboardInterrupt:
+        print("stopping tritonserver", file=sys.stderr)
+        return 0
+    finally:
+        server.stop()
+    raise StemserveError(f"tritonserver exited on its own with code {code}; its log is above")
+
+
+def _add_separate(sub: argparse._SubParsersAction) -> None:
+    from stemserve.audio import CLIP_MODES
+    from stemserve.client.api import DEFAULT_TEMPLATE, DEFAULT_URL
+    from stemserve.pipeline import DEFAULT_WINDOW
+
+    parser = sub.add_parser("separate", help="separate tracks into stems through Triton or "
+                                             "in-process")
+    parser.add_argument("tracks", nargs="+", type=Path,
+                        help="audio files libsndfile reads (WAV, FLAC, OGG, MP3, ...)")
+    parser.add_argument("-n", "--model", default=None,
+                        help="release name, checkpoint file or export folder (default: what "
+                             f"the server serves; {DEFAULT_MODEL} in-process)")
+    parser.add_argument("--backend", choices=("triton", "onnx", "torch"), default=None,
+                        help="default: triton if a server answers at --url, else onnx")
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help="Triton gRPC address (default: %(default)s)")
+    parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
+                        help="output folder; stems go under OUT/<model>/ (default: %(default)s)")
+    parser.add_argument("--filename", default=DEFAULT_TEMPLATE,
+                        help="stem path under OUT/<model>/ from {track}, {trackext}, {stem} "
+                             "and {ext} (default: %(default)s)")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="overlap between segments (default: %(default)s)")
+    parser.add_argument("--shifts", type=int, default=0,
+                        help="average this many random shifts of up to 0.5 s (default: 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random shifts")
+    parser.add_argument("--two-stems", metavar="STEM", default=None,
+                        help="write STEM and no_STEM (the sum of the others) only")
+    container = parser.add_mutually_exclusive_group()
+    container.add_argument("--mp3", action="store_true", help="write MP3 (lameenc)")
+    container.add_argument("--flac", action="store_true", help="write FLAC")
+    encoding = parser.add_mutually_exclusive_group()
+    encoding.add_argument("--int24", action="store_true", help="24-bit samples")
+    encoding.add_argument("--float32", action="store_true", help="32-bit float WAV")
+    parser.add_argument("--mp3-bitrate", type=int, default=320,
+                        help="MP3 bit rate in kb/s (default: %(default)s)")
+    parser.add_argument("--clip-mode", choices=CLIP_MODES, default="rescale",
+                        help="rescale: stem / max(1.01 * peak, 1) as demucs does; clamp: clip "
+                             "to [-1, 1]; none: as is (default: %(default)s)")
+    parser.add_argument("--downmix", action="store_true",
+                        help="accept more than two channels, averaged to mono first")
+    parser.add_argument("--samplerate-out", choices=("model", "original"), default="model",
+                        help="write at the model's rate or the input's (default: %(default)s)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help="segment requests in flight (default: %(default)s)")
+    parser.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="pass tensors to Triton through system shared memory (default: "
+                             "when --url is this host and the server can map it)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds one Triton request may take (default: %(default)s)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries of a request after a transient gRPC error (default: "
+                             "%(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    parser.set_defaults(func=_run_separate)
+
+
+def _run_separate(args: argparse.Namespace) -> int:
+    """Separate every track; one failing track does not stop the others (exit code 1)."""
+    from stemserve.audio import OutputFormat
+    from stemserve.client.api import open_backend, separate_file
+    from stemserve.client.triton import ServerUnreachable
+    from stemserve.errors import StemserveError
+
+    fmt = OutputFormat("mp3" if args.mp3 else "flac" if args.flac else "wav",
+                       "int24" if args.int24 else "float32" if args.float32 else "int16",
+                       args.mp3_bitrate)
+    options = dict(model=args.model, url=args.url, window=args.window,
+                   shared_memory=args.shared_memory, timeout=args.timeout, retries=args.retries)
+    try:
+        backend = open_backend(args.backend or "triton", **options)
+    except ServerUnreachable as err:
+        if args.backend:
+            raise
+        print(f"stemserve: {err}\nstemserve: separating in-process with ONNX Runtime "
+              "(--backend onnx) instead", file=sys.stderr)
+        backend = open_backend("onnx", **options)
+    out = args.out / backend.spec.checkpoint
+    failed = 0
+    try:
+        for track in args.tracks:
+            try:
+                paths = separate_file(
+                    track, out, backend=backend, template=args.filename, fmt=fmt,
+                    clip_mode=args.clip_mode, two_stems=args.two_stems,
+                    samplerate_out=args.samplerate_out, downmix=args.downmix,
+                    overlap=args.overlap, shifts=args.shifts, seed=args.seed,
+                    window=args.window, progress=not args.quiet)
+            except StemserveError as err:
+                print(f"stemserve: error: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            if not args.quiet:
+                print(f"{track}: " + ", ".join(str(path) for path in paths.values()))
+    finally:
+        backend.close()
+    if failed:
+        print(f"stemserve: {failed} of {len(args.tracks)} tracks failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_web(sub: argparse._SubParsersAction) -> None:
+    from stemserve.web.settings import Settings
+
+    defaults = Settings()
+    parser = sub.add_parser("web", help="serve the upload page and HTTP API (demucs image's "
+                                        "port 8000)")
+    parser.add_argument("--host", default=defaults.host,
+                        help="address to listen on (default: %(default)s; 0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=defaults.port,
+                        help="port to listen on (default: %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None,
+                       help="Triton gRPC address to separate on (default: "
+                            "$STEMSERVE_TRITON_URL; if unset, in-process)")
+    where.add_argument("--backend", choices=("onnx",), default=None,
+                       help="separate in-process with ONNX Runtime, even if "
+                            "$STEMSERVE_TRITON_URL is set")
+    parser.add_argument("-n", "--model", default=None,
+                        help="default model: release name, checkpoint file or export folder "
+                             f"(default: what Triton serves; {DEFAULT_MODEL} in-process)")
+    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb,
+                        help="largest upload in MB (default: %(default)g)")
+    parser.add_argument("--max-duration", type=float, default=defaults.max_duration,
+                        help="longest track in seconds (default: %(default)g)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="tracks separated at once (default: %(default)s)")
+    parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
+                        help="tracks that may wait; more are refused (default: %(default)s)")
+    parser.add_argument("--job-ttl", type=float, default=defaults.job_ttl,
+                        help="seconds a finished job's files are kept (default: %(default)g)")
+    parser.add_argument("--jobs-dir", type=Path, default=defaults.jobs_dir,
+                        help="folder for uploads and stems (default: %(default)s)")
+    parser.add_argument("--max-disk-mb", type=float, default=defaults.max_disk_mb,
+                        help="disk budget of the jobs folder in MB (default: %(default)g)")
+    parser.set_defaults(func=_run_web)
+
+
+def _run_web(args: argparse.Namespace) -> int:
+    import os
+
+    from stemserve.web import Settings, serve
+
+    url = args.url or (None if args.backend else os.environ.get("STEMSERVE_TRITON_URL"))
+    serve(Settings(host=args.host, port=args.port, triton_url=url or None, model=args.model,
+                   max_upload_mb=args.max_upload_mb, max_duration=args.max_duration,
+                   workers=args.workers, queue_size=args.queue_size, job_ttl=args.job_ttl,
+                   jobs_dir=args.jobs_dir, max_disk_mb=args.max_disk_mb))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stemserve",
@@ -53,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    _add_serve(sub)
+    _add_separate(sub)
+    _add_web(sub)
     return parser
 
 
@@ -60,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from stemserve.errors import StemserveError
+
     try:
         return args.func(args)
+    except StemserveError as err:
+        print(f"stemserve: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,303 @@
+"""The library API: turn a song into stems through Triton, or in-process. No torch needed.
+
+Example::
+
+    from stemserve.client import open_backend, separate_array, separate_file
+
+    with open_backend("triton", url="127.0.0.1:8001") as backend:
+        stems = separate_array(mix, 44100, backend=backend)        # {"vocals": [2, n], ...}
+        paths = separate_file("song.flac", "separated", backend=backend)
+
+Everything goes through :func:`stemserve.pipeline.separate_stream`; the backend only runs
+the network. Files are read, separated and written in blocks, so memory does not grow with
+the track.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Union
+
+import numpy as np
+import tqdm
+
+from stemserve.audio import (MIN_SECONDS, ClipMode, OutputFormat, Resampler, StemWriter,
+                             array_blocks, check_channels, probe, read_blocks, resample_blocks)
+# The CLI module owns the defaults it shares with `stemserve export` and `serve`; it imports
+# this module only inside functions, so there is no cycle.
+from stemserve.cli import DEFAULT_MODEL, EXPORT_ROOT
+from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
+from stemserve.errors import StemserveError
+from stemserve.pipeline import DEFAULT_WINDOW, Backend, separate_stream
+from stemserve.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
+BackendKind = Literal["triton", "onnx", "torch"]
+SampleRateOut = Literal["model", "original"]
+Progress = Union[bool, Callable[[float], None]]
+"""True: a tqdm bar in audio seconds (shown on a terminal only); a callable: receives the
+audio seconds separated so far, each time more are finished."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
+                 url: str = DEFAULT_URL, window: int = DEFAULT_WINDOW,
+                 shared_memory: bool | None = None, timeout: float = 120.0,
+                 retries: int = 3) -> Backend:
+    """A backend of ``kind``; close it when done (it is a context manager).
+
+    ``model`` is a release name, a checkpoint file or (onnx) an export folder. For Triton it
+    is only checked against what the server serves; the in-process backends default to
+    :data:`DEFAULT_MODEL`. ``window``, ``shared_memory`` (None: when the server is on this
+    host), ``timeout`` and ``retries`` apply to Triton.
+    """
+    if kind == "triton":
+        from stemserve.client.triton import TritonBackend
+
+        local = _local_export(model)
+        backend = TritonBackend(url, timeout=timeout, retries=retries,
+                                shared_memory=shared_memory, slots=window,
+                                spec=None if local is None else load_export_spec(local))
+        if model is not None and local is None and Path(model).stem != backend.spec.checkpoint:
+            backend.close()
+            raise StemserveError(
+                f"the Triton server at {url} serves '{backend.spec.checkpoint}', not "
+                f"'{Path(model).stem}': serve that model, or leave -n/--model out")
+        return backend
+    if kind == "onnx":
+        return OnnxBackend(export_dir_for(model or DEFAULT_MODEL))
+    if kind == "torch":
+        from stemserve.torch_backend import TorchBackend
+
+        return TorchBackend(*_load_model(model or DEFAULT_MODEL))
+    raise StemserveError(f"unknown backend {kind!r}: use triton, onnx or torch")
+
+
+def export_dir_for(model: str | Path) -> Path:
+    """An ONNX export of ``model``: the folder itself, ``build/export/<name>``, or a new one.
+
+    Exporting needs PyTorch and happens once; later runs reuse the folder.
+    """
+    local = _local_export(model)
+    if local is not None:
+        return local
+    torch_model, info = _load_model(model)
+    from stemserve.export.to_onnx import export_onnx  # torch is there: _load_model needs it
+
+    out = EXPORT_ROOT / info.name
+    logger.info("no ONNX export of %s yet: exporting it to %s (once)", model, out)
+    export_onnx(torch_model, info, out)
+    return out
+
+
+def _local_export(model: str | Path | None) -> Path | None:
+    """The export folder ``model`` names: itself, or ``build/export/<name>``, if it exists."""
+    if model is None:
+        return None
+    path = Path(model)
+    for folder in (path, EXPORT_ROOT / path.stem):
+        if (folder / "model.json").is_file():
+            return folder
+    return None
+
+
+def _load_model(model: str | Path):
+    """(Demucs, CheckpointInfo) for a release name or checkpoint file, with clear errors."""
+    try:
+        from stemserve.checkpoints import CheckpointError, load_model
+    except ImportError as err:
+        raise StemserveError(f"model {model}: loading a checkpoint needs PyTorch ({err}); "
+                             "install 'stemserve[export]' or use --backend triton") from None
+    try:
+        return load_model(str(model))
+    except CheckpointError as err:
+        raise StemserveError(f"model {model}: {err}") from None
+
+
+@contextlib.contextmanager
+def _using(backend: Backend | None, url: str) -> Iterator[Backend]:
+    """The caller's backend, or a Triton backend at ``url`` closed on exit."""
+    if backend is not None:
+        yield backend
+        return
+    owned = open_backend("triton", url=url)
+    try:
+        yield owned
+    finally:
+        owned.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stems
+
+def stem_names(spec: ModelSpec, two_stems: str | None = None) -> list[str]:
+    """The stems written: the model's sources, or ``[stem, "no_" + stem]`` for two stems."""
+    if two_stems is None:
+        return list(spec.sources)
+    if two_stems not in spec.sources:
+        raise StemserveError(f"two stems {two_stems!r}: the model's stems are "
+                             f"{', '.join(spec.sources)}")
+    return [two_stems, f"no_{two_stems}"]
+
+
+class _Stems:
+    """Turns the pipeline's [sources, channels, n] blocks into named stems at the output rate.
+
+    With ``two_stems="vocals"`` the stems are ``vocals`` and ``no_vocals`` (the sum of the
+    others), as later demucs releases write them.
+    """
+
+    def __init__(self, spec: ModelSpec, two_stems: str | None, out_rate: int,
+                 consumer: Callable[[dict[str, np.ndarray]], None]):
+        self.names = stem_names(spec, two_stems)
+        self._index = None if two_stems is None else spec.sources.index(two_stems)
+        self._channels = spec.audio_channels
+        self._resampler = Resampler(spec.sample_rate, out_rate,
+                                    len(self.names) * spec.audio_channels)
+        self._consumer = consumer
+
+    def __call__(self, block: np.ndarray) -> None:
+        if self._index is not None:
+            others = [index for index in range(block.shape[0]) if index != self._index]
+            block = np.stack([block[self._index], block[others].sum(axis=0)])
+        self._emit(self._resampler.process(block.reshape(-1, block.shape[-1])))
+
+    def flush(self) -> None:
+        self._emit(self._resampler.flush())
+
+    def _emit(self, flat: np.ndarray) -> None:
+        if flat.shape[-1]:
+            self._consumer({name: flat[index * self._channels:(index + 1) * self._channels]
+                            for index, name in enumerate(self.names)})
+
+
+@contextlib.contextmanager
+def _progress(progress: Progress, seconds: float, sample_rate: int,
+              label: str) -> Iterator[Callable[[int], None] | None]:
+    """Turns the pipeline's finished-sample counts into what ``progress`` asks for."""
+    if callable(progress):
+        done = 0
+
+        def report(samples: int) -> None:
+            nonlocal done
+            done += samples
+            progress(done / sample_rate)
+        yield report
+        return
+    if not progress:
+        yield None
+        return
+    bar = tqdm.tqdm(total=round(seconds, 1), desc=label, unit="s", disable=None,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
+    try:
+        yield lambda samples: bar.update(samples / sample_rate)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+def separate_array(mix: np.ndarray, sample_rate: int, *, backend: Backend | None = None,
+                   url: str = DEFAULT_URL, overlap: float = 0.25, shifts: int = 0,
+                   seed: int | None = None, transition_power: float = 1.0,
+                   window: int = DEFAULT_WINDOW, downmix: bool = False,
+                   two_stems: str | None = None, samplerate_out: SampleRateOut = "original",
+                   progress: Progress = False) -> dict[str, np.ndarray]:
+    """Separate ``mix`` ([time] mono or [channels, time]) into {stem: [2, time'] float32}.
+
+    The result is resampled back to ``sample_rate`` by default (arrays carry no rate);
+    ``samplerate_out="model"`` keeps the model's. Stems are not clipped. Without
+    ``backend``, a Triton server at ``url`` is used. Parameters as in demucs'
+    ``apply_model``; ``seed`` makes ``shifts`` reproducible.
+    """
+    mix = np.asarray(mix, dtype=np.float32)
+    if mix.ndim not in (1, 2):
+        raise StemserveError(f"mix must be [time] or [channels, time], got shape {mix.shape}")
+    check_channels(1 if mix.ndim == 1 else mix.shape[0], downmix, "mix")
+    if mix.shape[-1] < MIN_SECONDS * sample_rate:
+        raise StemserveError(f"mix: too short to separate ({mix.shape[-1]} samples; "
+                             f"at least {MIN_SECONDS} s needed)")
+    with _using(backend, url) as used:
+        spec = used.spec
+        out_rate = sample_rate if samplerate_out == "original" else spec.sample_rate
+        blocks: list[dict[str, np.ndarray]] = []
+        stems = _Stems(spec, two_stems, out_rate, blocks.append)
+        with _progress(progress, mix.shape[-1] / sample_rate, spec.sample_rate,
+                       "mix") as on_progress:
+            separate_stream(
+                lambda: resample_blocks(array_blocks(mix, downmix=downmix), sample_rate,
+                                        spec.sample_rate),
+                used, stems, overlap=overlap, shifts=shifts, seed=seed,
+                transition_power=transition_power, window=window, on_progress=on_progress)
+        stems.flush()
+    return {name: np.concatenate([block[name] for block in blocks], axis=-1)
+            for name in stems.names}
+
+
+def stem_paths(track: Path, out_dir: Path, names: list[str], ext: str,
+               template: str = DEFAULT_TEMPLATE) -> dict[str, Path]:
+    """Where each stem of ``track`` goes: ``out_dir / template`` filled in per stem.
+
+    The template takes ``{track}`` (file name without extension), ``{trackext}``,
+    ``{stem}`` and ``{ext}``, like later demucs releases.
+    """
+    try:
+        targets = {name: Path(out_dir) / template.format(
+            track=track.stem, trackext=track.suffix.lstrip("."), stem=name, ext=ext)
+            for name in names}
+    except (KeyError, IndexError, ValueError) as err:
+        raise StemserveError(f"bad filename template {template!r} ({err!r}): use {{track}}, "
+                             "{trackext}, {stem} and {ext}") from None
+    if len(set(targets.values())) < len(targets):
+        raise StemserveError(f"filename template {template!r} gives every stem the same "
+                             "file: include {stem}")
+    if track.resolve() in {target.resolve() for target in targets.values()}:
+        raise StemserveError(f"filename template {template!r} would overwrite the input "
+                             f"{track}")
+    return targets
+
+
+def separate_file(path: str | Path, out_dir: str | Path, *, backend: Backend | None = None,
+                  url: str = DEFAULT_URL, template: str = DEFAULT_TEMPLATE,
+                  fmt: OutputFormat = OutputFormat(), clip_mode: ClipMode = "rescale",
+                  two_stems: str | None = None, samplerate_out: SampleRateOut = "model",
+                  downmix: bool = False, overlap: float = 0.25, shifts: int = 0,
+                  seed: int | None = None, transition_power: float = 1.0,
+                  window: int = DEFAULT_WINDOW, progress: Progress = False) -> dict[str, Path]:
+    """Separate the audio file at ``path`` into one file per stem under ``out_dir``.
+
+    Stems are written at the model's rate by default (as demucs does), in ``fmt``, with
+    demucs' clip handling (``clip_mode="rescale"``), and appear only once all are complete.
+    Every failure is a :class:`StemserveError` that names the file. Returns {stem: path}.
+    """
+    path = Path(path)
+    info = probe(path, downmix=downmix)
+    try:
+        with _using(backend, url) as used:
+            spec = used.spec
+            out_rate = spec.sample_rate if samplerate_out == "model" else info.sample_rate
+            targets = stem_paths(path, Path(out_dir), stem_names(spec, two_stems),
+                                 fmt.ext, template)
+            with StemWriter(targets, out_rate, spec.audio_channels, fmt, clip_mode) as writer, \
+                    _progress(progress, info.seconds, spec.sample_rate,
+                              path.name) as on_progress:
+                stems = _Stems(spec, two_stems, out_rate, writer.write)
+                separate_stream(
+                    lambda: resample_blocks(read_blocks(path, downmix=downmix),
+                                            info.sample_rate, spec.sample_rate),
+                    used, stems, overlap=overlap, shifts=shifts, seed=seed,
+                    transition_power=transition_power, window=window,
+                    on_progress=on_progress)
+                stems.flush()
+                return writer.commit()
+    except StemserveError as err:
+        raise StemserveError(f"{path}: {err}") from err
+    except OSError as err:
+        raise StemserveError(f"{path}: cannot write stems under {out_dir}: {err}") from err

@@ -1,0 +1,353 @@
+"""The Triton backend: segments go to a tritonserver over gRPC, many in flight at once.
+
+Requests are sent with ``async_infer`` and completed through callbacks, so the server's
+dynamic batcher sees as many equal-shaped segments as the pipeline's window allows.
+Transient gRPC failures (server restarting, unreachable, overloaded, too slow) are retried
+with exponential backoff a bounded number of times; then the segment fails with a clear
+error.
+
+When the server is on this host (a loopback URL), tensors travel through Triton's system
+shared memory instead of protobuf, from a pool of regions sized for the largest request:
+measured on the small model with 10 s segments (3.6 MB in, 14 MB out), that saves about
+75 ms per request, which is all of gRPC's overhead over in-process ONNX Runtime. A server
+that cannot map the regions (say, in a container with its own /dev/shm) gets plain gRPC.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import queue
+import secrets
+import socket
+import tempfile
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+from tritonclient.utils import shared_memory as shm
+
+from stemserve.errors import StemserveError
+from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS
+from stemserve.spec import ModelSpec, output_length
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "demucs"
+SPEC_PARAMETER = "stemserve_spec"
+"""config.pbtxt parameter whose string value is the export's model.json."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds the first contact may take: an unreachable host should fail fast."""
+TRANSIENT = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
+                       "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED"})
+
+
+class ServerUnreachable(StemserveError):
+    """No Triton server answers at the URL (the CLI may fall back to in-process ONNX)."""
+
+
+def unreachable_message(url: str, detail: str) -> str:
+    return (f"no Triton server answers at {url} ({detail}); start one with `stemserve serve`, "
+            "point --url at a running one, or separate in-process with --backend onnx")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``host:port`` names this host, where system shared memory is shared."""
+    host = url.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def spec_from_config(config: dict, where: str) -> ModelSpec | None:
+    """The sidecar a model repository's config.pbtxt carries as a string parameter, if any."""
+    text = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+    if not text:
+        return None
+    # ModelSpec validates what it loads from a file; reuse that rather than a second parser.
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.json"
+        path.write_text(text)
+        try:
+            return ModelSpec.load(path)
+        except ValueError as err:
+            raise StemserveError(f"{where}: bad '{SPEC_PARAMETER}' parameter: {err}") from None
+
+
+@dataclass
+class _Slot:
+    """One registered shared-memory region: the input at offset 0, the output after it."""
+
+    name: str
+    handle: object
+    input_bytes: int
+    output_bytes: int
+
+
+class _SharedMemoryPool:
+    """Regions for ``size`` requests in flight, each big enough for the largest request.
+
+    The region of a failed request is never reused: the server may still be writing the
+    abandoned request's output into it. A token takes its place in the free queue, and the
+    next :meth:`acquire` creates a fresh region for it.
+    """
+
+    def __init__(self, client: grpcclient.InferenceServerClient, spec: ModelSpec, size: int):
+        self._client = client
+        longest = spec.valid_length(spec.segment_length
+                                    + int(MAX_SHIFT_SECONDS * spec.sample_rate))
+        self.input_bytes = 4 * spec.audio_channels * longest
+        self.output_bytes = 4 * len(spec.sources) * spec.audio_channels * output_length(
+            longest, **spec.valid_length_params)
+        self._prefix = f"stemserve_{os.getpid()}_{secrets.token_hex(4)}"
+        self._slots: list[_Slot] = []
+        self._lock = threading.Lock()
+        self._free: queue.Queue[_Slot | None] = queue.Queue()
+        try:
+            for _ in range(size):
+                self._free.put(self._create())
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> _Slot:
+        with self._lock:
+            name = f"{self._prefix}_{len(self._slots)}"
+            size = self.input_bytes + self.output_bytes
+            slot = _Slot(name, shm.create_shared_memory_region(name, "/" + name, size),
+                         self.input_bytes, self.output_bytes)
+            self._slots.append(slot)
+        self._client.register_system_shared_memory(name, "/" + name, size)
+        return slot
+
+    def acquire(self) -> _Slot:
+        """A free region, waiting while all are in use (never call it in a gRPC callback)."""
+        slot = self._free.get()
+        if slot is not None:
+            return slot
+        try:
+            return self._create()
+        except BaseException:
+            self._free.put(None)
+            raise
+
+    def release(self, slot: _Slot, reusable: bool) -> None:
+        self._free.put(slot if reusable else None)
+
+    def close(self) -> None:
+        for slot in self._slots:
+            try:
+                self._client.unregister_system_shared_memory(slot.name)
+            except InferenceServerException:
+                pass  # the server is gone: nothing left to unregister
+            shm.destroy_shared_memory_region(slot.handle)
+        self._slots.clear()
+
+
+@dataclass
+class _Call:
+    """A segment request and everything needed to send it again."""
+
+    mix: np.ndarray
+    future: Future
+    slot: _Slot | None = None
+    attempt: int = 0
+
+
+class TritonBackend:
+    """:class:`~stemserve.pipeline.Backend` that runs segments on a Triton server.
+
+    Args:
+        url: gRPC ``host:port`` of the server.
+        model: the model's name in the repository.
+        timeout: seconds one request may take before it is abandoned (and retried).
+        retries: further attempts after a transient failure, with backoff
+            ``backoff * 2**attempt`` seconds.
+        shared_memory: pass tensors through system shared memory, with ``slots`` regions
+            (requests beyond that many in flight wait for a free one). None: when the URL is
+            a loopback address and the server can map the regions; True: always, or fail.
+        spec: the sidecar to use when the server's model config carries none (the
+            ``stemserve_spec`` parameter); when it carries one, both must describe the same
+            checkpoint.
+    """
+
+    def __init__(self, url: str, model: str = DEFAULT_MODEL, *,
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
+                 shared_memory: bool | None = None, slots: int = DEFAULT_WINDOW,
+                 spec: ModelSpec | None = None):
+        self.url = url
+        self.model = model
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._client = grpcclient.InferenceServerClient(url)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._timers: dict[threading.Timer, _Call] = {}
+        self._pool: _SharedMemoryPool | None = None
+        try:
+            self.spec = self._read_spec(spec)
+            if shared_memory or (shared_memory is None and is_loopback(url)):
+                self._pool = self._open_pool(slots, required=bool(shared_memory))
+        except BaseException:
+            self._client.close()
+            raise
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether tensors go through system shared memory."""
+        return self._pool is not None
+
+    def _open_pool(self, slots: int, required: bool) -> _SharedMemoryPool | None:
+        try:
+            return _SharedMemoryPool(self._client, self.spec, slots)
+        except (InferenceServerException, shm.SharedMemoryException) as err:
+            if required:
+                raise StemserveError(f"the Triton server at {self.url} cannot use this "
+                                     f"host's shared memory: {err}") from None
+            logger.info("shared memory unavailable with %s (%s): plain gRPC", self.url, err)
+            return None
+
+    def _read_spec(self, local: ModelSpec | None) -> ModelSpec:
+        """Check the server and the model are ready, then read the model's sidecar."""
+        try:
+            ready = self._client.is_server_ready(client_timeout=CONNECT_TIMEOUT)
+        except InferenceServerException as err:
+            raise ServerUnreachable(unreachable_message(self.url, err.message())) from None
+        if not ready:
+            raise ServerUnreachable(unreachable_message(self.url, "server not ready"))
+        try:
+            if not self._client.is_model_ready(self.model, client_timeout=CONNECT_TIMEOUT):
+                raise InferenceServerException(msg="not ready")
+            config = self._client.get_model_config(self.model, as_json=True,
+                                                   client_timeout=CONNECT_TIMEOUT)
+        except InferenceServerException as err:
+            raise StemserveError(f"the Triton server at {self.url} has no ready model "
+                                 f"'{self.model}' ({err.message()})") from None
+        where = f"model '{self.model}' at {self.url}"
+        served = spec_from_config(config.get("config", config), where)
+        if served is None and local is None:
+            raise StemserveError(f"{where} has no '{SPEC_PARAMETER}' parameter in its config "
+                                 "and no local export describes it: serve a repository "
+                                 "written by stemserve, or name its export with -n/--model")
+        if served is not None and local is not None \
+                and served.checkpoint_sha256 != local.checkpoint_sha256:
+            raise StemserveError(f"{where} serves {served.checkpoint} "
+                                 f"({served.checkpoint_sha256[:12]}), not the local export of "
+                                 f"{local.checkpoint} ({local.checkpoint_sha256[:12]})")
+        return served or local
+
+    def submit(self, mix: np.ndarray) -> Future:
+        call = _Call(np.ascontiguousarray(mix[None], dtype=np.float32), Future())
+        call.future.set_running_or_notify_cancel()
+        self._send(call)
+        return call.future
+
+    def _send(self, call: _Call) -> None:
+        spec = self.spec
+        with self._lock:
+            if self._closed:
+                self._finish(call, error=StemserveError("the Triton backend is closed"))
+                return
+        inputs = [grpcclient.InferInput(spec.input_name, list(call.mix.shape), "FP32")]
+        outputs = [grpcclient.InferRequestedOutput(spec.output_name)]
+        pool = self._pool
+        if pool is not None and call.slot is None and call.mix.nbytes <= pool.input_bytes:
+            try:
+                call.slot = pool.acquire()
+            except (InferenceServerException, shm.SharedMemoryException) as err:
+                logger.warning("no new shared-memory region (%s): this request goes by gRPC",
+                               err)
+        slot = call.slot
+        if slot is not None:
+            shm.set_shared_memory_region(slot.handle, [call.mix])
+            inputs[0].set_shared_memory(slot.name, call.mix.nbytes)
+            outputs[0].set_shared_memory(slot.name, slot.output_bytes, offset=slot.input_bytes)
+        else:
+            inputs[0].set_data_from_numpy(call.mix)
+        try:
+            self._client.async_infer(self.model, inputs,
+                                     lambda result, error: self._done(call, result, error),
+                                     outputs=outputs, client_timeout=self.timeout)
+        except InferenceServerException as err:
+            self._done(call, None, err)
+
+    def _done(self, call: _Call, result, error: InferenceServerException | None) -> None:
+        """gRPC callback: hand over the result, retry a transient failure, or give up."""
+        if error is None:
+            try:
+                self._finish(call, output=self._output(call, result))
+            except Exception as err:  # a malformed answer fails this segment, not the thread
+                self._finish(call, error=err)
+            return
+        if error.status() in TRANSIENT and call.attempt < self.retries and not self._closed:
+            self._release(call, reusable=False)
+            delay = self.backoff * 2 ** call.attempt
+            call.attempt += 1
+            logger.warning("Triton request failed (%s: %s); retry %d of %d in %.1f s",
+                           error.status(), error.message(), call.attempt, self.retries, delay)
+            self._schedule(delay, call)
+            return
+        tried = f" after {call.attempt + 1} attempts" if call.attempt else ""
+        self._finish(call, error=StemserveError(
+            f"the Triton server at {self.url} failed a request{tried}: "
+            f"{error.status() or 'error'}: {error.message()}"))
+
+    def _schedule(self, delay: float, call: _Call) -> None:
+        def fire() -> None:
+            with self._lock:
+                due = self._timers.pop(timer, None)
+            if due is not None:  # else close() has already failed it
+                self._send(due)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers[timer] = call
+        timer.start()
+
+    def _output(self, call: _Call, result) -> np.ndarray:
+        name = self.spec.output_name
+        slot = call.slot
+        if slot is None:
+            return result.as_numpy(name)[0]
+        # as_numpy() raises on an output placed in shared memory: read the region.
+        shape = list(result.get_output(name).shape)
+        return shm.get_contents_as_numpy(slot.handle, np.float32, shape,
+                                         offset=slot.input_bytes)[0].copy()
+
+    def _release(self, call: _Call, reusable: bool) -> None:
+        if call.slot is not None:
+            self._pool.release(call.slot, reusable)
+            call.slot = None
+
+    def _finish(self, call: _Call, *, output: np.ndarray | None = None,
+                error: BaseException | None = None) -> None:
+        self._release(call, reusable=error is None)
+        if error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result(output)
+
+    def close(self) -> None:
+        """Stop retries, release shared memory, close the channel."""
+        with self._lock:
+            self._closed = True
+            waiting, self._timers = self._timers, {}
+        for timer, call in waiting.items():
+            timer.cancel()
+            self._finish(call, error=StemserveError("the Triton backend was closed"))
+        if self._pool is not None:
+            self._pool.close()
+        self._client.close()
+
+    def __enter__(self) -> "TritonBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,453 @@
+"""The one separation pipeline: demucs 2.0.3's ``apply_model(split=True)``, streamed.
+
+What it reproduces, step for step (``demucs/separate.py`` and ``demucs/utils.py``):
+
+- the mix is normalised by the mean and (unbiased) standard deviation of its mono reference
+  over the whole track, and the stems are de-normalised with them;
+- segments of ``segment_length`` samples start every ``int((1 - overlap) * segment_length)``
+  samples; each is sent at the network's valid length, padded with real neighbouring audio
+  and with zeros only past the track's ends (``TensorChunk.padded``); the output is
+  center-trimmed back;
+- with ``shifts``, each segment is sent ``shifts`` times, shifted by
+  ``random.randint(0, max_shift)`` samples drawn segment by segment, shift by shift, from
+  one generator, exactly in demucs' order, so a seed reproduces demucs' random offsets;
+- segment outputs are weighted by the triangular transition window raised to
+  ``transition_power`` and divided by the summed weights.
+
+Unlike demucs it keeps up to ``window`` segment requests in flight through a
+:class:`Backend`, adds results as they arrive in any order, and hands every finished stretch
+of output (one that no pending segment can still touch) to a sink. Memory therefore grows
+with the window, never with the track. No torch here.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+
+from stemserve.errors import StemserveError
+from stemserve.spec import ModelSpec
+
+MAX_SHIFT_SECONDS = 0.5
+DEFAULT_WINDOW = 8
+"""Segment requests in flight: the CPU server's max_batch_size, so a full batch can form.
+
+Measured against the CPU Triton server with the small test model on 2 cores: windows 1 to
+16 all ran at 19 to 21x real time (compute-bound); at 8 the dynamic batcher formed batches
+of 4 on average, and 16 only added client memory. Segments of the real model cost seconds
+each, where batching is what pays (see the performance baseline notes).
+"""
+
+BlockSource = Callable[[], Iterable[np.ndarray]]
+"""Returns a fresh iterable of stereo [2, n] float32 blocks of the mix at the model's rate.
+
+The pipeline calls it twice: once for the whole-track statistics, once to separate.
+"""
+Sink = Callable[[np.ndarray], None]
+"""Receives consecutive [sources, 2, n] float32 blocks of de-normalised stems."""
+
+
+class Backend(Protocol):
+    """Runs the network on one padded segment; the pipeline does everything else.
+
+    ``submit`` takes a [audio_channels, time] float32 mix whose time is a valid length and
+    returns a future of the raw [sources, audio_channels, time'] network output. It must not
+    block for long: the pipeline keeps several requests in flight.
+    """
+
+    spec: ModelSpec
+
+    def submit(self, mix: np.ndarray) -> Future: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+@dataclasses.dataclass(frozen=True)
+class MixStats:
+    """Mean and unbiased std of the mono reference, and the track length in samples."""
+
+    mean: float
+    std: float
+    length: int
+
+
+def mix_stats(blocks: Iterable[np.ndarray]) -> MixStats:
+    """One streaming pass in float64 (Chan et al.'s pairwise update), as exact as torch's."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for block in blocks:
+        mono = block.mean(axis=0, dtype=np.float64)
+        n = mono.size
+        if not n:
+            continue
+        block_mean = float(mono.mean())
+        block_m2 = float(np.square(mono - block_mean).sum())
+        delta = block_mean - mean
+        total = count + n
+        mean += delta * n / total
+        m2 += block_m2 + delta * delta * count * n / total
+        count = total
+    if count < 2:
+        raise StemserveError(f"the mix has {count} sample(s): too short to separate")
+    if not np.isfinite(mean) or not np.isfinite(m2):
+        raise StemserveError("the mix contains NaN or infinite samples")
+    std = (m2 / (count - 1)) ** 0.5
+    # A silent track has std 0: demucs divides by zero and writes NaN; divide by 1 instead.
+    return MixStats(mean, std if std > 0 else 1.0, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+@dataclasses.dataclass
+class _Segment:
+    """One of demucs' chunks: output samples [offset, offset + length)."""
+
+    offset: int
+    length: int
+    pending: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One network call for a segment: what to send and how to cut the answer.
+
+    The input is samples [start, start + size) of the mix, real only within [lo, hi) and zero
+    elsewhere. The output is center-trimmed to ``keep`` samples, then ``drop`` samples are
+    cut from its left, which leaves exactly the segment's samples.
+    """
+
+    segment: _Segment
+    start: int
+    size: int
+    lo: int
+    hi: int
+    keep: int
+    drop: int
+
+
+def transition_window(segment_length: int, transition_power: float) -> np.ndarray:
+    """demucs' triangle, maximal in the middle, normalised and raised to ``transition_power``."""
+    if transition_power < 1:
+        raise StemserveError("transition_power < 1 gives weird transitions (demucs refuses it)")
+    half = segment_length // 2
+    weight = np.concatenate([np.arange(1, half + 1),
+                             np.arange(segment_length - half, 0, -1)]).astype(np.float32)
+    return (weight / weight.max()) ** np.float32(transition_power)
+
+
+class _Planner:
+    """Lays out segments and their requests in demucs' order, drawing shifts as it does."""
+
+    def __init__(self, spec: ModelSpec, length: int, overlap: float, shifts: int,
+                 seed: int | None):
+        if not 0 <= overlap < 1:
+            raise StemserveError(f"overlap must be in [0, 1), got {overlap}")
+        if shifts < 0:
+            raise StemserveError(f"shifts must be >= 0, got {shifts}")
+        self.spec = spec
+        self.length = length
+        self.stride = int((1 - overlap) * spec.segment_length)
+        if self.stride < 1:
+            raise StemserveError(f"overlap {overlap} leaves no stride between segments")
+        self.shifts = shifts
+        self.max_shift = int(MAX_SHIFT_SECONDS * spec.sample_rate)
+        self.rng = random.Random(seed)
+
+    def segments(self) -> list[_Segment]:
+        return [_Segment(offset, min(self.spec.segment_length, self.length - offset))
+                for offset in range(0, self.length, self.stride)]
+
+    def first_needed(self, segment: _Segment) -> int:
+        """The earliest real input sample any request of ``segment`` reads."""
+        if self.shifts:
+            return max(0, segment.offset - self.max_shift)
+        size = self.spec.valid_length(segment.length)
+        return max(0, segment.offset - (size - segment.length) // 2)
+
+    def keep_from(self, segments: list[_Segment]) -> list[int]:
+        """For each segment, the earliest input sample it or any later segment reads.
+
+        Short segments at the track's end get more padding than full ones, so the need is
+        not monotonic in the offset; input before ``keep_from[i]`` is never read again once
+        segment ``i`` is planned.
+        """
+        floor = self.length
+        result = [0] * len(segments)
+        for index in range(len(segments) - 1, -1, -1):
+            floor = min(floor, self.first_needed(segments[index]))
+            result[index] = floor
+        return result
+
+    def requests(self, segment: _Segment) -> list[_Request]:
+        """``apply_model(chunk, shifts)`` for one chunk, as a list of network calls."""
+        offset, length = segment.offset, segment.length
+        if not self.shifts:
+            size = self.spec.valid_length(length)
+            return [_Request(segment, offset - (size - length) // 2, size, 0, self.length,
+                             keep=length, drop=0)]
+        # demucs pads the chunk to length + 2 * max_shift (real audio where the track has
+        # some), then feeds windows of that padded chunk: nothing outside it is real.
+        lo = max(0, offset - self.max_shift)
+        hi = min(self.length, offset + length + self.max_shift)
+        requests = []
+        for _ in range(self.shifts):
+            shift = self.rng.randint(0, self.max_shift)
+            shifted = length + self.max_shift - shift
+            size = self.spec.valid_length(shifted)
+            start = offset - self.max_shift + shift - (size - shifted) // 2
+            requests.append(_Request(segment, start, size, lo, hi, keep=shifted,
+                                     drop=self.max_shift - shift))
+        return requests
+
+
+def center_trim(array: np.ndarray, length: int) -> np.ndarray:
+    """demucs' ``center_trim`` on the last axis: an odd surplus loses its extra right sample."""
+    delta = array.shape[-1] - length
+    if delta < 0:
+        raise StemserveError(f"the backend returned {array.shape[-1]} samples, "
+                             f"fewer than the {length} needed")
+    return array[..., delta // 2:delta // 2 + length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers
+
+class _InputWindow:
+    """The stretch of the normalised mix that pending segments still need."""
+
+    def __init__(self, blocks: Iterator[np.ndarray], channels: int):
+        self._blocks = blocks
+        self._begin = 0
+        self._data = np.zeros((channels, 0), np.float32)
+
+    @property
+    def _end(self) -> int:
+        return self._begin + self._data.shape[-1]
+
+    def take(self, start: int, size: int, lo: int, hi: int) -> np.ndarray:
+        """Samples [start, start + size), real within [lo, hi), zero elsewhere."""
+        real_start, real_end = max(start, lo), min(start + size, hi)
+        assert real_start >= self._begin or real_end <= real_start, "input released too early"
+        pieces, end = [], self._end
+        while end < real_end:
+            block = next(self._blocks, None)
+            if block is None:
+                raise StemserveError(f"the mix ended at sample {end}, before the {real_end} "
+                                     "samples its first reading counted")
+            pieces.append(block)
+            end += block.shape[-1]
+        if pieces:
+            self._data = np.concatenate([self._data, *pieces], axis=-1)
+        out = np.zeros((self._data.shape[0], size), np.float32)
+        if real_end > real_start:
+            out[:, real_start - start:real_end - start] = \
+                self._data[:, real_start - self._begin:real_end - self._begin]
+        return out
+
+    def release(self, before: int) -> None:
+        """Forget samples before ``before``: no later request reads them."""
+        cut = min(max(0, before - self._begin), self._data.shape[-1])
+        if cut:
+            self._data = self._data[:, cut:].copy()
+            self._begin += cut
+
+
+class _OverlapAdd:
+    """Weighted sums and summed weights of the output samples not yet handed on.
+
+    Array index ``i`` holds output sample ``base + i``; samples before ``base + start`` are
+    gone. Live samples move to the front only when room runs out, so popping is cheap.
+    """
+
+    def __init__(self, sources: int, channels: int, capacity: int):
+        self.base = 0
+        self._start = 0
+        self._sum = np.zeros((sources, channels, capacity), np.float32)
+        self._weight = np.zeros(capacity, np.float32)
+
+    def reserve(self, end: int) -> None:
+        """Make room up to output sample ``end``, growing only if the window needs it."""
+        if end - self.base <= self._weight.size:
+            return
+        live = self._weight.size - self._start
+        self._sum[..., :live] = self._sum[..., self._start:]
+        self._sum[..., live:] = 0
+        self._weight[:live] = self._weight[self._start:]
+        self._weight[live:] = 0
+        self.base += self._start
+        self._start = 0
+        grow = end - self.base - self._weight.size
+        if grow > 0:
+            self._sum = np.pad(self._sum, ((0, 0), (0, 0), (0, grow)))
+            self._weight = np.pad(self._weight, (0, grow))
+
+    def add_weight(self, offset: int, weight: np.ndarray) -> None:
+        self._weight[offset - self.base:offset - self.base + weight.size] += weight
+
+    def add(self, offset: int, values: np.ndarray) -> None:
+        self._sum[..., offset - self.base:offset - self.base + values.shape[-1]] += values
+
+    def pop(self, until: int) -> np.ndarray:
+        """The finished samples up to output sample ``until``, divided by their weights."""
+        stop = until - self.base
+        out = self._sum[..., self._start:stop] / self._weight[self._start:stop]
+        self._start = stop
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
+                    overlap: float = 0.25, shifts: int = 0, seed: int | None = None,
+                    transition_power: float = 1.0, window: int = DEFAULT_WINDOW,
+                    on_progress: Callable[[int], None] | None = None) -> MixStats:
+    """Separate the mix that ``source`` yields, handing de-normalised stems to ``sink``.
+
+    ``on_progress`` receives the number of output samples each time some are finished.
+    Returns the statistics used for normalisation (its ``length`` is the output length).
+    """
+    if window < 1:
+        raise StemserveError(f"window must be >= 1, got {window}")
+    spec = backend.spec
+    stats = mix_stats(source())
+    mean, std = np.float32(stats.mean), np.float32(stats.std)
+    planner = _Planner(spec, stats.length, overlap, shifts, seed)
+    weight = transition_window(spec.segment_length, transition_power)
+    scale = np.float32(1 / max(shifts, 1))
+    inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
+    output = _OverlapAdd(len(spec.sources), spec.audio_channels,
+                         (window + 1) * planner.stride + spec.segment_length)
+    segments: collections.deque[_Segment] = collections.deque()
+    pending: dict[Future, _Request] = {}
+    emitted = 0
+
+    def emit(frontier: int) -> None:
+        nonlocal emitted
+        if frontier > emitted:
+            sink(output.pop(frontier) * std + mean)
+            if on_progress is not None:
+                on_progress(frontier - emitted)
+            emitted = frontier
+
+    def collect(done: Iterable[Future]) -> None:
+        for future in done:
+            request = pending.pop(future)
+            segment = request.segment
+            result = center_trim(future.result(), request.keep)[..., request.drop:]
+            output.add(segment.offset, result * (weight[:segment.length] * scale))
+            segment.pending -= 1
+        while segments and not segments[0].pending:
+            segments.popleft()
+
+    try:
+        plan = planner.segments()
+        keep_from = planner.keep_from(plan)
+        for index, segment in enumerate(plan):
+            inputs.release(keep_from[index])
+            output.reserve(segment.offset + segment.length)
+            output.add_weight(segment.offset, weight[:segment.length])
+            requests = planner.requests(segment)
+            segment.pending = len(requests)
+            segments.append(segment)
+            for request in requests:
+                while len(pending) >= window:
+                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
+                    emit(segments[0].offset)
+                mix = inputs.take(request.start, request.size, request.lo, request.hi)
+                pending[backend.submit(mix)] = request
+        while pending:
+            collect(wait(pending, return_when=FIRST_COMPLETED).done)
+            emit(segments[0].offset if segments else stats.length)
+        emit(stats.length)
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# A batching worker for in-process backends
+
+class LocalBackend:
+    """Runs ``run_batch`` in one worker thread on batches of queued segments of equal shape.
+
+    The ONNX Runtime and PyTorch backends share it: whatever is queued when the worker comes
+    round is batched (up to ``max_batch``), which is where a CPU gains most per segment.
+    """
+
+    def __init__(self, spec: ModelSpec, run_batch: Callable[[np.ndarray], np.ndarray],
+                 max_batch: int = 2, name: str = "stemserve-local"):
+        self.spec = spec
+        self._run_batch = run_batch
+        self._max_batch = max(1, max_batch)
+        self._queue: collections.deque[tuple[np.ndarray, Future]] = collections.deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, mix: np.ndarray) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise StemserveError("the backend is closed")
+            self._queue.append((mix, future))
+            self._ready.notify()
+        return future
+
+    def _next_batch(self) -> list[tuple[np.ndarray, Future]] | None:
+        with self._ready:
+            while not self._queue and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            batch = [self._queue.popleft()]
+            rest: collections.deque[tuple[np.ndarray, Future]] = collections.deque()
+            for item in self._queue:
+                if len(batch) < self._max_batch and item[0].shape == batch[0][0].shape:
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            self._queue = rest
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            batch = [(mix, future) for mix, future in batch
+                     if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                outputs = self._run_batch(np.stack([mix for mix, _ in batch]))
+            except Exception as err:  # handed to the waiting pipeline, which re-raises
+                for _, future in batch:
+                    future.set_exception(err)
+            else:
+                for (_, future), output in zip(batch, outputs):
+                    future.set_result(output)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            leftover = list(self._queue)
+            self._queue.clear()
+            self._ready.notify_all()
+        for _, future in leftover:
+            future.cancel()
+        self._thread.join()
+
+    def __enter__(self) -> "LocalBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,308 @@
+"""The pipeline reproduces demucs 2.0.3's separate.py + apply_model(split=True) exactly.
+
+The official package is the oracle: the same random weights run through its apply_model on
+the mix normalised as separate.py does, and through stemserve's one pipeline on each backend
+(in-process ONNX Runtime, PyTorch, and a real Triton server, with and without shared memory).
+"""
+from __future__ import annotations
+
+import random
+import threading
+import tracemalloc
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from stemserve.errors import StemserveError
+from stemserve.pipeline import (MAX_SHIFT_SECONDS, center_trim, mix_stats, separate_stream,
+                                transition_window)
+from stemserve.spec import ModelSpec
+
+torch = pytest.importorskip("torch")
+demucs_utils = pytest.importorskip("demucs.utils", reason="the official demucs 2.0.3 is the oracle")
+demucs_model = pytest.importorskip("demucs.model")
+demucs_audio = pytest.importorskip("demucs.audio")
+
+from stemserve.client import separate_array  # noqa: E402
+from stemserve.client.onnx_backend import OnnxBackend, load_export_spec  # noqa: E402
+from stemserve.client.triton import TritonBackend  # noqa: E402
+from stemserve.model import SOURCES  # noqa: E402
+from stemserve.torch_backend import TorchBackend  # noqa: E402
+
+RATE = 44100
+# 3.37 s plus 7 samples: a multiple of neither the segment, the stride nor the network's
+# length granularity, so the last segment is short and odd-sized.
+LENGTH = int(3.37 * RATE) + 7
+TOLERANCE = 1e-4
+SEED = 20240613
+
+
+def make_mix(channels: int) -> np.ndarray:
+    """Noise plus tones with a DC offset: mean and std both matter."""
+    rng = np.random.default_rng(channels)
+    t = np.arange(LENGTH) / RATE
+    tones = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)
+    mix = 0.2 * rng.standard_normal((channels, LENGTH)) + tones + 0.05
+    return mix.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def oracle_model(small_model):
+    """The official demucs 2.0.3 Demucs carrying exactly small_model's weights."""
+    model, info = small_model
+    reference = demucs_model.Demucs(sources=list(SOURCES), **info.config).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def run_oracle(reference, mix: np.ndarray, overlap: float, shifts: int,
+               seed: int) -> np.ndarray:
+    """demucs/separate.py's steps, from the channel conversion to the de-normalisation."""
+    wav = demucs_audio.convert_audio_channels(torch.from_numpy(mix), reference.audio_channels)
+    ref = wav.mean(0)
+    wav = (wav - ref.mean()) / ref.std()
+    random.seed(seed)
+    with torch.no_grad():
+        sources = demucs_utils.apply_model(reference, wav, shifts=shifts, split=True,
+                                           overlap=overlap)
+    return (sources * ref.std() + ref.mean()).numpy()
+
+
+@pytest.fixture(scope="module")
+def oracle(oracle_model):
+    """Oracle outputs, computed once per configuration."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def get(channels: int, overlap: float, shifts: int, seed: int = SEED) -> np.ndarray:
+        key = (channels, overlap, shifts, seed)
+        if key not in cache:
+            cache[key] = run_oracle(oracle_model, make_mix(channels), overlap, shifts, seed)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def backends(small_model, small_export, request):
+    """Backends by name, opened on first use and closed with the module."""
+    opened: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in opened:
+            if name == "onnx":
+                opened[name] = OnnxBackend(small_export)
+            elif name == "torch":
+                opened[name] = TorchBackend(*small_model)
+            else:
+                server = request.getfixturevalue("triton_server")
+                opened[name] = TritonBackend(server.grpc_url,
+                                             spec=load_export_spec(small_export),
+                                             shared_memory=name == "triton-shm")
+        return opened[name]
+    yield get
+    for backend in opened.values():
+        backend.close()
+
+
+def as_array(stems: dict[str, np.ndarray]) -> np.ndarray:
+    return np.stack([stems[name] for name in SOURCES])
+
+
+CONFIGS = [(channels, overlap, shifts) for channels in (1, 2) for overlap in (0.25, 0.5)
+           for shifts in (0, 2)]
+
+
+@pytest.mark.parametrize("channels,overlap,shifts", CONFIGS,
+                         ids=[f"{'mono' if c == 1 else 'stereo'}-overlap{o}-shifts{s}"
+                              for c, o, s in CONFIGS])
+@pytest.mark.parametrize("backend_name", ["onnx", "torch", "triton"])
+def test_matches_demucs_reference(backend_name, channels, overlap, shifts, oracle, backends):
+    mix = make_mix(channels)
+    expected = oracle(channels, overlap, shifts)
+    got = as_array(separate_array(mix[0] if channels == 1 else mix, RATE,
+                                  backend=backends(backend_name), overlap=overlap,
+                                  shifts=shifts, seed=SEED))
+    assert got.shape == expected.shape == (4, 2, LENGTH)
+    assert np.abs(got - expected).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("shifts", [0, 2])
+def test_triton_shared_memory_matches_reference(shifts, oracle, backends):
+    assert backends("triton-shm").shared_memory and not backends("triton").shared_memory
+    got = as_array(separate_array(make_mix(2), RATE, backend=backends("triton-shm"),
+                                  shifts=shifts, seed=SEED))
+    assert np.abs(got - oracle(2, 0.25, shifts)).max() < TOLERANCE
+
+
+def test_shared_memory_by_default_on_this_host_only(triton_server, small_export, monkeypatch):
+    from tritonclient.utils import InferenceServerException
+
+    from stemserve.client import triton
+
+    spec = load_export_spec(small_export)
+    assert triton.is_loopback(triton_server.grpc_url) and not triton.is_loopback("8.8.8.8:1")
+    with TritonBackend(triton_server.grpc_url, spec=spec) as backend:
+        assert backend.shared_memory
+
+    def refuse(*args):
+        raise InferenceServerException("Unable to open shared memory region")
+    monkeypatch.setattr(triton, "_SharedMemoryPool", refuse)
+    with TritonBackend(triton_server.grpc_url, spec=spec) as backend:
+        assert not backend.shared_memory  # plain gRPC instead
+    with pytest.raises(StemserveError, match="cannot use this host's shared memory"):
+        TritonBackend(triton_server.grpc_url, spec=spec, shared_memory=True)
+
+
+def test_another_seed_draws_other_shifts(oracle, backends):
+    """The seeded comparison can fail: other offsets give clearly other stems."""
+    got = as_array(separate_array(make_mix(2), RATE, backend=backends("onnx"), shifts=2,
+                                  seed=SEED + 1))
+    assert np.abs(got - oracle(2, 0.25, 2)).max() > 10 * TOLERANCE
+
+
+class ShuffledBackend:
+    """Completes each request after a random delay: results arrive in any order."""
+
+    def __init__(self, inner, seed: int = 0):
+        self.inner = inner
+        self.spec = inner.spec
+        self._rng = random.Random(seed)
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def submit(self, mix: np.ndarray) -> Future:
+        outer: Future = Future()
+        delay = self._rng.uniform(0, 0.05)
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+        def later(inner: Future) -> None:
+            def finish() -> None:
+                with self._lock:
+                    self._in_flight -= 1
+                outer.set_result(inner.result())
+            threading.Timer(delay, finish).start()
+        self.inner.submit(mix).add_done_callback(later)
+        return outer
+
+    def close(self) -> None:
+        pass
+
+
+def test_results_in_any_order_and_window_bounds_requests(oracle, backends):
+    backend = ShuffledBackend(backends("onnx"))
+    got = as_array(separate_array(make_mix(2), RATE, backend=backend, overlap=0.5,
+                                  shifts=2, seed=SEED, window=3))
+    assert np.abs(got - oracle(2, 0.5, 2)).max() < TOLERANCE
+    assert backend.max_in_flight == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry against demucs' own helpers, and bounded memory, with an identity network
+
+def identity_spec() -> ModelSpec:
+    return ModelSpec(model_name="identity", checkpoint="identity", checkpoint_sha256="0",
+                     sample_rate=RATE, audio_channels=2, sources=("a", "b"),
+                     segment_length=RATE, padded_length=RATE + 1000, output_length=RATE + 1000,
+                     valid_length_params=dict(resample=True, depth=3, kernel_size=8, stride=4,
+                                              context=3))
+
+
+class IdentityBackend:
+    """Returns its input as every source: the pipeline must then give back the mix."""
+
+    def __init__(self):
+        self.spec = identity_spec()
+
+    def submit(self, mix: np.ndarray) -> Future:
+        future: Future = Future()
+        future.set_result(np.stack([mix] * len(self.spec.sources)))
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("shifts", [0, 3])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.9])
+def test_identity_network_gives_back_the_mix(overlap, shifts):
+    mix = make_mix(2)
+    blocks: list[np.ndarray] = []
+    separate_stream(lambda: [mix[:, i:i + 5000] for i in range(0, LENGTH, 5000)],
+                    IdentityBackend(), blocks.append, overlap=overlap, shifts=shifts, seed=1)
+    out = np.concatenate(blocks, axis=-1)
+    assert out.shape == (2, 2, LENGTH)
+    assert np.abs(out - mix).max() < 1e-5
+
+
+def test_memory_does_not_grow_with_the_track():
+    """Ten minutes go through in blocks; peak allocation stays at a few segments."""
+    seconds = 600
+    block = 1 << 16
+
+    def source():
+        rng = np.random.default_rng(0)
+        for start in range(0, seconds * RATE, block):
+            yield rng.standard_normal((2, min(block, seconds * RATE - start)),
+                                      dtype=np.float32)
+
+    received = [0, 0]
+
+    def sink(stems: np.ndarray) -> None:
+        received[0] += stems.shape[-1]
+        received[1] += 1
+
+    tracemalloc.start()
+    try:
+        separate_stream(source, IdentityBackend(), sink, window=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received[0] == seconds * RATE
+    assert received[1] > seconds // 10  # streamed out as it went, not at the end
+    track_bytes = seconds * RATE * 2 * 4
+    assert peak < 30e6 < track_bytes / 5, peak
+
+
+def test_mix_stats_equal_torch_over_blocks():
+    mix = make_mix(2) * 3 + 1
+    stats = mix_stats(mix[:, i:i + 777] for i in range(0, LENGTH, 777))
+    ref = torch.from_numpy(mix).double().mean(0)
+    assert stats.length == LENGTH
+    assert stats.mean == pytest.approx(ref.mean().item(), rel=1e-12)
+    assert stats.std == pytest.approx(ref.std().item(), rel=1e-12)
+
+
+def test_window_and_trim_are_demucs():
+    for segment in (44100, 7, 8):
+        weight = torch.cat([torch.arange(1, segment // 2 + 1),
+                            torch.arange(segment - segment // 2, 0, -1)]).float()
+        expected = (weight / weight.max()) ** 1.5
+        assert np.allclose(transition_window(segment, 1.5), expected.numpy(), atol=1e-7)
+    data = np.arange(20.0)
+    for length in (20, 13, 12):
+        assert np.array_equal(center_trim(data, length),
+                              demucs_utils.center_trim(torch.from_numpy(data), length).numpy())
+    assert MAX_SHIFT_SECONDS == 0.5
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(overlap=1.0), "overlap"), (dict(shifts=-1), "shifts"),
+    (dict(transition_power=0.5), "transition_power"), (dict(window=0), "window")])
+def test_bad_parameters_are_clear_errors(kwargs, message):
+    mix = make_mix(2)
+    with pytest.raises(StemserveError, match=message):
+        separate_stream(lambda: [mix], IdentityBackend(), lambda _: None, **kwargs)
+
+
+def test_silence_and_nan():
+    silence = np.zeros((2, RATE), np.float32)
+    blocks: list[np.ndarray] = []
+    separate_stream(lambda: [silence], IdentityBackend(), blocks.append)
+    assert np.all(np.concatenate(blocks, axis=-1) == 0)
+    broken = make_mix(2)
+    broken[0, 100] = np.nan
+    with pytest.raises(StemserveError, match="NaN"):
+        separate_stream(lambda: [broken], IdentityBackend(), lambda _: None)
