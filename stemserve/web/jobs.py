@@ -1,0 +1,350 @@
+"""Separation jobs: a bounded queue, worker threads, and a store on disk under random ids.
+
+Separating a track takes from seconds to minutes, so the web page submits a job and follows
+it instead of holding a request open. Every job owns one folder named by an id the server
+draws (``secrets.token_urlsafe``): the uploaded file name is kept as a label only, so no
+upload ever names a path, and a job's files can be reached only by whoever holds its id.
+
+A finished job is recorded in ``job.json``, so results outlive a restart until they expire.
+A job that failed keeps only that record (its error); one interrupted by a restart is removed
+whole. Disk use is bounded: old jobs expire after ``ttl`` seconds, and a new job is admitted
+only when its estimated size fits the budget, after the oldest finished jobs made room.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from stemserve.errors import StemserveError
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal["queued", "running", "done", "failed"]
+ACTIVE: tuple[JobState, ...] = ("queued", "running")
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{22}")
+"""What ``secrets.token_urlsafe(16)`` returns: 128 random bits, nothing to guess."""
+RECORD = "job.json"
+STEMS = "stems"
+ARCHIVE = "stems.zip"
+# Disk estimate per second of audio and stem, before a job runs: float32 stereo at 44.1 kHz,
+# three times (the rescale spill, the stems themselves at most that large, the zip of them).
+ESTIMATE_BYTES_PER_STEM_SECOND = 44100 * 2 * 4 * 3
+
+ProgressCallback = Callable[[float], None]
+"""Receives the audio seconds separated so far."""
+Runner = Callable[["Job", ProgressCallback], dict[str, Path]]
+"""Separates a job's upload into files under ``job.folder / STEMS``; returns {stem: path}."""
+
+
+class QueueFull(StemserveError):
+    """Every queue slot is taken: try again once some jobs have run."""
+
+
+class StoreFull(StemserveError):
+    """The disk budget is used up by jobs still queued or running."""
+
+
+def estimate_bytes(seconds: float, stems: int) -> int:
+    """A generous bound on what a job of ``seconds`` writes, to admit it before it runs."""
+    return int(seconds * stems * ESTIMATE_BYTES_PER_STEM_SECOND)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (ones removed meanwhile count as zero)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+@dataclasses.dataclass
+class Job:
+    """One upload and what became of it.
+
+    ``name`` is the uploaded file's name, shown to the user and nowhere used as a path;
+    ``upload`` is the server's own file name for it inside ``folder``. ``options`` are the
+    runner's (model, stems, format). ``stems`` maps each stem to its file under ``folder``.
+    ``position`` is filled in on the copies :meth:`JobQueue.get` returns: the job's place in
+    the queue, 1 being next, or None once it left the queue.
+    """
+
+    id: str
+    name: str
+    folder: Path
+    upload: str
+    seconds: float
+    options: dict[str, Any]
+    estimate: int = 0
+    created: float = dataclasses.field(default_factory=time.time)
+    state: JobState = "queued"
+    progress: float = 0.0
+    error: str | None = None
+    stems: dict[str, str] = dataclasses.field(default_factory=dict)
+    finished: float | None = None
+    position: int | None = None
+
+    @property
+    def upload_path(self) -> Path:
+        return self.folder / self.upload
+
+    def stem_path(self, stem: str) -> Path:
+        return self.folder / self.stems[stem]
+
+    def record(self) -> dict[str, Any]:
+        """What ``job.json`` keeps: everything but the folder and the queue position."""
+        data = dataclasses.asdict(self)
+        del data["folder"], data["position"]
+        return data
+
+
+class JobQueue:
+    """Runs jobs with ``workers`` threads, at most ``queue_size`` waiting, in folders under
+    ``root`` that take at most ``max_disk_bytes`` together.
+
+    Call :meth:`start` to start the workers and the sweeper that deletes expired jobs, and
+    :meth:`close` at shutdown.
+    """
+
+    def __init__(self, root: Path, runner: Runner, *, workers: int = 1, queue_size: int = 8,
+                 ttl: float = 3600.0, max_disk_bytes: int = 10 << 30):
+        if workers < 1 or queue_size < 1:
+            raise StemserveError("the web service needs at least one worker and one queue slot")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.runner = runner
+        self.workers = workers
+        self.queue_size = queue_size
+        self.ttl = ttl
+        self.max_disk_bytes = max_disk_bytes
+        self._lock = threading.Condition()
+        self._archive_lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._pending: collections.deque[Job] = collections.deque()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._load()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._work, name=f"stemserve-job-{index}",
+                                          daemon=True) for index in range(self.workers)]
+        self._threads.append(threading.Thread(target=self._sweep, name="stemserve-sweeper",
+                                              daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs; running ones get ``timeout`` seconds to finish."""
+        with self._lock:
+            self._closed.set()
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _load(self) -> None:
+        """Take back the finished jobs of an earlier run; remove interrupted ones."""
+        for folder in self.root.iterdir():
+            if not (folder.is_dir() and JOB_ID.fullmatch(folder.name)):
+                continue  # not ours: leave it alone
+            try:
+                data = json.loads((folder / RECORD).read_text())
+                job = Job(folder=folder, **data)
+            except (OSError, ValueError, TypeError):
+                job = None
+            if job is None or job.state in ACTIVE or self._expired(job, time.time()):
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self._jobs[job.id] = job
+
+    # -- admission --------------------------------------------------------------------------
+
+    def new_folder(self) -> tuple[str, Path]:
+        """A fresh job id and its empty folder, where an upload is checked before it is a job.
+
+        Remove the folder (:func:`shutil.rmtree`) if the upload is refused.
+        """
+        while True:
+            job_id = secrets.token_urlsafe(16)
+            folder = self.root / job_id
+            try:
+                folder.mkdir()
+                return job_id, folder
+            except FileExistsError:
+                continue
+
+    def make_room(self, size: int) -> None:
+        """Check that a job of ``size`` more bytes can be taken now, deleting old jobs for it.
+
+        Raises :class:`QueueFull` or :class:`StoreFull` with a message for the user.
+        """
+        with self._lock:
+            self._check_queue()
+            self._make_room(size)
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (its upload already in its folder); see :meth:`make_room`."""
+        with self._lock:
+            if self._closed.is_set():
+                raise StemserveError("the server is shutting down")
+            self._check_queue()
+            self._make_room(job.estimate)
+            job.state = "queued"
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            self._lock.notify()
+        logger.info("job %s queued: %s (%.1f s)", job.id, job.name, job.seconds)
+        return job
+
+    def _check_queue(self) -> None:
+        if len(self._pending) >= self.queue_size:
+            raise QueueFull(f"the server is busy: {len(self._pending)} tracks are waiting. "
+                            "Try again in a few minutes")
+
+    def _make_room(self, size: int) -> None:
+        self._expire()
+        reserved = sum(job.estimate for job in self._jobs.values() if job.state in ACTIVE)
+        used = folder_bytes(self.root)
+        finished = sorted((job for job in self._jobs.values() if job.state not in ACTIVE),
+                          key=lambda job: job.finished or job.created)
+        for job in finished:
+            if used + reserved + size <= self.max_disk_bytes:
+                break
+            used -= folder_bytes(job.folder)
+            self._delete(job)
+        if used + reserved + size > self.max_disk_bytes:
+            raise StoreFull("the server's storage for uploads and stems is full with tracks "
+                            "still being separated. Try again in a few minutes")
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        """A copy of job ``job_id`` with its queue position, or None if there is none."""
+        if not JOB_ID.fullmatch(job_id):
+            return None
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            position = next((index + 1 for index, waiting in enumerate(self._pending)
+                             if waiting is job), None)
+            return dataclasses.replace(job, position=position, stems=dict(job.stems))
+
+    def expires(self, job: Job) -> float | None:
+        """When a finished job will be deleted (seconds since the epoch)."""
+        return None if job.finished is None else job.finished + self.ttl
+
+    def archive(self, job: Job) -> Path:
+        """A zip of a finished job's stems, written on first request."""
+        path = job.folder / ARCHIVE
+        with self._archive_lock:
+            if not path.exists():
+                temporary = path.with_name(f".{ARCHIVE}.{secrets.token_hex(4)}.part")
+                try:
+                    with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+                        for stem in job.stems:
+                            source = job.stem_path(stem)
+                            archive.write(source, f"{stem}{source.suffix}")
+                    os.replace(temporary, path)
+                finally:
+                    temporary.unlink(missing_ok=True)
+        return path
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _next(self) -> Job | None:
+        with self._lock:
+            while not self._pending and not self._closed.is_set():
+                self._lock.wait()
+            if self._closed.is_set():
+                return None
+            job = self._pending.popleft()
+            job.state = "running"
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            started = time.monotonic()
+            try:
+                paths = self.runner(job, lambda seconds: self._progress(job, seconds))
+                stems = {stem: path.relative_to(job.folder).as_posix()
+                         for stem, path in paths.items()}
+            except Exception as err:  # every failure belongs to the job, not the worker
+                self._finish(job, state="failed", error=self._failure(job, err))
+            else:
+                self._finish(job, state="done", stems=stems, progress=job.seconds)
+                logger.info("job %s done in %.1f s", job.id, time.monotonic() - started)
+
+    @staticmethod
+    def _progress(job: Job, seconds: float) -> None:
+        job.progress = min(seconds, job.seconds)
+
+    @staticmethod
+    def _failure(job: Job, err: Exception) -> str:
+        """The error as the user sees it; removes the upload and whatever stems were begun."""
+        if isinstance(err, StemserveError):
+            message = (str(err).replace(str(job.upload_path), job.name)
+                       .replace(str(job.folder), "job"))
+            logger.warning("job %s failed: %s", job.id, err)
+        else:
+            message = f"internal error ({type(err).__name__}); the server log has the details"
+            logger.exception("job %s failed", job.id)
+        shutil.rmtree(job.folder / STEMS, ignore_errors=True)
+        job.upload_path.unlink(missing_ok=True)
+        return message
+
+    def _finish(self, job: Job, **changes: Any) -> None:
+        """Record the job's end in ``job.json`` first, then show it to readers."""
+        changes["finished"] = time.time()
+        self._save(dataclasses.replace(job, **changes))
+        with self._lock:
+            for name, value in changes.items():
+                setattr(job, name, value)
+
+    def _save(self, job: Job) -> None:
+        """Write ``job.json`` atomically, unless the job was deleted meanwhile."""
+        record = job.folder / RECORD
+        temporary = record.with_name(f".{RECORD}.{secrets.token_hex(4)}.part")
+        try:
+            temporary.write_text(json.dumps(job.record()))
+            os.replace(temporary, record)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            logger.warning("job %s: cannot record its result: %s", job.id, err)
+
+    # -- cleaning ---------------------------------------------------------------------------
+
+    def _expired(self, job: Job, now: float) -> bool:
+        return job.finished is not None and job.finished + self.ttl <= now
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job in [job for job in self._jobs.values() if self._expired(job, now)]:
+            self._delete(job)
+
+    def _delete(self, job: Job) -> None:
+        del self._jobs[job.id]
+        shutil.rmtree(job.folder, ignore_errors=True)
+        logger.info("job %s deleted", job.id)
+
+    def _sweep(self) -> None:
+        """Delete expired jobs every tenth of their lifetime (1 s to 1 min)."""
+        interval = min(max(self.ttl / 10, 1.0), 60.0)
+        while not self._closed.wait(interval):
+            with self._lock:
+                self._expire()

@@ -1,0 +1,436 @@
+"""``stemserve web``: the job API and the demucs image's API, against a real tritonserver.
+
+The service runs as users start it (``python -m stemserve web``, a child process) on the
+session's tritonserver with the small random-weight model, with low limits so that the
+limit tests need only small files. The queue itself is tested with a runner the test holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from stemserve.errors import StemserveError
+from stemserve.web.jobs import JOB_ID, Job, JobQueue, QueueFull, StoreFull, folder_bytes
+from stemserve.web.settings import MB
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+MAX_UPLOAD_MB = 1
+MAX_DURATION = 5
+MP3_320_HEADER = b"\xff\xfb\xe0"  # MPEG-1 layer III frame, 320 kb/s, 44.1 kHz
+
+
+def make_track(path: Path, seconds: float = 2.5, sample_rate: int = 44100,
+               channels: int = 2) -> Path:
+    """A short, reproducible mix: two decaying tones and a little noise, 16-bit WAV."""
+    rng = np.random.default_rng(7)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    tones = [np.sin(2 * np.pi * f * t) * np.exp(-(t % 0.5) * 6) for f in (220, 330)]
+    mix = 0.3 * np.stack(tones[:channels]).T + 0.02 * rng.standard_normal((t.size, channels))
+    sf.write(path, mix.astype(np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+@contextlib.contextmanager
+def running_web(port: int, jobs_dir: Path, *args: str) -> Iterator[str]:
+    """``stemserve web`` in a child process until the block ends; yields its base URL.
+
+    Its output goes to ``web.log`` beside ``jobs_dir``; a failed start shows it.
+    """
+    log_path = jobs_dir.parent / "web.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stemserve", "web", "--port", str(port),
+             "--jobs-dir", str(jobs_dir), *args], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"stemserve web did not start:\n{log_path.read_text()}")
+            try:
+                httpx.get(f"{base}/api/config", timeout=2).raise_for_status()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def jobs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web") / "jobs"
+
+
+@pytest.fixture(scope="module")
+def web(triton_server, small_export, free_ports, jobs_dir) -> Iterator[str]:
+    with running_web(free_ports(1)[0], jobs_dir, "--url", triton_server.grpc_url,
+                     "--model", str(small_export), "--max-upload-mb", str(MAX_UPLOAD_MB),
+                     "--max-duration", str(MAX_DURATION), "--queue-size", "4") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(web) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=web, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory) -> Path:
+    return make_track(tmp_path_factory.mktemp("tracks") / "song.wav")
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/api/jobs/{job_id}").raise_for_status().json()
+        if status["state"] not in ("queued", "running") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def submit(client: httpx.Client, path: Path, name: str | None = None, **form) -> httpx.Response:
+    with open(path, "rb") as file:
+        return client.post("/api/jobs", files={"file": (name or path.name, file)}, data=form)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job API
+
+def test_job_api_separates_and_serves_every_stem(client, track):
+    response = submit(client, track)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert JOB_ID.fullmatch(job["id"]) and job["name"] == "song.wav"
+    assert job["model"] == "small" and job["format"] == "wav" and job["shifts"] == 0
+    assert job["state"] in ("queued", "running")
+
+    done = wait_done(client, job["id"])
+    assert done["state"] == "done", done
+    assert done["progress"] == pytest.approx(done["seconds"]) == pytest.approx(2.5)
+    assert [stem["name"] for stem in done["stems"]] == SOURCES
+    for stem in done["stems"]:
+        answer = client.get(stem["url"])
+        assert answer.status_code == 200 and answer.headers["content-type"] == "audio/wav"
+        assert f'filename="song_{stem["name"]}.wav"' in answer.headers["content-disposition"]
+        info = sf.info(io.BytesIO(answer.content))
+        assert (info.samplerate, info.channels, info.subtype) == (44100, 2, "PCM_16")
+        assert info.frames == round(2.5 * 44100)
+    assert client.get(done["mix_url"]).content == track.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(client.get(done["zip_url"]).content)) as archive:
+        assert sorted(archive.namelist()) == sorted(f"{stem}.wav" for stem in SOURCES)
+    assert done["expires"] > time.time()
+
+
+def test_options_two_stems_flac_and_shifts(client, track):
+    job = submit(client, track, two_stems="vocals", format="flac24", shifts="2").json()
+    done = wait_done(client, job["id"])
+    assert done["state"] == "done", done
+    assert (done["two_stems"], done["shifts"]) == ("vocals", 2)
+    assert [stem["name"] for stem in done["stems"]] == ["vocals", "no_vocals"]
+    info = sf.info(io.BytesIO(client.get(done["stems"][1]["url"]).content))
+    assert (info.format, info.subtype) == ("FLAC", "PCM_24")
+
+
+def test_config_offers_the_served_model_and_cli_defaults(client):
+    config = client.get("/api/config").json()
+    assert config["backend"] == "triton"
+    assert config["models"] == ["small"] and config["default_model"] == "small"
+    assert (config["default_format"], config["default_shifts"]) == ("wav", 0)
+    assert config["sources"] == SOURCES
+    assert (config["max_upload_mb"], config["max_duration"]) == (MAX_UPLOAD_MB, MAX_DURATION)
+
+
+@pytest.mark.parametrize("form,status,message", [
+    (dict(model="demucs_extra"), 400, "Unknown model 'demucs_extra'"),
+    (dict(format="ogg"), 422, "Input should be 'wav'"),
+    (dict(shifts="99"), 422, "less than or equal to 10"),
+    (dict(two_stems="piano"), 422, "Input should be 'drums'"),
+])
+def test_bad_options_are_refused(client, track, form, status, message):
+    response = submit(client, track, **form)
+    assert response.status_code == status
+    assert message in json.dumps(response.json()["detail"])
+
+
+def test_openapi_describes_both_apis(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/stems/{stem}",
+            "/api/jobs/{job_id}/zip", "/api/config", "/api/music/{file_name}"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_in_process_fallback_when_asked(small_export, free_ports, tmp_path, track, monkeypatch):
+    monkeypatch.setenv("STEMSERVE_TRITON_URL", "127.0.0.1:1")  # --backend onnx wins over it
+    with running_web(free_ports(1)[0], tmp_path / "jobs", "--backend", "onnx",
+                     "--model", str(small_export)) as base, \
+            httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/api/config").json()["backend"] == "onnx"
+        done = wait_done(client, submit(client, track, format="mp3").json()["id"])
+        assert done["state"] == "done" and [stem["name"] for stem in done["stems"]] == SOURCES
+
+
+def test_an_unreachable_triton_stops_the_start_with_a_clear_error(free_ports, tmp_path):
+    url = f"127.0.0.1:{free_ports(1)[0]}"
+    result = subprocess.run([sys.executable, "-m", "stemserve", "web", "--url", url,
+                             "--jobs-dir", str(tmp_path / "jobs")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("stemserve: error: ") and url in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The demucs image's API
+
+def test_legacy_api_answers_a_zip_of_four_mp3_stems(client, track):
+    with open(track, "rb") as file:
+        response = client.post("/api/music/my song.wav", files={"file": ("x.wav", file)})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    assert 'filename="my_song.zip"' in response.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert sorted(archive.namelist()) == sorted(f"{stem}.mp3" for stem in SOURCES)
+        for name in archive.namelist():
+            data = archive.read(name)
+            assert data.startswith(MP3_320_HEADER), name
+            info = sf.info(io.BytesIO(data))
+            assert (info.format, info.samplerate, info.channels) == ("MP3", 44100, 2)
+            assert info.frames / info.samplerate == pytest.approx(2.5, abs=0.1)
+
+
+def test_legacy_api_refuses_what_the_job_api_refuses(client, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a song\n" * 100)
+    with open(text, "rb") as file:
+        response = client.post("/api/music/notes.txt", files={"file": file})
+    assert response.status_code == 400
+    assert "notes.txt: not audio that libsndfile can read" in response.json()["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe by default
+
+def test_names_with_paths_are_labels_never_paths(client, track, tmp_path, jobs_dir):
+    target = tmp_path / "escaped"
+    traversal = f"../../../../../../..{target}/evil.wav"
+    for file_name, zip_name in ((traversal, "evil.zip"), ("../../etc/passwd", "passwd.zip")):
+        with open(track, "rb") as file:
+            response = client.post(f"/api/music/{quote(file_name, safe='')}",
+                                   files={"file": (file_name, file)})
+        assert response.status_code == 200, response.text
+        assert f'filename="{zip_name}"' in response.headers["content-disposition"]
+
+    job = submit(client, track, name=traversal).json()
+    assert job["name"] == "evil.wav"
+    assert wait_done(client, job["id"])["state"] == "done"
+    assert not target.exists()
+    stored = {path.name for path in (jobs_dir / job["id"]).iterdir()}
+    assert stored == {"upload.wav", "stems", "job.json"}
+
+
+@pytest.mark.parametrize("job_id", ["0" * 22, "..", "..%2F..%2Fetc%2Fpasswd", "a" * 21,
+                                    "%2Fetc%2Fpasswd"])
+def test_unknown_job_ids_are_404(client, job_id):
+    for suffix in ("", "/mix", "/zip", "/stems/vocals"):
+        assert client.get(f"/api/jobs/{job_id}{suffix}").status_code == 404
+
+
+def test_unfinished_job_and_unknown_stem(client, track):
+    job = submit(client, track, shifts="2").json()
+    early = client.get(f"/api/jobs/{job['id']}/zip")
+    assert early.status_code == 409 and "not done" in early.json()["detail"]
+    assert wait_done(client, job["id"])["state"] == "done"
+    response = client.get(f"/api/jobs/{job['id']}/stems/..%2Fjob.json")
+    assert response.status_code == 404
+
+
+def test_oversized_upload_is_refused_with_the_limit(client, tmp_path):
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"RIFF" + bytes(int(1.5 * MAX_UPLOAD_MB * MB)))
+    response = submit(client, big)
+    assert response.status_code == 413
+    assert response.json()["detail"] == ("The file is too large: uploads are limited to "
+                                         f"{MAX_UPLOAD_MB} MB.")
+
+
+def test_oversized_upload_without_length_is_cut_off(client):
+    """A chunked body declares no size: it is counted as it arrives."""
+    boundary = "stemserveboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(4 * MAX_UPLOAD_MB):
+            yield bytes(MB // 2) * 2
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/api/jobs", content=body(),
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413
+    assert "uploads are limited to 1 MB" in response.json()["detail"]
+
+
+def test_long_track_is_refused_with_the_limit(client, tmp_path):
+    long = make_track(tmp_path / "long.wav", seconds=MAX_DURATION + 1, sample_rate=8000,
+                      channels=1)
+    response = submit(client, long)
+    assert response.status_code == 413
+    assert response.json()["detail"] == "long.wav is 0:06 long: tracks up to 0:05 are accepted."
+
+
+@pytest.mark.parametrize("name,content", [("notes.txt", b"just some text\n" * 50),
+                                          ("fake.wav", b"RIFF\x00\x00\x00\x00WAVEjunk" * 20),
+                                          ("empty.mp3", b"")])
+def test_files_that_are_not_audio_are_refused(client, tmp_path, jobs_dir, name, content):
+    before = set(jobs_dir.iterdir())
+    response = client.post("/api/jobs", files={"file": (name, content)})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith(f"{name}: ") and str(jobs_dir) not in detail
+    assert set(jobs_dir.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue, with a runner the test controls
+
+class HeldRunner:
+    """Writes one stem per job when released; fails jobs whose name says so."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def __call__(self, job: Job, on_progress) -> dict[str, Path]:
+        self.started.release()
+        stems = job.folder / "stems"
+        stems.mkdir()
+        (stems / "vocals.wav").write_bytes(b"half")
+        on_progress(job.seconds / 2)
+        self.release.wait(10)
+        if "fail" in job.name:
+            raise StemserveError(f"{job.upload_path}: cannot decode audio (test)")
+        return {"vocals": stems / "vocals.wav"}
+
+
+def add_job(queue: JobQueue, name: str, estimate: int = 0) -> Job:
+    job_id, folder = queue.new_folder()
+    (folder / "upload.wav").write_bytes(b"x" * 100)
+    return queue.submit(Job(id=job_id, name=name, folder=folder, upload="upload.wav",
+                            seconds=4.0, options={}, estimate=estimate))
+
+
+def wait_state(queue: JobQueue, job: Job, state: str) -> Job:
+    deadline = time.monotonic() + 5
+    while (current := queue.get(job.id)) is not None and current.state != state \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return current
+
+
+@pytest.fixture
+def held(tmp_path) -> Iterator[tuple[JobQueue, HeldRunner]]:
+    runner = HeldRunner()
+    queue = JobQueue(tmp_path / "jobs", runner, workers=1, queue_size=2)
+    queue.start()
+    yield queue, runner
+    runner.release.set()
+    queue.close()
+
+
+def test_queue_positions_and_a_bounded_queue(held):
+    queue, runner = held
+    first = add_job(queue, "first.wav")
+    assert runner.started.acquire(timeout=5)
+    second, third = add_job(queue, "second.wav"), add_job(queue, "third.wav")
+    assert queue.get(first.id).state == "running" and queue.get(first.id).position is None
+    assert queue.get(first.id).progress == 2.0
+    assert [queue.get(job.id).position for job in (second, third)] == [1, 2]
+    with pytest.raises(QueueFull, match="2 tracks are waiting"):
+        add_job(queue, "fourth.wav")
+    runner.release.set()
+    for job in (first, second, third):
+        assert wait_state(queue, job, "done").stems == {"vocals": "stems/vocals.wav"}
+
+
+def test_a_failed_job_keeps_its_error_and_nothing_else(held):
+    queue, runner = held
+    runner.release.set()
+    job = add_job(queue, "fail.wav")
+    failed = wait_state(queue, job, "failed")
+    assert failed.error == "fail.wav: cannot decode audio (test)"
+    assert [path.name for path in job.folder.iterdir()] == ["job.json"]
+
+
+def test_finished_jobs_outlive_a_restart_interrupted_ones_do_not(tmp_path):
+    runner = HeldRunner()
+    runner.release.set()
+    queue = JobQueue(tmp_path / "jobs", runner)
+    queue.start()
+    done = add_job(queue, "done.wav")
+    wait_state(queue, done, "done")
+    queue.close()
+    interrupted = tmp_path / "jobs" / ("i" * 22)
+    interrupted.mkdir()
+    (interrupted / "upload.wav").write_bytes(b"x")
+    foreign = tmp_path / "jobs" / "notes"
+    foreign.mkdir()
+
+    again = JobQueue(tmp_path / "jobs", runner)
+    assert again.get(done.id).state == "done" and again.get(done.id).stems
+    assert not interrupted.exists() and foreign.exists()
+
+
+def test_oldest_finished_jobs_make_room_within_the_disk_budget(held):
+    queue, runner = held
+    runner.release.set()
+    old, new = add_job(queue, "old.wav"), add_job(queue, "new.wav")
+    assert wait_state(queue, new, "done") is not None
+    queue.max_disk_bytes = folder_bytes(queue.root) + 50
+    queue.make_room(100)
+    assert queue.get(old.id) is None and not old.folder.exists()
+    assert queue.get(new.id).state == "done"
+
+    # A running job whose 100-byte upload and estimate fill the budget: the finished job
+    # makes room for it, and after that nothing fits.
+    runner.release.clear()
+    add_job(queue, "running.wav", estimate=queue.max_disk_bytes - 100)
+    assert queue.get(new.id) is None
+    with pytest.raises(StoreFull, match="storage for uploads and stems is full"):
+        queue.make_room(1)
+
+
+def test_finished_jobs_expire(tmp_path):
+    runner = HeldRunner()
+    runner.release.set()
+    queue = JobQueue(tmp_path / "jobs", runner, ttl=0.5)
+    queue.start()
+    try:
+        job = add_job(queue, "short-lived.wav")
+        deadline = time.monotonic() + 5
+        while queue.get(job.id) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queue.get(job.id) is None and not job.folder.exists()
+    finally:
+        queue.close()

@@ -1,0 +1,150 @@
+"""The page in a real browser: headless Chromium (Debian's) driven by Selenium.
+
+A short generated track is uploaded to a real ``stemserve web`` backed by the session's
+real tritonserver; the test waits for the player, checks the stems are listed, playable and
+downloadable, and the errors shown for an oversized and a non-audio file. It saves a
+screenshot of the finished page as ``web.png`` in its temporary folder (``docs/web.png`` is
+a copy).
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import soundfile as sf
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_web import make_track, running_web
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium "
+           "chromium-driver)")
+
+STEMS = ["drums", "bass", "other", "vocals"]
+# What the probe found to work here, as root, on a machine with no network but loopback.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--mute-audio",
+                  "--autoplay-policy=no-user-gesture-required", "--window-size=1100,900")
+
+
+@pytest.fixture(scope="module")
+def web(triton_server, small_export, free_ports, tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("web-browser")
+    with running_web(free_ports(1)[0], root / "jobs", "--url", triton_server.grpc_url,
+                     "--model", str(small_export), "--max-upload-mb", "1") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(browser, condition, timeout: float = 60):
+    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda _: condition())
+
+
+def choose_file(browser, path: Path) -> None:
+    browser.find_element(By.ID, "file").send_keys(str(path))
+
+
+def shown_error(browser) -> str:
+    error = browser.find_element(By.ID, "error")
+    wait_for(browser, error.is_displayed, timeout=30)
+    return error.text
+
+
+@pytest.fixture(scope="module")
+def page(browser, web):
+    browser.get(web)
+    wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"))
+    return browser
+
+
+def test_oversized_upload_shows_the_limit(page, tmp_path):
+    big = tmp_path / "big.wav"
+    big.write_bytes(bytes(2 << 20))
+    choose_file(page, big)
+    assert shown_error(page) == "big.wav is 2.0 MB: uploads are limited to 1 MB."
+
+
+def test_non_audio_file_shows_why(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not the drums you are looking for\n" * 20)
+    choose_file(page, notes)
+    message = shown_error(page)
+    assert message.startswith("Upload refused: notes.txt: not audio that libsndfile can read")
+
+
+def test_upload_separate_play_and_download(page, web, tmp_path):
+    choose_file(page, make_track(tmp_path / "demo song.wav", seconds=3.0))
+    wait_for(page, page.find_element(By.ID, "result").is_displayed)
+    assert not page.find_element(By.ID, "error").is_displayed()
+    rows = page.find_elements(By.CSS_SELECTOR, "#tracks .track")
+    assert [row.get_attribute("data-stem") for row in rows] == ["mix", *STEMS]
+    assert page.find_element(By.ID, "track-name").text == "demo song.wav"
+
+    durations = wait_for(page, lambda: page.execute_script(
+        "const d = [...document.querySelectorAll('#tracks audio')].map(a => a.duration);"
+        "return d.every(x => x > 0 && isFinite(x)) ? d : null;"))
+    assert durations == pytest.approx([3.0] * 5, abs=0.05)
+    # Every waveform is drawn from the decoded audio: some pixels are painted.
+    wait_for(page, lambda: page.execute_script(
+        "return [...document.querySelectorAll('#tracks canvas')].every(c => "
+        "c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".some((v, i) => i % 4 === 3 && v > 0));"))
+
+    # Solo the vocals: every other row goes silent, the vocals stay audible.
+    page.find_element(By.CSS_SELECTOR, '.track[data-stem="vocals"] .solo').click()
+    muted = page.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#tracks .track')]"
+        ".map(r => [r.dataset.stem, r.querySelector('audio').muted]));")
+    assert muted == {"mix": True, "drums": True, "bass": True, "other": True, "vocals": False}
+
+    # One transport: play moves every stem together; pause stops them all.
+    page.find_element(By.ID, "play").click()
+    times = wait_for(page, lambda: page.execute_script(
+        "const t = [...document.querySelectorAll('#tracks audio')].map(a => a.currentTime);"
+        "return Math.min(...t) > 1.2 ? t : null;"), timeout=10)
+    page.find_element(By.ID, "play").click()
+    assert max(times) - min(times) < 0.2
+    assert page.execute_script(
+        "return [...document.querySelectorAll('#tracks audio')].every(a => a.paused);")
+
+    links = {row.get_attribute("data-stem"): row.find_element(By.CLASS_NAME, "download")
+             .get_attribute("href") for row in rows}
+    vocals = httpx.get(links["vocals"])
+    assert vocals.status_code == 200
+    info = sf.info(io.BytesIO(vocals.content))
+    assert (info.format, info.samplerate, info.channels) == ("WAV", 44100, 2)
+    archive = httpx.get(page.find_element(By.ID, "zip").get_attribute("href"))
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as stems:
+        assert sorted(stems.namelist()) == sorted(f"{stem}.wav" for stem in STEMS)
+
+    # The whole page, not just the window: as tall as its content.
+    height = page.execute_script("return document.documentElement.scrollHeight")
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1100, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    time.sleep(0.2)  # let the waveforms repaint at the new size
+    screenshot = tmp_path / "web.png"
+    page.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot of the finished page: {screenshot}")
