@@ -20,11 +20,9 @@ import os
 import queue
 import secrets
 import socket
-import tempfile
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -33,13 +31,11 @@ from tritonclient.utils import shared_memory as shm
 
 from stemserve.errors import StemserveError
 from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS
-from stemserve.spec import ModelSpec, output_length
+from stemserve.spec import SPEC_PARAMETER, ModelSpec, output_length
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "demucs"
-SPEC_PARAMETER = "stemserve_spec"
-"""config.pbtxt parameter whose string value is the export's model.json."""
 CONNECT_TIMEOUT = 10.0
 """Seconds the first contact may take: an unreachable host should fail fast."""
 TRANSIENT = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
@@ -69,14 +65,10 @@ def spec_from_config(config: dict, where: str) -> ModelSpec | None:
     text = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
     if not text:
         return None
-    # ModelSpec validates what it loads from a file; reuse that rather than a second parser.
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.json"
-        path.write_text(text)
-        try:
-            return ModelSpec.load(path)
-        except ValueError as err:
-            raise StemserveError(f"{where}: bad '{SPEC_PARAMETER}' parameter: {err}") from None
+    try:
+        return ModelSpec.from_json(text, where=f"{where}: '{SPEC_PARAMETER}' parameter")
+    except ValueError as err:
+        raise StemserveError(str(err)) from None
 
 
 @dataclass

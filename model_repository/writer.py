@@ -27,7 +27,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from stemserve.errors import StemserveError
-from stemserve.spec import ModelSpec
+from stemserve.spec import SPEC_PARAMETER, ModelSpec
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
@@ -73,6 +73,8 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
     """
     config = load_config(_template_dir(variant) / "config.pbtxt")
     config.name = spec.model_name
+    # Clients read the sidecar from the server's model config: they need nothing local.
+    config.parameters[SPEC_PARAMETER].string_value = spec.to_json()
     if max_batch_size is not None:
         if max_batch_size < 1:
             raise StemserveError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -181,6 +183,17 @@ def _load_spec(sidecar: Path) -> ModelSpec:
         raise StemserveError(str(err)) from err
 
 
+def _config_spec(config: mc.ModelConfig, where: Path) -> ModelSpec | None:
+    """The sidecar the config carries for clients, which read it from the server."""
+    if SPEC_PARAMETER not in config.parameters:
+        return None
+    try:
+        return ModelSpec.from_json(config.parameters[SPEC_PARAMETER].string_value,
+                                   where=f"{where}: parameter {SPEC_PARAMETER!r}")
+    except ValueError as err:
+        raise StemserveError(str(err)) from None
+
+
 def _check_config(config: mc.ModelConfig, spec: ModelSpec, where: Path) -> None:
     """The config's name, tensors and warm-up shape must be the sidecar's."""
     expected = {
@@ -285,6 +298,12 @@ def check_repository(repo_dir: Path) -> ModelSpec:
             raise StemserveError(
                 f"{model_file} changed since it was filled with {sidecar} (sha256 differs "
                 f"from {FILL_RECORD}); fill the repository again from the export")
+        served = _config_spec(config, model_dir / "config.pbtxt")
+        if served is not None and served != spec:
+            raise StemserveError(
+                f"the {SPEC_PARAMETER!r} parameter of {model_dir / 'config.pbtxt'} is not "
+                f"{sidecar} (checkpoint {served.checkpoint} vs {spec.checkpoint}); clients "
+                "would cut segments wrongly: fill the repository again")
         if model_file.suffix == ".onnx":
             _check_onnx(model_file, spec, sidecar)
         if config.backend == "python" and not (version_dir / "model.py").is_file():

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_MODEL = "demucs_quantized"
 EXPORT_ROOT = Path("build") / "export"
@@ -86,11 +88,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from stemserve.model_repository.writer import fill_repository
     from stemserve.triton_server import DockerTritonServer, TritonServer, docker_gpu_unavailable
 
-    export_dir = args.export_dir or EXPORT_ROOT / Path(args.model).stem
-    if not (export_dir / "model.json").is_file():
-        print(f"no export in {export_dir}: exporting {args.model} first", file=sys.stderr)
-        _run_export(argparse.Namespace(model=args.model, config=None, segment=None, fp16=False,
-                                       out=export_dir, no_check=True))
+    from stemserve.client.api import export_dir_for
+
+    export_dir = args.export_dir or export_dir_for(args.model)
     reason = "--cpu was given" if args.cpu else docker_gpu_unavailable()
     if reason and args.gpu:
         raise StemserveError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
@@ -174,49 +174,94 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--retries", type=int, default=3,
                         help="retries of a request after a transient gRPC error (default: "
                              "%(default)s)")
+    parser.add_argument("--serve", action="store_true",
+                        help="start a local tritonserver with the model for this run "
+                             "(on free loopback ports; --url is ignored) and stop it after")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(func=_run_separate)
+
+
+@contextlib.contextmanager
+def _local_server(model: str | None, quiet: bool) -> Iterator[str]:
+    """A CPU tritonserver for ``model`` on free loopback ports; yields its gRPC URL.
+
+    The repository is a fresh folder next to the export (hard links, no copy), so a
+    `stemserve serve` running from ``build/model_repository`` is never disturbed.
+    """
+    import tempfile
+
+    from stemserve.client.api import export_dir_for
+    from stemserve.model_repository.writer import fill_repository
+    from stemserve.triton_server import TritonServer, free_ports
+
+    export_dir = export_dir_for(model or DEFAULT_MODEL)
+    REPOSITORY_ROOT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="serve-", dir=REPOSITORY_ROOT) as folder:
+        fill_repository(export_dir, Path(folder), "cpu")
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(Path(folder), http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, log_file=Path(folder) / "server.log")
+        start = time.perf_counter()
+        with server:
+            if not quiet:
+                print(f"tritonserver ready at {server.grpc_url} in "
+                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+            yield server.grpc_url
 
 
 def _run_separate(args: argparse.Namespace) -> int:
     """Separate every track; one failing track does not stop the others (exit code 1)."""
     from stemserve.audio import OutputFormat
-    from stemserve.client.api import open_backend, separate_file
+    from stemserve.client.api import open_backend
     from stemserve.client.triton import ServerUnreachable
     from stemserve.errors import StemserveError
 
     fmt = OutputFormat("mp3" if args.mp3 else "flac" if args.flac else "wav",
                        "int24" if args.int24 else "float32" if args.float32 else "int16",
                        args.mp3_bitrate)
-    options = dict(model=args.model, url=args.url, window=args.window,
-                   shared_memory=args.shared_memory, timeout=args.timeout, retries=args.retries)
-    try:
-        backend = open_backend(args.backend or "triton", **options)
-    except ServerUnreachable as err:
-        if args.backend:
-            raise
-        print(f"stemserve: {err}\nstemserve: separating in-process with ONNX Runtime "
-              "(--backend onnx) instead", file=sys.stderr)
-        backend = open_backend("onnx", **options)
+    with contextlib.ExitStack() as stack:
+        if args.serve:
+            if args.backend not in (None, "triton"):
+                raise StemserveError("--serve starts a Triton server: drop --backend "
+                                     f"{args.backend}")
+            args.url = stack.enter_context(_local_server(args.model, args.quiet))
+            args.backend = "triton"
+        options = dict(model=args.model, url=args.url, window=args.window,
+                       shared_memory=args.shared_memory, timeout=args.timeout,
+                       retries=args.retries)
+        try:
+            backend = open_backend(args.backend or "triton", **options)
+        except ServerUnreachable as err:
+            if args.backend:
+                raise
+            print(f"stemserve: {err}\nstemserve: separating in-process with ONNX Runtime "
+                  "(--backend onnx) instead", file=sys.stderr)
+            backend = open_backend("onnx", **options)
+        stack.callback(backend.close)
+        return _separate_tracks(args, backend, fmt)
+
+
+def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
+    """Separate every track with ``backend``; a failing track does not stop the others."""
+    from stemserve.client.api import separate_file
+    from stemserve.errors import StemserveError
+
     out = args.out / backend.spec.checkpoint
     failed = 0
-    try:
-        for track in args.tracks:
-            try:
-                paths = separate_file(
-                    track, out, backend=backend, template=args.filename, fmt=fmt,
-                    clip_mode=args.clip_mode, two_stems=args.two_stems,
-                    samplerate_out=args.samplerate_out, downmix=args.downmix,
-                    overlap=args.overlap, shifts=args.shifts, seed=args.seed,
-                    window=args.window, progress=not args.quiet)
-            except StemserveError as err:
-                print(f"stemserve: error: {err}", file=sys.stderr)
-                failed += 1
-                continue
-            if not args.quiet:
-                print(f"{track}: " + ", ".join(str(path) for path in paths.values()))
-    finally:
-        backend.close()
+    for track in args.tracks:
+        try:
+            paths = separate_file(
+                track, out, backend=backend, template=args.filename, fmt=fmt,
+                clip_mode=args.clip_mode, two_stems=args.two_stems,
+                samplerate_out=args.samplerate_out, downmix=args.downmix,
+                overlap=args.overlap, shifts=args.shifts, seed=args.seed,
+                window=args.window, progress=not args.quiet)
+        except StemserveError as err:
+            print(f"stemserve: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if not args.quiet:
+            print(f"{track}: " + ", ".join(str(path) for path in paths.values()))
     if failed:
         print(f"stemserve: {failed} of {len(args.tracks)} tracks failed", file=sys.stderr)
         return 1

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 SPEC_VERSION = 1
+SPEC_PARAMETER = "stemserve_spec"
+"""The config.pbtxt parameter whose string value is the sidecar, for clients of a server."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +61,28 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: Path) -> "ModelSpec":
-        """Read a sidecar; a missing field or a wrong version is a clear error."""
+        """Read a sidecar file; a missing field or a wrong version is a clear error."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
+            text = path.read_text()
+        except OSError as err:
             raise ValueError(f"{path}: cannot read model sidecar: {err}") from err
-        if data.get("spec_version") != SPEC_VERSION:
-            raise ValueError(f"{path}: sidecar version {data.get('spec_version')!r}, "
-                             f"expected {SPEC_VERSION}")
+        return cls.from_json(text, where=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "model sidecar") -> "ModelSpec":
+        """Parse a sidecar's text (a file, or the ``stemserve_spec`` parameter of a config)."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{where}: not JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("spec_version") != SPEC_VERSION:
+            version = data.get("spec_version") if isinstance(data, dict) else None
+            raise ValueError(f"{where}: sidecar version {version!r}, expected {SPEC_VERSION}")
         fields = {field.name for field in dataclasses.fields(cls)}
         missing = fields - set(data) - {"precision", "onnx_file", "input_name", "output_name"}
         if missing:
-            raise ValueError(f"{path}: sidecar lacks {sorted(missing)}")
+            raise ValueError(f"{where}: sidecar lacks {sorted(missing)}")
         data = {key: value for key, value in data.items() if key in fields}
         data["sources"] = tuple(data["sources"])
         return cls(**data)

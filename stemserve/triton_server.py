@@ -102,6 +102,22 @@ def prepare_server_dir() -> Path:
     return target
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free right now (held open together, then released).
+
+    For servers started beside others (tests, benchmarks, ``separate --serve``), so no run
+    fights over Triton's default 8000-8002.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def check_port_free(host: str, port: int, what: str) -> None:
     """Fail before starting when ``port`` is taken: the server's own error is buried in logs."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

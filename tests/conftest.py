@@ -38,24 +38,12 @@ def small_export(small_model, tmp_path_factory) -> Path:
     return out
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that are free right now (held open together, then freed)."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="session")
 def free_ports():
     """Returns free TCP ports on request, so parallel runs never fight over 8000-8002."""
-    return _free_ports
+    from stemserve.triton_server import free_ports as ports
+
+    return ports
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +53,11 @@ def triton_server(small_export, tmp_path_factory):
     Its log goes to ``server.log`` in the fixture's folder; a failed start shows its tail.
     """
     from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer
+    from stemserve.triton_server import TritonServer, free_ports
 
     root = tmp_path_factory.mktemp("triton")
     fill_repository(small_export, root / "repository", "cpu")
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     server = TritonServer(root / "repository", http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, log_file=root / "server.log")
     server.start(timeout=120)

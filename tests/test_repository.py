@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from stemserve.errors import StemserveError
 from stemserve.model_repository.writer import (FILL_RECORD, TEMPLATES, VARIANTS,
                                                check_repository, fill_repository,
-                                               render_config)
+                                               load_config, render_config)
 from stemserve.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,5 +248,23 @@ def test_compose_gpu_reservation(compose):
 def test_compose_profile_has_no_port_collision(compose, profile):
     enabled = [s for s in compose["services"].values()
                if "profiles" not in s or profile in s["profiles"]]
-    ports = [port for service in enabled for port in _host_ports(service)]
-    assert len(ports) == len(set(ports)) and 8000 not in ports
+    ports = {name: _host_ports(service) for name, service in compose["services"].items()
+             if service in enabled}
+    every = [port for published in ports.values() for port in published]
+    assert len(every) == len(set(every))
+    # Port 8000 belongs to the web page, as in the original demucs image; Triton moves.
+    assert [name for name, published in ports.items() if 8000 in published] == \
+        ["web" if profile == "gpu" else "web-cpu"]
+
+
+def test_config_carries_the_sidecar_for_clients(filled, spec):
+    from stemserve.spec import SPEC_PARAMETER
+
+    config_path = filled.parent / "config.pbtxt"
+    config = load_config(config_path)
+    assert ModelSpec.from_json(config.parameters[SPEC_PARAMETER].string_value) == spec
+    config.parameters[SPEC_PARAMETER].string_value = dataclasses.replace(
+        spec, segment_length=spec.segment_length // 2).to_json()
+    config_path.write_text(text_format.MessageToString(config))
+    with pytest.raises(StemserveError, match="stemserve_spec"):
+        check_repository(filled.parents[1])

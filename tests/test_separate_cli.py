@@ -207,6 +207,36 @@ def test_cli_triton_by_default_when_a_server_answers(tmp_path, triton_server, sm
             assert np.abs(data.T - expected[name]).max() < 1e-5
 
 
+def _tritonservers() -> set[int]:
+    """Pids of running tritonserver processes (from /proc, no extra dependency)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"tritonserver" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_flag_starts_and_stops_a_local_server(tmp_path, small_export, onnx_backend):
+    """The README's first command: a local Triton server for the run, then gone."""
+    track = write_song(tmp_path / "t.wav")
+    before = _tritonservers()
+    done = subprocess.run(
+        [sys.executable, "-m", "stemserve", "separate", "--serve", "-n", str(small_export),
+         str(track), "-o", "out", "--float32", "--clip-mode", "none"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "tritonserver ready at 127.0.0.1:" in done.stderr
+    expected = separate_array(song(), RATE, backend=onnx_backend)
+    for name in SOURCES:
+        data, _ = sf.read(str(tmp_path / "out" / "small" / "t" / f"{name}.wav"), dtype="float32")
+        assert np.abs(data.T - expected[name]).max() < 1e-5
+    assert _tritonservers() <= before
+    assert not list((tmp_path / "build" / "model_repository").iterdir())
+
+
 def test_request_timeout_is_retried_then_reported(triton_server, small_export, onnx_backend):
     with TritonBackend(triton_server.grpc_url, spec=load_export_spec(small_export),
                        timeout=0.001, retries=1, backoff=0.01) as backend:

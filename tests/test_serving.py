@@ -5,7 +5,6 @@ tests start their own through the command line, as a user would.
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess

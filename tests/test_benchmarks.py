@@ -1,0 +1,216 @@
+"""The benchmark scripts run on a tiny configuration and write well-formed results.
+
+No timing is asserted anywhere: numbers depend on the machine and its load. What is checked
+is that every script runs, and that the JSON, markdown and PNGs it writes follow the schema.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import results  # noqa: E402
+from benchmarks.flops import demucs_flops  # noqa: E402
+from benchmarks.run_all import SCRIPTS  # noqa: E402
+from benchmarks.timing import Stats, measure, percentiles  # noqa: E402
+
+MACHINE = "test-box"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``run_all --quick`` into a temporary results folder (never benchmarks/results)."""
+    out = tmp_path_factory.mktemp("bench-results")
+    done = _run("benchmarks.run_all", "--quick", "--machine", MACHINE, "--results-dir", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_a_valid_model_forward_section(quick_run):
+    data = json.loads((quick_run / f"{MACHINE}.json").read_text())
+    results.validate(data)
+    assert data["machine_name"] == MACHINE
+    machine = data["machine"]
+    assert machine["cpu_model"] and machine["usable_cpus"] >= 1
+    assert {"python", "torch", "onnxruntime", "numpy", "stemserve"} <= set(machine["versions"])
+
+    section = data["sections"]["model_forward"]
+    assert "benchmarks.model_forward" in section["command"] and "--config small" in section["command"]
+    assert section["started"] and section["finished"] and section["duration_s"] > 0
+    config = section["config"]
+    assert config["model"] == "small" and config["segment_s"] == 0.5
+    assert config["padded_samples"] >= config["segment_samples"] == 22050
+
+    quick = dict(zip(SCRIPTS[0].quick[::2], SCRIPTS[0].quick[1::2]))["--backends"].split(",")
+    by_key = {(row["backend"], row["batch"]): row for row in section["rows"]}
+    assert set(by_key) == {(name, batch) for name in quick for batch in (1, 2)}
+    for (name, batch), row in by_key.items():
+        if name == "ort_slim" and row["status"].startswith("skipped"):
+            continue  # onnxslim not installed
+        assert row["status"] == "ok", row
+        wall = row["measurement"]["wall_s"]
+        assert wall["n"] == row["repeats"] == 1 and len(wall["samples"]) == 1
+        assert wall["min"] <= wall["median"] <= wall["max"]
+        for field in ("forward_s", "per_item_s", "rtf", "gflops", "ceiling_fraction"):
+            assert _finite_positive(row[field]), (name, batch, field, row[field])
+        assert row["per_item_s"] == pytest.approx(row["forward_s"] / batch)
+        assert row["ceiling"] == "cpu_fp32"
+        if batch == 1:  # every backend computes the same thing as PyTorch eager
+            tolerance = 0.05 if name == "ort_fp16" else 1e-3
+            assert row["max_abs_diff_vs_eager"] < tolerance, row
+
+    extra = section["extra"]
+    assert _finite_positive(extra["gflop_per_item"])
+    assert _finite_positive(extra["ceiling_gflops"]["cpu_fp32"])
+    assert len(extra["ceilings"]["cpu_fp32"]) == 2 + len(quick)  # start, per backend, end
+    backends = {item["backend"]: item for item in extra["backends"]}
+    assert set(backends) == set(quick)
+    assert backends["ort_saved_extended"]["session_start_s"] > 0
+    assert backends["ort_saved_extended"]["graph_nodes"] < backends["ort_saved_extended"]["source_nodes"]
+
+
+def test_quick_run_writes_markdown_with_the_tables(quick_run):
+    text = (quick_run / f"{MACHINE}.md").read_text()
+    assert text.startswith(f"# Benchmarks on `{MACHINE}`")
+    assert "## Model forward pass (item 1) (`model_forward`)" in text
+    assert "Command: `python -m benchmarks.model_forward" in text
+    table = [line for line in text.splitlines() if line.startswith("| torch_eager | 1 |")]
+    assert len(table) == 1
+    header = next(line for line in text.splitlines() if line.startswith("| backend | batch |"))
+    assert table[0].count("|") == header.count("|")
+    assert "### Backends: preparation, session start, memory" in text
+
+
+def test_quick_run_writes_plots(quick_run):
+    pytest.importorskip("matplotlib", reason="the bench extras (matplotlib) are not installed")
+    for plot in ("per_item", "gflops"):
+        name = results.plot_name(MACHINE, "model_forward", plot)
+        png = quick_run / name
+        assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 5000
+        assert f"]({name})" in (quick_run / f"{MACHINE}.md").read_text()
+
+
+def test_a_torch_compile_past_its_budget_is_recorded_as_failed(tmp_path):
+    done = _run("benchmarks.model_forward", "--config", "small", "--segment", "0.5",
+                "--batches", "1", "--repeats", "1", "--backends", "torch_compile",
+                "--compile-budget", "0.5", "--machine", MACHINE, "--results-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = results.load(tmp_path / f"{MACHINE}.json")["sections"]["model_forward"]
+    (row,) = section["rows"]
+    assert row["backend"] == "torch_compile" and row["status"].startswith("failed: timed out")
+    assert "compile budget" in row["status"]
+
+
+def test_flop_count_matches_torch_counter_where_it_counts():
+    """FlopCounterMode skips the LSTM; everything else must agree exactly."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stemserve.model import SOURCES, Demucs
+
+    for config in (dict(channels=4), dict(channels=4, resample=False, glu=False, depth=4,
+                                          lstm_layers=1)):
+        model = Demucs(SOURCES, **config).eval()
+        length = model.valid_length(20000)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.zeros(3, 2, length))
+        counted = demucs_flops(model, length, batch=3)
+        assert counted["total"] - counted["lstm"] == counter.get_total_flops()
+        assert counted["total"] == pytest.approx(sum(v for k, v in counted.items() if k != "total"))
+
+
+def test_flop_count_of_the_official_model_on_8_seconds():
+    import torch
+
+    from stemserve.model import SOURCES, Demucs
+
+    with torch.device("meta"):
+        model = Demucs(SOURCES)
+    flops = demucs_flops(model, model.valid_length(8 * 44100))
+    assert flops["total"] / 1e9 == pytest.approx(192, rel=0.01)  # the performance note's count
+    assert 0.25 < flops["lstm"] / flops["total"] < 0.35
+
+
+def test_stats_and_measure():
+    stats = Stats.of([3.0, 1.0, 2.0, 4.0])
+    assert (stats.n, stats.median, stats.min, stats.max) == (4, 2.5, 1.0, 4.0)
+    assert (stats.q1, stats.q3, stats.iqr) == (1.75, 3.25, 1.5)
+    assert percentiles(list(range(101))) == {"p50": 50, "p95": 95, "p99": 99}
+    calls = []
+    measured = measure(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and measured.wall.n == 3 and len(measured.warmup_s) == 2
+    slow = measure(lambda: __import__("time").sleep(0.02), repeats=50, budget_s=0.05,
+                   min_repeats=2)
+    assert slow.stopped_early and 2 <= slow.wall.n < 50
+
+
+def _section(script: str, rows: list[dict], columns=None) -> dict:
+    section = results.new_section(script, script.title(), config={"x": 1},
+                                  machine={"cpu_model": "Test CPU", "usable_cpus": 2,
+                                           "gpus": [], "versions": {}})
+    section["rows"] = rows
+    section["columns"] = columns or [{"key": key, "title": key} for key in rows[0]]
+    return section
+
+
+def test_sections_merge_and_malformed_ones_are_refused(tmp_path):
+    results.save_section(_section("first", [{"a": 1}]), results_dir=tmp_path, machine="m")
+    results.save_section(_section("second", [{"b": float("nan")}]), results_dir=tmp_path,
+                         machine="m")
+    results.save_section(_section("first", [{"a": 2}]), results_dir=tmp_path, machine="m")
+    data = results.load(tmp_path / "m.json")
+    assert sorted(data["sections"]) == ["first", "second"]
+    assert data["sections"]["first"]["rows"] == [{"a": 2}]
+    assert data["sections"]["second"]["rows"] == [{"b": None}]  # JSON has no NaN
+    bad = _section("third", [{"a": 1}])
+    del bad["command"]
+    with pytest.raises(results.ResultsError):
+        results.save_section(bad, results_dir=tmp_path, machine="m")
+    assert "third" not in results.load(tmp_path / "m.json")["sections"]
+
+
+def test_the_plots_for_later_scripts_draw_from_the_documented_fields(tmp_path):
+    """Items 2-4 only fill rows; their plots already work from the schema in plots.py."""
+    pytest.importorskip("matplotlib", reason="the bench extras (matplotlib) are not installed")
+    from benchmarks.plots import plot_results
+
+    server = _section("server_throughput", [
+        {"series": series, "concurrency": clients, "status": "ok",
+         "audio_s_per_s": 3.0 * clients ** 0.5, "requests_per_s": 0.1 * clients,
+         "latency_s": {"p50": 1.0 * clients, "p95": 1.5 * clients, "p99": 2.0 * clients}}
+        for series in ("batching on", "batching off") for clients in (1, 2, 4, 8, 16)])
+    server["extra"]["reference_lines"] = [{"label": "in-process ORT", "audio_s_per_s": 9.0}]
+    stages = _section("end_to_end", [
+        {"series": series, "track_s": track, "status": "ok",
+         "stages_s": {"decode": 0.5, "infer": 20.0 * track / 60, "encode": 0.7}}
+        for series in ("triton", "onnx", "torch") for track in (60, 600)],
+        columns=[{"key": "series", "title": "path"}, {"key": "stages_s.infer", "title": "infer"}])
+    for section in (server, stages):
+        results.save_section(section, results_dir=tmp_path, machine="m")
+    written = plot_results(tmp_path / "m.json")
+    assert sorted(path.name for path in written) == ["m-end_to_end-stages.png",
+                                                      "m-server_throughput-concurrency.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    markdown = (tmp_path / "m.md").read_text()
+    assert "](m-server_throughput-concurrency.png)" in markdown
+    assert "| triton | 20 |" in markdown  # dotted column keys reach into nested fields
