@@ -48,7 +48,7 @@ SCRIPTS = (
                   "ort_saved_extended,ort_slim,ort_fp16"),
            what="item 1: one segment's forward pass per backend and batch size"),
     # Items 2-4 plug in here once stemserve.triton_server and the client library land:
-    Script("server_throughput", full=(), quick=(),
+    Script("server_sweep", full=("--config", "medium", "--segment", "2", "--duration", "10"), quick=("--quick",),
            what="item 2: concurrency sweep against tritonserver, batching on/off, vs in-process"),
     Script("end_to_end", full=(), quick=(),
            what="item 3: 1- and 10-minute tracks: wall time, RTF, peak memory per path"),

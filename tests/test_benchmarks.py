@@ -215,3 +215,49 @@ def test_the_plots_for_later_scripts_draw_from_the_documented_fields(tmp_path):
     markdown = (tmp_path / "m.md").read_text()
     assert "](m-server_throughput-concurrency.png)" in markdown
     assert "| triton | 20 |" in markdown  # dotted column keys reach into nested fields
+
+
+def test_server_sweep_quick_writes_a_valid_section(tmp_path):
+    """A real tritonserver, batching on and off, 1 and 2 clients, a few requests each."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed")
+    try:
+        from stemserve.triton_server import _pytriton
+
+        _pytriton()
+    except Exception as err:  # noqa: BLE001 - no local tritonserver to start
+        pytest.skip(f"no local tritonserver: {err}")
+    done = _run("benchmarks.server_sweep", "--quick", "--machine", MACHINE,
+                "--results-dir", str(tmp_path), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = results.load(tmp_path / f"{MACHINE}.json")
+    section = data["sections"]["server_sweep"]
+    assert "benchmarks.server_sweep" in section["command"] and "--quick" in section["command"]
+    assert section["config"]["model"] == "small" and section["config"]["concurrency"] == [1, 2]
+    by_key = {(row["series"], row["concurrency"]): row for row in section["rows"]}
+    assert set(by_key) == {(series, clients) for series in ("batching on", "batching off")
+                           for clients in (1, 2)}
+    for (series, clients), row in by_key.items():
+        assert row["status"] == "ok", row
+        assert row["requests"] == 3 * clients  # --quick: 3 timed requests per client
+        for field in ("requests_per_s", "audio_s_per_s", "avg_batch", "vs_in_process"):
+            assert _finite_positive(row[field]), (series, clients, field, row[field])
+        latency = row["latency_s"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        server = row["server"]
+        # Triton's counters may trail the responses by a request or so: no exact match.
+        assert server["inferences"] == server["requests"] >= 1
+        assert server["executions"] >= 1 and _finite_positive(server["compute_infer_ms"])
+        assert server["queue_ms"] is not None and server["queue_ms"] >= 0
+        if series == "batching off":
+            assert row["avg_batch"] == 1
+    inproc = section["extra"]["in_process"]
+    assert {row["batch"] for row in inproc} >= {1}
+    assert all(_finite_positive(row["audio_s_per_s"]) for row in inproc)
+    assert _finite_positive(section["extra"]["served_vs_in_process"])
+    assert any("perf_analyzer" in note for note in section["notes"])
+    markdown = (tmp_path / f"{MACHINE}.md").read_text()
+    assert "(`server_sweep`)" in markdown and "### In-process ONNX Runtime" in markdown
+    if __import__("importlib").util.find_spec("matplotlib"):
+        name = results.plot_name(MACHINE, "server_sweep", "concurrency")
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+        assert f"]({name})" in markdown
