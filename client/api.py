@@ -15,15 +15,20 @@ the track.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
 import numpy as np
+import soundfile as sf
 import tqdm
 
-from stemserve.audio import (MIN_SECONDS, ClipMode, OutputFormat, Resampler, StemWriter,
-                             array_blocks, check_channels, probe, read_blocks, resample_blocks)
+from stemserve.audio import (MIN_SECONDS, AudioInfo, ClipMode, OutputFormat, Resampler,
+                             StemWriter, array_blocks, check_channels, probe, read_blocks,
+                             resample_blocks)
 # The CLI module owns the defaults it shares with `stemserve export` and `serve`; it imports
 # this module only inside functions, so there is no cycle.
 from stemserve.cli import DEFAULT_MODEL, EXPORT_ROOT
@@ -56,18 +61,30 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     is only checked against what the server serves; the in-process backends default to
     :data:`DEFAULT_MODEL`. ``window``, ``shared_memory`` (None: when the server is on this
     host), ``timeout`` and ``retries`` apply to Triton.
+
+    ``url`` may name several servers (``host:port,host:port`` or ``@file``, see
+    :func:`~stemserve.client.fleet.parse_endpoints`): the backend is then a
+    :class:`~stemserve.client.fleet.FleetBackend` spreading segments over all of them, with
+    ``window`` requests in flight per server.
     """
     if kind == "triton":
+        from stemserve.client.fleet import FleetBackend, parse_endpoints
         from stemserve.client.triton import TritonBackend
 
         local = _local_export(model)
-        backend = TritonBackend(url, timeout=timeout, retries=retries,
-                                shared_memory=shared_memory, slots=window,
-                                spec=None if local is None else load_export_spec(local))
+        spec = None if local is None else load_export_spec(local)
+        urls = parse_endpoints(url)
+        backend: TritonBackend | FleetBackend
+        if len(urls) == 1:
+            backend = TritonBackend(urls[0], timeout=timeout, retries=retries,
+                                    shared_memory=shared_memory, slots=window, spec=spec)
+        else:
+            backend = FleetBackend(urls, timeout=timeout, retries=retries,
+                                   shared_memory=shared_memory, window=window, spec=spec)
         if model is not None and local is None and Path(model).stem != backend.spec.checkpoint:
             backend.close()
             raise StemserveError(
-                f"the Triton server at {url} serves '{backend.spec.checkpoint}', not "
+                f"Triton at {url} serves '{backend.spec.checkpoint}', not "
                 f"'{Path(model).stem}': serve that model, or leave -n/--model out")
         return backend
     if kind == "onnx":
@@ -177,6 +194,12 @@ class _Stems:
                             for index, name in enumerate(self.names)})
 
 
+def progress_bar(seconds: float, label: str) -> tqdm.tqdm:
+    """A tqdm bar in audio seconds, shown on a terminal only (one track, or a whole job)."""
+    return tqdm.tqdm(total=round(seconds, 1), desc=label, unit="s", disable=None,
+                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
+
+
 @contextlib.contextmanager
 def _progress(progress: Progress, seconds: float, sample_rate: int,
               label: str) -> Iterator[Callable[[int], None] | None]:
@@ -193,8 +216,7 @@ def _progress(progress: Progress, seconds: float, sample_rate: int,
     if not progress:
         yield None
         return
-    bar = tqdm.tqdm(total=round(seconds, 1), desc=label, unit="s", disable=None,
-                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
+    bar = progress_bar(seconds, label)
     try:
         yield lambda samples: bar.update(samples / sample_rate)
     finally:
@@ -301,3 +323,111 @@ def separate_file(path: str | Path, out_dir: str | Path, *, backend: Backend | N
         raise StemserveError(f"{path}: {err}") from err
     except OSError as err:
         raise StemserveError(f"{path}: cannot write stems under {out_dir}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Many tracks
+
+AUDIO_SUFFIXES = frozenset({f".{name.lower()}" for name in sf.available_formats()}
+                           | {".aif", ".oga", ".opus"})
+"""File name endings taken from a folder of tracks: what libsndfile reads, and MP3."""
+
+
+def expand_tracks(items: Iterable[str | Path]) -> list[Path]:
+    """The tracks that command-line items name: a file as is; a folder: the audio files in it
+    (not its subfolders, hidden files skipped, sorted by name); ``@LIST``: the paths in a list
+    file, one a line (``#`` comment lines skipped)."""
+    from stemserve.client.fleet import read_list
+
+    tracks: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if str(item).startswith("@"):
+            tracks += [Path(line) for line in read_list(Path(str(item)[1:]))]
+        elif path.is_dir():
+            found = sorted(child for child in path.iterdir()
+                           if child.is_file() and not child.name.startswith(".")
+                           and child.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise StemserveError(f"{path}: a folder without audio files (ending in "
+                                     f"{', '.join(sorted(AUDIO_SUFFIXES))})")
+            tracks += found
+        else:
+            tracks.append(path)
+    return tracks
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackResult:
+    """How one track of :func:`separate_files` ended: its stems, or the error that stopped it."""
+
+    track: Path
+    seconds: float
+    stems: dict[str, Path] | None = None
+    error: StemserveError | None = None
+
+
+def separate_files(paths: Sequence[str | Path], out_dir: str | Path, *, backend: Backend,
+                   jobs: int = 1, progress: Progress = False, downmix: bool = False,
+                   **options: Any) -> Iterator[TrackResult]:
+    """Separate many files through one backend, ``jobs`` tracks at once.
+
+    Tracks overlap so that every server behind the backend stays busy: one track alone
+    leaves them idle while its pipeline waits on its next segments and writes its stems.
+    Yields a :class:`TrackResult` per track as each ends; a failing track does not stop the
+    others. ``progress``: True, one bar over the audio seconds of all tracks; a callable,
+    the audio seconds separated so far over all tracks. ``options`` are
+    :func:`separate_file`'s. Leaving the loop early drops the tracks not started; the
+    running ones end when the caller closes the backend.
+    """
+    infos: list[AudioInfo] = []
+    for path in map(Path, paths):
+        try:
+            infos.append(probe(path, downmix=downmix))
+        except StemserveError as err:
+            yield TrackResult(path, 0.0, error=err)
+    if not infos:
+        return
+    lock = threading.Lock()
+    bar = None
+    if progress is True:
+        bar = progress_bar(sum(info.seconds for info in infos),
+                           infos[0].path.name if len(infos) == 1 else f"{len(infos)} tracks")
+    done = 0.0
+
+    def advance(seconds: float) -> None:
+        nonlocal done
+        with lock:
+            done += seconds
+            if bar is not None:
+                bar.update(seconds)
+            elif callable(progress):
+                progress(done)
+
+    def run(info: AudioInfo) -> TrackResult:
+        reported = 0.0
+
+        def report(seconds: float) -> None:
+            nonlocal reported
+            advance(seconds - reported)
+            reported = seconds
+
+        try:
+            stems = separate_file(info.path, out_dir, backend=backend, downmix=downmix,
+                                  progress=report, **options)
+        except StemserveError as err:
+            if bar is not None:  # what this track will never do leaves the bar's total
+                with lock:
+                    bar.total = round(bar.total - (info.seconds - reported), 1)
+                    bar.refresh()
+            return TrackResult(info.path, info.seconds, error=err)
+        return TrackResult(info.path, info.seconds, stems=stems)
+
+    pool = ThreadPoolExecutor(max(1, min(jobs, len(infos))), thread_name_prefix="stemserve")
+    try:
+        for future in as_completed([pool.submit(run, info) for info in infos]):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if bar is not None:
+            bar.close()

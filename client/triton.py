@@ -4,7 +4,7 @@ Requests are sent with ``async_infer`` and completed through callbacks, so the s
 dynamic batcher sees as many equal-shaped segments as the pipeline's window allows.
 Transient gRPC failures (server restarting, unreachable, overloaded, too slow) are retried
 with exponential backoff a bounded number of times; then the segment fails with a clear
-error.
+error (a :class:`TransientError`, which a fleet of servers re-sends to another one).
 
 When the server is on this host (a loopback URL), tensors travel through Triton's system
 shared memory instead of protobuf, from a pool of regions sized for the largest request:
@@ -44,6 +44,21 @@ TRANSIENT = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
 
 class ServerUnreachable(StemserveError):
     """No Triton server answers at the URL (the CLI may fall back to in-process ONNX)."""
+
+
+class TransientError(StemserveError):
+    """A request failed for a reason that may pass: the server is down, restarting, overloaded
+    or too slow. Another server, or this one later, may well answer it."""
+
+
+def is_transient(error: InferenceServerException) -> bool:
+    """Whether another attempt may succeed.
+
+    NOT_FOUND counts: the model and the shared-memory regions were there when the backend
+    started, so the server has lost them since. A stopping server unloads the model; one
+    restarted on the same port forgets the regions (a retry takes a fresh one).
+    """
+    return error.status() in TRANSIENT or error.status() == "StatusCode.NOT_FOUND"
 
 
 def unreachable_message(url: str, detail: str) -> str:
@@ -159,7 +174,9 @@ class TritonBackend:
         model: the model's name in the repository.
         timeout: seconds one request may take before it is abandoned (and retried).
         retries: further attempts after a transient failure, with backoff
-            ``backoff * 2**attempt`` seconds.
+            ``backoff * 2**attempt`` seconds; then the segment fails with
+            :class:`TransientError`. 0 fails at once, so that a
+            :class:`~stemserve.client.fleet.FleetBackend` can send it to another server.
         shared_memory: pass tensors through system shared memory, with ``slots`` regions
             (requests beyond that many in flight wait for a free one). None: when the URL is
             a loopback address and the server can map the regions; True: always, or fail.
@@ -277,7 +294,8 @@ class TritonBackend:
             except Exception as err:  # a malformed answer fails this segment, not the thread
                 self._finish(call, error=err)
             return
-        if error.status() in TRANSIENT and call.attempt < self.retries and not self._closed:
+        transient = is_transient(error)
+        if transient and call.attempt < self.retries and not self._closed:
             self._release(call, reusable=False)
             delay = self.backoff * 2 ** call.attempt
             call.attempt += 1
@@ -286,7 +304,7 @@ class TritonBackend:
             self._schedule(delay, call)
             return
         tried = f" after {call.attempt + 1} attempts" if call.attempt else ""
-        self._finish(call, error=StemserveError(
+        self._finish(call, error=(TransientError if transient else StemserveError)(
             f"the Triton server at {self.url} failed a request{tried}: "
             f"{error.status() or 'error'}: {error.message()}"))
 

@@ -123,19 +123,27 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_separate(sub: argparse._SubParsersAction) -> None:
     from stemserve.audio import CLIP_MODES
     from stemserve.client.api import DEFAULT_TEMPLATE, DEFAULT_URL
+    from stemserve.client.fleet import URLS_ENV
     from stemserve.pipeline import DEFAULT_WINDOW
 
     parser = sub.add_parser("separate", help="separate tracks into stems through Triton or "
                                              "in-process")
     parser.add_argument("tracks", nargs="+", type=Path,
-                        help="audio files libsndfile reads (WAV, FLAC, OGG, MP3, ...)")
+                        help="audio files libsndfile reads (WAV, FLAC, OGG, MP3, ...), folders "
+                             "of them (not their subfolders), or @LIST: a file naming one "
+                             "track a line")
     parser.add_argument("-n", "--model", default=None,
                         help="release name, checkpoint file or export folder (default: what "
                              f"the server serves; {DEFAULT_MODEL} in-process)")
     parser.add_argument("--backend", choices=("triton", "onnx", "torch"), default=None,
                         help="default: triton if a server answers at --url, else onnx")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="Triton gRPC address (default: %(default)s)")
+    parser.add_argument("--url", default=None,
+                        help="Triton gRPC address, or several (HOST:PORT,HOST:PORT or @FILE, "
+                             "one or more a line): segments are spread over all that are "
+                             f"healthy (default: ${URLS_ENV}, else {DEFAULT_URL})")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="tracks separated at once, sharing the servers (default: 2 per "
+                             "Triton server, 1 in-process)")
     parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
                         help="output folder; stems go under OUT/<model>/ (default: %(default)s)")
     parser.add_argument("--filename", default=DEFAULT_TEMPLATE,
@@ -164,7 +172,8 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--samplerate-out", choices=("model", "original"), default="model",
                         help="write at the model's rate or the input's (default: %(default)s)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help="segment requests in flight (default: %(default)s)")
+                        help="segment requests in flight, per track and per Triton server "
+                             "(default: %(default)s)")
     parser.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="pass tensors to Triton through system shared memory (default: "
@@ -172,12 +181,13 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one Triton request may take (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
-                        help="retries of a request after a transient gRPC error (default: "
-                             "%(default)s)")
+                        help="retries of a request after a transient gRPC error, on another "
+                             "server when there are several (default: %(default)s)")
     parser.add_argument("--serve", action="store_true",
                         help="start a local tritonserver with the model for this run "
                              "(on free loopback ports; --url is ignored) and stop it after")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, list of stems or summary")
     parser.set_defaults(func=_run_separate)
 
 
@@ -211,8 +221,11 @@ def _local_server(model: str | None, quiet: bool) -> Iterator[str]:
 
 def _run_separate(args: argparse.Namespace) -> int:
     """Separate every track; one failing track does not stop the others (exit code 1)."""
+    import os
+
     from stemserve.audio import OutputFormat
-    from stemserve.client.api import open_backend
+    from stemserve.client.api import DEFAULT_URL, open_backend
+    from stemserve.client.fleet import URLS_ENV, parse_endpoints
     from stemserve.client.triton import ServerUnreachable
     from stemserve.errors import StemserveError
 
@@ -226,9 +239,11 @@ def _run_separate(args: argparse.Namespace) -> int:
                                      f"{args.backend}")
             args.url = stack.enter_context(_local_server(args.model, args.quiet))
             args.backend = "triton"
-        options = dict(model=args.model, url=args.url, window=args.window,
+        url = args.url or os.environ.get(URLS_ENV) or DEFAULT_URL
+        options = dict(model=args.model, url=url, window=args.window,
                        shared_memory=args.shared_memory, timeout=args.timeout,
                        retries=args.retries)
+        servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0
         try:
             backend = open_backend(args.backend or "triton", **options)
         except ServerUnreachable as err:
@@ -237,33 +252,48 @@ def _run_separate(args: argparse.Namespace) -> int:
             print(f"stemserve: {err}\nstemserve: separating in-process with ONNX Runtime "
                   "(--backend onnx) instead", file=sys.stderr)
             backend = open_backend("onnx", **options)
+            servers = 0
         stack.callback(backend.close)
+        if args.jobs is None:
+            args.jobs = 2 * servers or 1
         return _separate_tracks(args, backend, fmt)
 
 
 def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
-    """Separate every track with ``backend``; a failing track does not stop the others."""
-    from stemserve.client.api import separate_file
-    from stemserve.errors import StemserveError
+    """Separate every track with ``backend``, ``args.jobs`` at once, under one progress bar;
+    a failing track does not stop the others."""
+    import tqdm
 
-    out = args.out / backend.spec.checkpoint
-    failed = 0
-    for track in args.tracks:
-        try:
-            paths = separate_file(
-                track, out, backend=backend, template=args.filename, fmt=fmt,
-                clip_mode=args.clip_mode, two_stems=args.two_stems,
-                samplerate_out=args.samplerate_out, downmix=args.downmix,
-                overlap=args.overlap, shifts=args.shifts, seed=args.seed,
-                window=args.window, progress=not args.quiet)
-        except StemserveError as err:
-            print(f"stemserve: error: {err}", file=sys.stderr)
+    from stemserve.client.api import expand_tracks, separate_files
+    from stemserve.client.fleet import FleetBackend
+
+    tracks = expand_tracks(args.tracks)
+    start = time.perf_counter()
+    failed, seconds = 0, 0.0
+    for result in separate_files(
+            tracks, args.out / backend.spec.checkpoint, backend=backend, jobs=args.jobs,
+            progress=not args.quiet, template=args.filename, fmt=fmt,
+            clip_mode=args.clip_mode, two_stems=args.two_stems,
+            samplerate_out=args.samplerate_out, downmix=args.downmix, overlap=args.overlap,
+            shifts=args.shifts, seed=args.seed, window=args.window):
+        # tqdm.write keeps the bar below the lines printed while it runs.
+        if result.error is not None:
+            tqdm.tqdm.write(f"stemserve: error: {result.error}", file=sys.stderr)
             failed += 1
-            continue
-        if not args.quiet:
-            print(f"{track}: " + ", ".join(str(path) for path in paths.values()))
+        else:
+            seconds += result.seconds
+            if not args.quiet:
+                tqdm.tqdm.write(f"{result.track}: " + ", ".join(map(str, result.stems.values())),
+                                file=sys.stdout)
+    if not args.quiet:
+        elapsed = time.perf_counter() - start
+        resent = (f", {backend.retried} segments re-sent to another server"
+                  if isinstance(backend, FleetBackend) else "")
+        print(f"stemserve: {len(tracks) - failed} of {len(tracks)} tracks separated, "
+              f"{seconds:.1f} s of audio in {elapsed:.1f} s "
+              f"({seconds / max(elapsed, 1e-9):.1f}x real time){resent}", file=sys.stderr)
     if failed:
-        print(f"stemserve: {failed} of {len(args.tracks)} tracks failed", file=sys.stderr)
+        print(f"stemserve: {failed} of {len(tracks)} tracks failed", file=sys.stderr)
         return 1
     return 0
 
