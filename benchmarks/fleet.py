@@ -18,7 +18,7 @@ Two measurements, each against real tritonservers on loopback ports:
 
 Usage (from the repository root)::
 
-    python -m benchmarks.fleet scaling            # about 6 minutes on 2 cores
+    python -m benchmarks.fleet scaling            # about 8 minutes on 2 cores
     python -m benchmarks.fleet soak               # 5 minutes and the start-up
     python -m benchmarks.fleet all --quick        # a tiny configuration: checks it runs
 

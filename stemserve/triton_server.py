@@ -119,8 +119,13 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
-    """Fail before starting when ``port`` is taken: the server's own error is buried in logs."""
+    """Fail before starting when ``port`` is taken: the server's own error is buried in logs.
+
+    SO_REUSEADDR, as the server binds: a port left in TIME_WAIT by a stopped server is free
+    to reuse, one that something listens on is not.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:

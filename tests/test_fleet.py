@@ -12,7 +12,6 @@ import io
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from stemserve import triton_server
 from stemserve.cli import main
 from stemserve.client import api, open_backend, separate_array, separate_file
 from stemserve.client.api import expand_tracks, separate_files
@@ -45,22 +43,6 @@ MIX = song(seconds=20)
 """27 segments of the small model: long enough to kill a server in the middle."""
 TOLERANCE = 1e-5
 """Fleet vs one server: batch composition moves ONNX Runtime's sums by ~1e-8 at most."""
-
-
-@pytest.fixture(autouse=True)
-def same_ports_after_a_stop(monkeypatch):
-    """A server stopped while clients are connected leaves its port in TIME_WAIT for a
-    minute; ``check_port_free``'s plain bind() refuses it, though tritonserver binds it fine.
-    Check with SO_REUSEADDR, as servers bind (a port something listens on still fails)."""
-    def check(host: str, port: int, what: str) -> None:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as err:
-                raise StemserveError(f"{what} port {port} on {host}: {err}") from None
-
-    monkeypatch.setattr(triton_server, "check_port_free", check)
 
 
 @pytest.fixture(scope="module")
