@@ -59,6 +59,14 @@ def _title(section: dict, what: str) -> str:
     return f"{what}\n{machine.get('cpu_model', '?')}, {machine.get('usable_cpus', '?')} CPUs"
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and release a figure (pyplot keeps every open figure in memory)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_per_item(section: dict, path: Path, key: str = "per_item_s",
                   what: str = "wall time per segment (median, bars: min-max)") -> Path | None:
     """Seconds per item vs batch size, one line per backend (bars: fastest to slowest run)."""
@@ -87,10 +95,7 @@ def plot_per_item(section: dict, path: Path, key: str = "per_item_s",
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(_title(section, f"Model forward: {what} (lower is better)"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_cpu_per_item(section: dict, path: Path) -> Path | None:
@@ -123,10 +128,7 @@ def plot_gflops(section: dict, path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(_title(section, "Model forward: achieved rate (higher is better)"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_concurrency(section: dict, path: Path) -> Path | None:
@@ -159,10 +161,7 @@ def plot_concurrency(section: dict, path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     top.set_title(_title(section, f"{section.get('title', 'Server')}: throughput and p95 latency"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_stages(section: dict, path: Path) -> Path | None:
@@ -187,10 +186,7 @@ def plot_stages(section: dict, path: Path) -> Path | None:
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(stages), 4), loc="lower right")
     ax.set_title(_title(section, f"{section.get('title', 'End to end')}: time per stage"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 #: Plot name -> function(section, path) -> path or None (None: the rows lack its fields).
