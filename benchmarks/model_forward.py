@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .flops import demucs_flops, matmul_ceiling
 from .machine import describe, machine_name, now, usable_cpus
+from .memory import peak_rss_mib
 from .results import add_output_arguments, new_section, save_section
 from .timing import loadavg, measure
 
@@ -134,21 +135,6 @@ def available_gpu_backends() -> list[str]:
 
 
 # --------------------------------------------------------------------------- child side
-
-def peak_rss_mib() -> float | None:
-    """This process's peak resident memory (VmHWM), in MiB.
-
-    Not ``getrusage``: Linux carries ``ru_maxrss`` across exec, so a spawned child would
-    report at least its parent's size.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
 
 def _inputs(batch: int, channels: int, length: int):
     """The seeded input: item 0 is the same array at every batch size."""

@@ -47,10 +47,9 @@ SCRIPTS = (
                   "--backends", "torch_eager,torch_inference_mode,ort,ort_no_opt,"
                   "ort_saved_extended,ort_slim,ort_fp16"),
            what="item 1: one segment's forward pass per backend and batch size"),
-    # Items 2-4 plug in here once stemserve.triton_server and the client library land:
     Script("server_sweep", full=("--config", "medium", "--segment", "2", "--duration", "10"), quick=("--quick",),
            what="item 2: concurrency sweep against tritonserver, batching on/off, vs in-process"),
-    Script("end_to_end", full=(), quick=(),
+    Script("end_to_end", full=("--tracks", "60,600", "--repeats", "2"), quick=("--quick",),
            what="item 3: 1- and 10-minute tracks: wall time, RTF, peak memory per path"),
     Script("transport", full=(), quick=(),
            what="item 4: plain gRPC vs system shared memory for the segment tensors"),

@@ -34,7 +34,7 @@ from stemserve.audio import (MIN_SECONDS, AudioInfo, ClipMode, OutputFormat, Res
 from stemserve.cli import DEFAULT_MODEL, EXPORT_ROOT
 from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
 from stemserve.errors import StemserveError
-from stemserve.pipeline import DEFAULT_WINDOW, Backend, separate_stream
+from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT, Backend, separate_stream
 from stemserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ audio seconds separated so far, each time more are finished."""
 
 def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
                  url: str = DEFAULT_URL, window: int = DEFAULT_WINDOW,
-                 shared_memory: bool | None = None, timeout: float = 120.0,
+                 shared_memory: bool | None = None, timeout: float = REQUEST_TIMEOUT,
                  retries: int = 3) -> Backend:
     """A backend of ``kind``; close it when done (it is a context manager).
 

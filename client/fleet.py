@@ -37,7 +37,7 @@ import numpy as np
 from stemserve.client.triton import (DEFAULT_MODEL, ServerUnreachable, TransientError,
                                      TritonBackend, unreachable_message)
 from stemserve.errors import StemserveError
-from stemserve.pipeline import DEFAULT_WINDOW
+from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT
 from stemserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class FleetBackend:
     """
 
     def __init__(self, urls: Sequence[str], model: str = DEFAULT_MODEL, *,
-                 window: int = DEFAULT_WINDOW, timeout: float = 120.0, retries: int = 3,
+                 window: int = DEFAULT_WINDOW, timeout: float = REQUEST_TIMEOUT, retries: int = 3,
                  backoff: float = 0.5, shared_memory: bool | None = None,
                  spec: ModelSpec | None = None):
         if not urls:

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as shm
 
 from stemserve.errors import StemserveError
-from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS
+from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS, REQUEST_TIMEOUT
 from stemserve.spec import SPEC_PARAMETER, ModelSpec, output_length
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class TritonBackend:
     """
 
     def __init__(self, url: str, model: str = DEFAULT_MODEL, *,
-                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
+                 timeout: float = REQUEST_TIMEOUT, retries: int = 3, backoff: float = 0.5,
                  shared_memory: bool | None = None, slots: int = DEFAULT_WINDOW,
                  spec: ModelSpec | None = None):
         self.url = url

@@ -124,7 +124,7 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     from stemserve.audio import CLIP_MODES
     from stemserve.client.api import DEFAULT_TEMPLATE, DEFAULT_URL
     from stemserve.client.fleet import URLS_ENV
-    from stemserve.pipeline import DEFAULT_WINDOW
+    from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT
 
     parser = sub.add_parser("separate", help="separate tracks into stems through Triton or "
                                              "in-process")
@@ -178,7 +178,7 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
                         default=None,
                         help="pass tensors to Triton through system shared memory (default: "
                              "when --url is this host and the server can map it)")
-    parser.add_argument("--timeout", type=float, default=120.0,
+    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                         help="seconds one Triton request may take (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
                         help="retries of a request after a transient gRPC error, on another "

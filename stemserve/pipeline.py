@@ -42,6 +42,11 @@ Measured against the CPU Triton server with the small test model on 2 cores: win
 of 4 on average, and 16 only added client memory. Segments of the real model cost seconds
 each, where batching is what pays (see the performance baseline notes).
 """
+REQUEST_TIMEOUT = 600.0
+"""Seconds one segment request to a server may take. A CPU server runs the full model at
+about half real time, so a 40-second segment queued behind a batch of eight waits minutes; a
+shorter limit would re-send healthy requests and only add load. A dead server is reported by
+gRPC at once, not by this limit."""
 
 BlockSource = Callable[[], Iterable[np.ndarray]]
 """Returns a fresh iterable of stereo [2, n] float32 blocks of the mix at the model's rate.

@@ -5,6 +5,7 @@ is that every script runs, and that the JSON, markdown and PNGs it writes follow
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -35,7 +36,8 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def quick_run(tmp_path_factory):
     """``run_all --quick`` into a temporary results folder (never benchmarks/results)."""
     out = tmp_path_factory.mktemp("bench-results")
-    done = _run("benchmarks.run_all", "--quick", "--machine", MACHINE, "--results-dir", str(out))
+    done = _run("benchmarks.run_all", "--quick", "--machine", MACHINE, "--results-dir", str(out),
+                timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -261,3 +263,35 @@ def test_server_sweep_quick_writes_a_valid_section(tmp_path):
         name = results.plot_name(MACHINE, "server_sweep", "concurrency")
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({name})" in markdown
+
+
+def test_quick_run_writes_an_end_to_end_section(quick_run):
+    """Three paths on one tiny track, the same stems, and the client-memory table."""
+    section = results.load(quick_run / f"{MACHINE}.json")["sections"]["end_to_end"]
+    assert "--quick" in section["command"] and section["config"]["model"] == "small"
+    rows = {row["path"]: row for row in section["rows"]}
+    assert set(rows) == {"triton", "onnx", "torch"}
+    reference = importlib.util.find_spec("demucs") is not None
+    for path, row in rows.items():
+        if path == "torch" and not reference:
+            assert row["status"].startswith("skipped: demucs 2.0.3"), row
+            continue
+        assert row["status"] == "ok", row
+        assert row["track_s"] == 5 and row["repeats"] == 1
+        for field in ("wall_s", "rtf", "client_peak_mib", "load_s", "total_s"):
+            assert _finite_positive(row[field]), (path, field, row[field])
+        assert row["rtf"] == pytest.approx(row["wall_s"] / 5)
+        assert set(row["stages_s"]) >= {"load", "separate", "write"}
+        if reference:
+            assert _finite_positive(row["speedup_vs_torch"])
+            if path != "torch":  # same weights, same stems, to a 16-bit step or two
+                assert row["max_diff_lsb_vs_torch"] <= 2, row
+    assert rows["triton"]["shared_memory"] is True
+    assert _finite_positive(rows["triton"]["server_peak_mib"])
+    memory = section["tables"][0]["rows"]
+    assert [row["track_s"] for row in memory] == [5, 15]
+    assert all(row["status"] == "ok" and _finite_positive(row["client_peak_mib"])
+               for row in memory)
+    assert memory[0]["client_peak_vs_shortest"] == 1
+    markdown = (quick_run / f"{MACHINE}.md").read_text()
+    assert "(`end_to_end`)" in markdown and "### Client peak memory vs track length" in markdown

@@ -1,0 +1,457 @@
+"""Item 3: whole tracks end to end: wall time, real-time factor, peak memory, per path.
+
+    python -m benchmarks.end_to_end                        # official-size model, 1 and 10 min
+    python -m benchmarks.end_to_end --tracks 60 --paths onnx,torch
+    python -m benchmarks.end_to_end --quick                # tiny model, 5 s: checks that it runs
+
+Three ways of separating the same WAV file with the same random weights, each in a process
+of its own so that its peak memory is its own:
+
+- ``triton``: :func:`stemserve.client.separate_file` through a ``TritonBackend`` (system
+  shared memory on loopback, the default window) against a fresh ``tritonserver`` serving
+  the CPU repository (ONNX Runtime in the python backend, dynamic batching as shipped);
+  the server's memory is sampled over its whole process group.
+- ``onnx``: ``separate_file`` with the in-process ``OnnxBackend`` (the CPU fallback).
+- ``torch``: the reference, demucs 2.0.3's own way: its separate.py steps (read the whole
+  track, normalise, ``demucs.utils.apply_model(model, wav, split=True, overlap=0.25)`` with
+  demucs' own ``Demucs`` class, rescale, write 16-bit WAVs). Needs ``demucs==2.0.3``
+  (``pip install --no-deps demucs==2.0.3``, as CI does); skipped without it.
+
+Every path writes 16-bit WAV stems; the stems of each path are compared with the
+reference's (difference in 16-bit steps), so the speed-up is for the same output.
+
+A second table follows the client's peak memory over track lengths up to an hour
+(``--memory-tracks``) on the Triton path with a small model of the same segment geometry:
+the client streams, so its memory should not grow with the track; a model of full size
+would only make the server slower, not the client bigger.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .machine import describe, machine_name, now, usable_cpus
+from .memory import GroupMemory, peak_rss_mib
+from .models import CONFIGS, export_random
+from .results import add_output_arguments, new_section, save_section
+from .timing import Stats, loadavg
+
+SCRIPT = "end_to_end"
+TITLE = "End to end: whole tracks per path (item 3)"
+SEED = 0
+RATE = 44100
+ROOT = Path(__file__).resolve().parents[1]
+WORK_DIR = Path(__file__).resolve().parent / ".cache" / SCRIPT
+PATHS = {"triton": "Triton server (gRPC + shared memory)",
+         "onnx": "ONNX Runtime in-process",
+         "torch": "PyTorch reference (demucs 2.0.3 apply_model)"}
+REQUEST_TIMEOUT = 3600.0
+"""Per-request client timeout: a CPU server may queue a request behind a batch of eight
+40-second segments of the full model (minutes); the benchmark must not retry those."""
+BLOCK_SECONDS = 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def write_track(path: Path, seconds: float, seed: int = SEED) -> Path:
+    """A 16-bit stereo WAV of ``seconds`` (chords and noise), written a minute at a time."""
+    import soundfile as sf
+
+    from .fleet import generated_track
+
+    frames = int(round(seconds * RATE))
+    if path.is_file() and sf.info(str(path)).frames == frames:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part.wav")
+    with sf.SoundFile(str(partial), "w", RATE, 2, "PCM_16") as out:
+        for index, start in enumerate(range(0, frames, BLOCK_SECONDS * RATE)):
+            block = generated_track(min(BLOCK_SECONDS * RATE, frames - start) / RATE,
+                                    seed + index)
+            out.write(0.5 * block.T)
+    partial.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: one path, one track, a few repetitions
+
+def _stemserve_path(job: dict) -> dict:
+    """``separate_file`` ``repeats`` times; stages from the progress callback's last call."""
+    from stemserve.client import separate_file
+    from stemserve.client.onnx_backend import OnnxBackend
+    from stemserve.client.triton import TritonBackend
+
+    began = time.perf_counter()
+    backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT) if job["kind"] == "triton"
+               else OnnxBackend(Path(job["export"])))
+    load_s = time.perf_counter() - began
+    runs = []
+    try:
+        for repeat in range(job["repeats"]):
+            out = Path(job["out"]) / f"repeat-{repeat}"
+            marks: list[float] = []
+            start = time.perf_counter()
+            separate_file(job["track"], out, backend=backend,
+                          progress=lambda _seconds: marks.append(time.perf_counter()))
+            end = time.perf_counter()
+            runs.append({"wall_s": end - start,
+                         "stages_s": {"separate": marks[-1] - start, "write": end - marks[-1]}})
+    finally:
+        backend.close()
+    extra = {"shared_memory": backend.shared_memory} if job["kind"] == "triton" else {}
+    return {"load_s": load_s, "runs": runs, **extra}
+
+
+def _reference_path(job: dict) -> dict:
+    """demucs 2.0.3's separate.py, minus its ffmpeg decoding: the official pipeline."""
+    import soundfile as sf
+    import torch
+    from demucs.model import Demucs as OfficialDemucs
+    from demucs.utils import apply_model
+
+    from stemserve.model import SOURCES
+
+    began = time.perf_counter()
+    package = torch.load(job["weights"], map_location="cpu")
+    model = OfficialDemucs(sources=list(SOURCES), **package["config"]).eval()
+    model.load_state_dict(package["state"])
+    load_s = time.perf_counter() - began
+    runs = []
+    for repeat in range(job["repeats"]):
+        folder = Path(job["out"]) / f"repeat-{repeat}" / Path(job["track"]).stem
+        start = time.perf_counter()
+        data, rate = sf.read(job["track"], dtype="float32", always_2d=True)
+        wav = torch.from_numpy(np.ascontiguousarray(data.T))
+        decoded = time.perf_counter()
+        ref = wav.mean(0)
+        wav = (wav - ref.mean()) / ref.std()
+        with torch.no_grad():
+            sources = apply_model(model, wav, split=True, overlap=0.25)
+        sources = sources * ref.std() + ref.mean()
+        separated = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        for source, name in zip(sources, model.sources):
+            source = source / max(1.01 * source.abs().max(), 1)
+            pcm = (source * 2**15).clamp_(-2**15, 2**15 - 1).short()
+            sf.write(str(folder / f"{name}.wav"), pcm.numpy().T, rate, subtype="PCM_16")
+        end = time.perf_counter()
+        runs.append({"wall_s": end - start,
+                     "stages_s": {"decode": decoded - start, "separate": separated - decoded,
+                                  "write": end - separated}})
+    return {"load_s": load_s, "runs": runs, "torch_threads": torch.get_num_threads()}
+
+
+def child(job: dict) -> None:
+    """Run one job and print its result as the last line of stdout."""
+    cpu = time.process_time()
+    result = _reference_path(job) if job["kind"] == "torch" else _stemserve_path(job)
+    result.update(cpu_s=time.process_time() - cpu, peak_rss_mib=peak_rss_mib())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+def _run_child(job: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{SCRIPT}", "--child",
+                           json.dumps(job)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{job['kind']} child exited {done.returncode} (its stderr is above)")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _serve(export: Path, work: Path, job: dict, log) -> tuple[dict, dict]:
+    """Run ``job`` against a fresh server of ``export``; returns (result, server figures)."""
+    from stemserve.model_repository.writer import fill_repository
+    from stemserve.triton_server import TritonServer, free_ports
+
+    repo = Path(tempfile.mkdtemp(prefix="repo-", dir=work))
+    try:
+        fill_repository(export, repo, "cpu")
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, log_file=work / "server.log")
+        began = time.perf_counter()
+        server.start(timeout=900)
+        start_s = time.perf_counter() - began
+        try:
+            with GroupMemory(server.pid) as memory:
+                result = _run_child({**job, "url": server.grpc_url})
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    log(f"  server start {start_s:.1f} s, peak {memory.peak_mib:.0f} MiB")
+    return result, {"server_start_s": start_s, "server_peak_mib": memory.peak_mib,
+                    "server_sum_of_peaks_mib": memory.sum_of_peaks_mib}
+
+
+def _row(kind: str, model: str, seconds: float, result: dict, server: dict | None) -> dict:
+    runs = result["runs"]
+    walls = Stats.of([run["wall_s"] for run in runs])
+    median_run = sorted(runs, key=lambda run: run["wall_s"])[(len(runs) - 1) // 2]
+    return {"series": PATHS[kind], "path": kind, "model": model, "track_s": seconds,
+            "status": "ok", "repeats": walls.n, "wall_s": walls.median,
+            "spread": (walls.max - walls.min) / walls.median, "wall": walls.to_dict(),
+            "rtf": walls.median / seconds, "load_s": result["load_s"],
+            "total_s": result["load_s"] + walls.median,
+            "stages_s": {"load": result["load_s"], **median_run["stages_s"]},
+            "client_peak_mib": result["peak_rss_mib"],
+            "client_cpu_s": result["cpu_s"], **(server or {}),
+            **({"shared_memory": result["shared_memory"]} if "shared_memory" in result else {})}
+
+
+def _max_difference(ours: Path, reference: Path) -> int:
+    """Largest difference between two folders of 16-bit stems, in 16-bit steps."""
+    import soundfile as sf
+
+    worst = 0
+    for stem in sorted(reference.glob("*.wav")):
+        with sf.SoundFile(str(stem)) as want, sf.SoundFile(str(ours / stem.name)) as got:
+            while True:
+                a = want.read(RATE * BLOCK_SECONDS, dtype="int16")
+                b = got.read(RATE * BLOCK_SECONDS, dtype="int16")
+                if not len(a) and not len(b):
+                    break
+                if a.shape != b.shape:
+                    return 2**16  # lengths differ
+                worst = max(worst, int(np.abs(a.astype(np.int32) - b).max()))
+    return worst
+
+
+def _measure(kind: str, model: str, export: Path, track: Path, seconds: float, repeats: int,
+             work: Path, log) -> dict:
+    out = work / "out" / f"{kind}-{model}-{track.stem}"
+    shutil.rmtree(out, ignore_errors=True)
+    job = {"kind": kind, "track": str(track), "out": str(out), "repeats": repeats,
+           "export": str(export), "weights": str(export / "weights.th")}
+    load = loadavg()
+    try:
+        if kind == "triton":
+            result, server = _serve(export, work, job, log)
+        else:
+            result, server = _run_child(job), None
+    except Exception as err:  # noqa: BLE001 - recorded in the row
+        log(f"  failed: {err}")
+        return {"series": PATHS[kind], "path": kind, "model": model, "track_s": seconds,
+                "status": f"failed: {type(err).__name__}: {err}"}
+    row = _row(kind, model, seconds, result, server)
+    row["loadavg_before"] = load
+    log(f"  {row['wall_s']:.1f} s (RTF {row['rtf']:.3f}), client peak "
+        f"{row['client_peak_mib']:.0f} MiB")
+    return row
+
+
+def _compare_outputs(rows: list[dict], work: Path, model: str) -> None:
+    """Speed-up over the reference and stem difference from it, per track."""
+    for row in rows:
+        reference = next((other for other in rows if other["path"] == "torch"
+                          and other["track_s"] == row["track_s"] and other["status"] == "ok"),
+                         None)
+        if row["status"] != "ok" or reference is None:
+            continue
+        row["speedup_vs_torch"] = reference["wall_s"] / row["wall_s"]
+        row["speedup_vs_torch_with_load"] = reference["total_s"] / row["total_s"]
+        if row["path"] != "torch":
+            stem = f"track-{row['track_s']:g}s"
+            row["max_diff_lsb_vs_torch"] = _max_difference(
+                work / "out" / f"{row['path']}-{model}-{stem}" / "repeat-0" / stem,
+                work / "out" / f"torch-{model}-{stem}" / "repeat-0" / stem)
+
+
+def _reference_available() -> str | None:
+    try:
+        import demucs.utils  # noqa: F401
+    except ImportError as err:
+        return f"skipped: demucs 2.0.3 not importable ({err}); pip install --no-deps demucs==2.0.3"
+    return None
+
+
+def _seconds_list(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT}",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                        help="random-weight model: default (the official v2 size), medium, small")
+    parser.add_argument("--tracks", default="60,600", help="track seconds (60,600)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="which paths (all)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="repetitions of tracks up to --repeat-limit seconds (2)")
+    parser.add_argument("--repeat-limit", type=float, default=120.0,
+                        help="longer tracks run once (120)")
+    parser.add_argument("--memory-config", choices=sorted(CONFIGS), default="small",
+                        help="model of the client-memory table (small)")
+    parser.add_argument("--memory-tracks", default="60,600,3600",
+                        help="track seconds of the client-memory table (60,600,3600; "
+                             "empty: none)")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR,
+                        help=f"exports, tracks and stems (default: {WORK_DIR})")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny check: small model, a 5 s track, memory at 5 and 15 s")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_output_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    if args.quick:
+        args.config, args.tracks, args.memory_tracks, args.repeats = "small", "5", "5,15", 1
+    tracks, memory_tracks = _seconds_list(args.tracks), _seconds_list(args.memory_tracks)
+    paths = [item.strip() for item in args.paths.split(",") if item.strip()]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        build_parser().error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
+
+    def log(message: str) -> None:
+        print(f"[{SCRIPT}] {message}", flush=True)
+
+    machine = describe()
+    config = {"model": args.config, "model_args": CONFIGS[args.config], "tracks_s": tracks,
+              "paths": paths, "repeats": args.repeats, "repeat_limit_s": args.repeat_limit,
+              "memory_model": args.memory_config, "memory_tracks_s": memory_tracks,
+              "overlap": 0.25, "shifts": 0, "usable_cpus": usable_cpus(), "quick": args.quick,
+              "output": "16-bit WAV at 44.1 kHz, demucs' clip rescaling"}
+    section = new_section(SCRIPT, TITLE, config=config, machine=machine)
+    began = time.perf_counter()
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"exporting the {args.config} model (cached in {work})")
+    export = export_random(args.config, SEED, work / f"export-{args.config}", save_weights=True)
+    spec = json.loads((export / "model.json").read_text())
+    config.update(segment_s=spec["segment_length"] / RATE,
+                  padded_samples=spec["padded_length"])
+
+    rows = []
+    for seconds in tracks:
+        track = write_track(work / "tracks" / f"track-{seconds:g}s.wav", seconds)
+        repeats = args.repeats if seconds <= args.repeat_limit else 1
+        for kind in paths:
+            skipped = _reference_available() if kind == "torch" else None
+            if skipped:
+                rows.append({"series": PATHS[kind], "path": kind, "model": args.config,
+                             "track_s": seconds, "status": skipped})
+                continue
+            log(f"{kind}: {seconds:g} s track, {repeats} repetition(s)")
+            rows.append(_measure(kind, args.config, export, track, seconds, repeats, work, log))
+    _compare_outputs(rows, work, args.config)
+
+    memory_rows = []
+    if memory_tracks:
+        small = export_random(args.memory_config, SEED, work / f"export-{args.memory_config}")
+        for seconds in memory_tracks:
+            track = write_track(work / "tracks" / f"track-{seconds:g}s.wav", seconds)
+            log(f"client memory: {seconds:g} s track, {args.memory_config} model")
+            memory_rows.append(_measure("triton", args.memory_config, small, track, seconds, 1,
+                                        work, log))
+        ok = [row for row in memory_rows if row["status"] == "ok"]
+        if ok:
+            base = min(ok, key=lambda row: row["track_s"])
+            for row in ok:
+                row["client_peak_vs_shortest"] = row["client_peak_mib"] / base["client_peak_mib"]
+    shutil.rmtree(work / "out", ignore_errors=True)
+
+    section["rows"] = rows
+    section["columns"] = [
+        {"key": "series", "title": "path"},
+        {"key": "track_s", "title": "track s", "format": "g"},
+        {"key": "repeats", "title": "n"},
+        {"key": "wall_s", "title": "wall s (median)", "format": ".1f"},
+        {"key": "spread", "title": "spread", "format": ".0%"},
+        {"key": "rtf", "title": "RTF", "format": ".3f"},
+        {"key": "speedup_vs_torch", "title": "x reference", "format": ".2f"},
+        {"key": "load_s", "title": "load s", "format": ".1f"},
+        {"key": "speedup_vs_torch_with_load", "title": "x reference incl. load", "format": ".2f"},
+        {"key": "client_peak_mib", "title": "client peak MiB", "format": ".0f"},
+        {"key": "server_peak_mib", "title": "server peak MiB", "format": ".0f"},
+        {"key": "server_start_s", "title": "server start s", "format": ".1f"},
+        {"key": "max_diff_lsb_vs_torch", "title": "max diff vs reference (16-bit steps)"},
+        {"key": "status", "title": "status"},
+    ]
+    section["tables"] = [{
+        "title": f"Client peak memory vs track length (Triton path, {args.memory_config} model)",
+        "columns": [{"key": "track_s", "title": "track s", "format": "g"},
+                    {"key": "wall_s", "title": "wall s", "format": ".1f"},
+                    {"key": "client_peak_mib", "title": "client peak MiB", "format": ".0f"},
+                    {"key": "client_peak_vs_shortest", "title": "x shortest track",
+                     "format": ".2f"},
+                    {"key": "server_peak_mib", "title": "server peak MiB", "format": ".0f"},
+                    {"key": "status", "title": "status"}],
+        "rows": memory_rows}]
+    section["extra"] = {"memory_rows": memory_rows, "export": str(export),
+                        "segment_length": spec["segment_length"],
+                        "padded_length": spec["padded_length"]}
+    section["notes"] = _notes(rows, memory_rows, spec, args)
+    section["duration_s"] = time.perf_counter() - began
+    section["finished"] = now()
+    name = args.machine or machine_name(machine)
+    path = save_section(section, results_dir=args.results_dir, machine=name)
+    log(f"wrote {path}")
+    try:  # only this section's plot
+        from .plots import plot_stages
+        from .results import load, plot_name, write_markdown
+
+        target = path.parent / plot_name(name, SCRIPT, "stages")
+        if plot_stages(load(path)["sections"][SCRIPT], target):
+            log(f"wrote {target}")
+        write_markdown(load(path), path.with_suffix(".md"))
+    except ImportError as err:
+        log(f"plots skipped: {err}")
+    return 0 if any(row["status"] == "ok" for row in rows + memory_rows) else 1
+
+
+def _notes(rows: list[dict], memory_rows: list[dict], spec: dict, args) -> list[str]:
+    notes = [
+        f"Segments of {spec['segment_length'] / RATE:g} s (the model's training segment, what "
+        "demucs' apply_model splits by), 25% overlap, no shifts, on every path. Wall time "
+        "covers decoding, separation and writing the stems; 'load' (model or session load, "
+        "server connection) is separate, and the server's own start (export loading and "
+        "warm-up) is not in either.",
+        "Client and server share this machine's cores on the Triton path. Peak memory: the "
+        "client's own VmHWM; the server's whole process group (tritonserver + python backend "
+        "stub) sampled every 0.2 s.",
+        f"Tracks longer than {args.repeat_limit:g} s run once; shorter ones {args.repeats} "
+        "times (median and spread reported). Each path runs in a fresh process; the first "
+        "repetition includes ONNX Runtime's first-call allocations.",
+    ]
+    for seconds in sorted({row["track_s"] for row in rows}):
+        same = {row["path"]: row for row in rows if row["track_s"] == seconds
+                and row["status"] == "ok"}
+        if "torch" in same:
+            for kind in ("triton", "onnx"):
+                if kind in same:
+                    notes.append(f"{seconds:g} s track: {PATHS[kind]} {same[kind]['wall_s']:.1f} s "
+                                 f"vs reference {same['torch']['wall_s']:.1f} s = "
+                                 f"{same[kind]['speedup_vs_torch']:.2f}x faster (target 2x).")
+    ok = [row for row in memory_rows if row["status"] == "ok"]
+    if len(ok) > 1:
+        short, long = min(ok, key=lambda r: r["track_s"]), max(ok, key=lambda r: r["track_s"])
+        notes.append(f"Client peak memory: {long['client_peak_mib']:.0f} MiB for a "
+                     f"{long['track_s']:g} s track vs {short['client_peak_mib']:.0f} MiB for "
+                     f"{short['track_s']:g} s = {long['client_peak_vs_shortest']:.2f}x "
+                     "(target: within 2x).")
+    if args.quick:
+        notes.append("--quick: tiny model and tracks; a check that the script runs, not a "
+                     "measurement.")
+    return notes
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
