@@ -16,21 +16,28 @@ and average batch size from ``get_inference_statistics`` deltas over the timed p
 The same segments then run in this process on ONNX Runtime (same options as the served
 model: intra-op threads = usable CPUs, one inter-op thread) at batch 1 and at the batch the
 server typically formed, so served throughput is given as a fraction of in-process
-throughput. perf_analyzer is not used (see the section's notes).
+throughput.
+
+With ``--perf-analyzer`` (the default, except with ``--quick``) Triton's own load generator
+then measures the batching-on server, still up and warm, at the same concurrency levels, with
+the same segment, for ``--duration`` per level (benchmarks/perf_analyzer.py): an independent
+cross-check of these threads' numbers, in its own table. ``--quick`` leaves it out because
+its first use downloads perf_analyzer and Debian's newer glibc.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from . import perf_analyzer
 from .machine import describe, machine_name, now, usable_cpus
 from .results import add_output_arguments, new_section, save_section
 from .timing import loadavg, measure, percentiles
@@ -176,7 +183,9 @@ def _sweep_level(url: str, spec, mix: np.ndarray, clients: int, *, warmup: int,
 
 
 def _serve_and_sweep(export_dir: Path, work: Path, batching: bool, spec, mix: np.ndarray,
-                     args, log) -> tuple[list[dict], dict]:
+                     args, log, while_up: Callable[[str, list[dict]], None] | None = None
+                     ) -> tuple[list[dict], dict]:
+    """Start a server, sweep it, then call ``while_up(grpc_url, rows)`` before stopping it."""
     from stemserve.model_repository.writer import fill_repository
     from stemserve.triton_server import TritonServer, free_ports
 
@@ -207,9 +216,33 @@ def _serve_and_sweep(export_dir: Path, work: Path, batching: bool, spec, mix: np
             else:
                 log(f"  {row['status']}")
             rows.append(row)
+        if while_up:
+            while_up(server.grpc_url, rows)
     finally:
         server.stop()
     return rows, info
+
+
+def _cross_check(argv: list[str], url: str, own: list[dict], spec, mix: np.ndarray,
+                 args) -> list[dict]:
+    """perf_analyzer at the sweep's levels for --duration each, the same warm-up per client."""
+    rates = {row["concurrency"]: row.get("requests_per_s") for row in own}
+    computes = {row["concurrency"]: row.get("server", {}).get("compute_infer_ms") for row in own}
+    rows = perf_analyzer.run(argv, url, spec.model_name, {spec.input_name: mix[0]},
+                             args.concurrency, duration_s=args.duration,
+                             warmup={clients: args.warmup * clients
+                                     for clients in args.concurrency})
+    audio_s = spec.segment_length / spec.sample_rate
+    for row in rows:
+        row["series"] = "perf_analyzer, batching on"
+        if row["status"] == "ok":
+            row["requests_per_s"] = row["inferences_per_s"]
+            row["audio_s_per_s"] = row["inferences_per_s"] * audio_s
+            if rates.get(row["concurrency"]):
+                row["sweep_requests_per_s"] = rates[row["concurrency"]]
+                row["sweep_compute_infer_ms"] = computes[row["concurrency"]]
+                row["vs_sweep"] = row["requests_per_s"] / row["sweep_requests_per_s"]
+    return rows
 
 
 def _in_process(export_dir: Path, spec, mix: np.ndarray, batches: list[int], args) -> list[dict]:
@@ -255,11 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", default="on,off", help="which servers: on,off")
     parser.add_argument("--quick", action="store_true",
                         help="tiny check: small model, 0.5 s segments, 1,2 clients, 3 requests")
+    parser.add_argument("--perf-analyzer", action=argparse.BooleanOptionalAction, default=None,
+                        help="cross-check the batching-on server with Triton's perf_analyzer "
+                             "at the same levels (default: on, off with --quick)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.segment, args.concurrency = "small", 0.5, "1,2"
         args.requests, args.warmup, args.inproc_repeats = args.requests or 3, 1, 2
+    if args.perf_analyzer is None:
+        args.perf_analyzer = not args.quick
     args.concurrency = [int(item) for item in str(args.concurrency).split(",") if item]
     wanted = [item.strip() for item in args.series.split(",")]
 
@@ -272,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
               "duration_s_per_level": None if args.requests else args.duration,
               "requests_per_client": args.requests, "warmup_per_client": args.warmup,
               "transport": "gRPC on loopback (tritonclient.grpc, one client per thread)",
-              "usable_cpus": usable_cpus(), "quick": args.quick}
+              "usable_cpus": usable_cpus(), "quick": args.quick,
+              "perf_analyzer": args.perf_analyzer}
     section = new_section(SCRIPT, TITLE, config=config, machine=machine)
     began = time.perf_counter()
     rng = np.random.default_rng(SEED)
@@ -283,12 +322,40 @@ def main(argv: list[str] | None = None) -> int:
         config.update(segment_samples=spec.segment_length, padded_samples=spec.padded_length)
         mix = (0.1 * rng.standard_normal((1, spec.audio_channels, spec.padded_length))
                ).astype(np.float32)
+        cross: dict = {"argv": None, "rows": [], "note": None}
+        if not args.perf_analyzer:
+            cross["note"] = ("perf_analyzer cross-check not run (--quick or --no-perf-analyzer); "
+                             "--perf-analyzer runs Triton's perf_analyzer at the same levels.")
+        elif "on" not in wanted:
+            cross["note"] = ("perf_analyzer cross-check not run: it measures the batching-on "
+                             "server, which --series left out.")
+        else:
+            log(f"provisioning perf_analyzer {perf_analyzer.VERSION}")
+            try:
+                cross["argv"] = perf_analyzer.provision()
+            except perf_analyzer.PerfAnalyzerUnavailable as err:
+                cross["note"] = f"perf_analyzer did not run: {err}."
+                log(cross["note"])
+
+        def cross_check(url: str, own: list[dict]) -> None:
+            log(f"perf_analyzer at {args.concurrency} client(s)")
+            try:
+                cross["rows"] = _cross_check(cross["argv"], url, own, spec, mix, args)
+            except Exception as err:  # noqa: BLE001 - the sweep's own rows stand
+                cross["note"] = f"perf_analyzer failed: {type(err).__name__}: {err}."
+                log(cross["note"])
+            for row in cross["rows"]:
+                log(f"  {row['concurrency']} client(s): " + (
+                    f"{row['requests_per_s']:.2f} req/s" if row["status"] == "ok"
+                    else row["status"]))
+
         rows, servers = [], []
         for series, batching in SERIES.items():
             if series.split()[-1] not in wanted:
                 continue
             try:
-                got, info = _serve_and_sweep(work / "export", work, batching, spec, mix, args, log)
+                got, info = _serve_and_sweep(work / "export", work, batching, spec, mix, args, log,
+                                             cross_check if batching and cross["argv"] else None)
             except Exception as err:  # noqa: BLE001 - a server that will not start
                 got = [{"series": series, "batching": batching, "concurrency": clients,
                         "status": f"failed: {type(err).__name__}: {err}"}
@@ -345,9 +412,29 @@ def main(argv: list[str] | None = None) -> int:
                     {"key": "cpu_util", "title": "cpu util", "format": ".2f"},
                     {"key": "repeats", "title": "repeats"}],
         "rows": inproc}]
+    if cross["rows"]:
+        section["tables"].append({
+            "title": f"perf_analyzer {perf_analyzer.VERSION} on the batching-on server "
+                     "(cross-check)",
+            "columns": [{"key": "concurrency", "title": "clients"},
+                        {"key": "requests", "title": "requests"},
+                        {"key": "requests_per_s", "title": "req/s", "format": ".2f"},
+                        {"key": "audio_s_per_s", "title": "audio s/s", "format": ".2f"},
+                        {"key": "latency_s.p50", "title": "p50 s", "format": ".3f"},
+                        {"key": "latency_s.p95", "title": "p95 s", "format": ".3f"},
+                        {"key": "latency_s.p99", "title": "p99 s", "format": ".3f"},
+                        {"key": "server.queue_ms", "title": "queue ms/req", "format": ".1f"},
+                        {"key": "server.compute_infer_ms", "title": "compute ms/req",
+                         "format": ".1f"},
+                        {"key": "avg_batch", "title": "avg batch", "format": ".2f"},
+                        {"key": "window_infer_per_s", "title": "req/s per window"},
+                        {"key": "vs_sweep", "title": "vs script req/s", "format": ".2f"},
+                        {"key": "status", "title": "status"}],
+            "rows": cross["rows"]})
     section["extra"] = {
         "servers": servers,
         "in_process": inproc,
+        "perf_analyzer": {"argv": cross["argv"], "rows": cross["rows"], "note": cross["note"]},
         "reference_lines": [{"label": f"in-process ONNX Runtime, batch {row['batch']}",
                              "audio_s_per_s": row["audio_s_per_s"],
                              "requests_per_s": row["requests_per_s"]} for row in inproc],
@@ -369,8 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         "and compute ms/req are Triton's own statistics (get_inference_statistics deltas over "
         "the timed phase; compute = compute_infer, per request, so a batch's time counts once "
         "for each request in it).",
-        "perf_analyzer was not tried: the tritonclient perf_analyzer wheel needs glibc 2.38, "
-        "newer than this machine's; the load generator is this script's own threads.",
         f"Load average at start {machine.get('loadavg')}; per-level load is in each row.",
     ]
     if best:
@@ -384,6 +469,30 @@ def main(argv: list[str] | None = None) -> int:
                      f"req/s (avg batch {on['avg_batch']:.2f}) vs off "
                      f"{off['requests_per_s']:.2f} req/s: ratio "
                      f"{on['requests_per_s'] / off['requests_per_s']:.2f}.")
+    compared = [row for row in cross["rows"] if row.get("vs_sweep")]
+    if compared:
+        loader = (", its manylinux_2_38 binary run through Debian trixie's glibc loader"
+                  if len(cross["argv"]) > 1 else "")
+        notes.append(
+            f"Cross-check: perf_analyzer {perf_analyzer.VERSION} (Triton's C++ load generator, "
+            f"sync gRPC, one thread per concurrent request, the same segment{loader}) on the "
+            "batching-on server right after this script's sweep, for --duration per level "
+            "as 3 time windows (its stability rule relaxed to 1000 %, so like the sweep it "
+            "is one fixed-length measurement; the per-window rates show the spread). "
+            "perf_analyzer vs this script: " + "; ".join(
+                f"{row['concurrency']} client(s) {row['requests_per_s']:.2f} vs "
+                f"{row['sweep_requests_per_s']:.2f} req/s ({row['vs_sweep']:.2f}x), Triton "
+                f"compute {row['server']['compute_infer_ms']:.0f} vs "
+                f"{format(row['sweep_compute_infer_ms'] or float('nan'), '.0f')} ms/req"
+                for row in compared)
+            + " (where Triton's compute time differs as much as the rate, the machine's "
+            "load changed between the two runs; the load generators did not differ).")
+    elif cross["rows"]:
+        notes.append("perf_analyzer ran but gave no level to compare: "
+                     + "; ".join(f"{row['concurrency']}: {row['status']}"
+                                 for row in cross["rows"]) + ".")
+    if cross["note"]:
+        notes.append(cross["note"])
     if args.quick:
         notes.append("--quick: tiny model and a few requests; a check that the script runs, "
                      "not a measurement.")
