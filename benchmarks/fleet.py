@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -46,6 +45,7 @@ import soundfile as sf
 from google.protobuf import text_format
 
 from benchmarks.machine import command_line, describe, machine_name, now
+from benchmarks.models import export_random
 from benchmarks.timing import percentiles
 from stemserve import triton_server
 from stemserve.client.api import TrackResult, separate_array, separate_files
@@ -74,23 +74,7 @@ MATCH_TOLERANCE = 1e-5
 
 def export_model(name: str, root: Path = WORK_DIR) -> Path:
     """An ONNX export of the random-weight model ``name`` (cached: exporting needs torch)."""
-    out = root / f"export-{name}"
-    if (out / "model.json").is_file():
-        return out
-    import torch
-
-    from stemserve.checkpoints import CheckpointInfo
-    from stemserve.export.to_onnx import export_onnx
-    from stemserve.model import SOURCES, Demucs
-
-    torch.manual_seed(1234)
-    model = Demucs(SOURCES, **MODELS[name]).eval()
-    digest = hashlib.sha256(repr(sorted((key, value.sum().item()) for key, value
-                                        in model.state_dict().items())).encode()).hexdigest()
-    info = CheckpointInfo(name=name, path=Path(f"{name}.th"), sha256=digest,
-                          config=dict(MODELS[name]))
-    export_onnx(model, info, out)
-    return out
+    return export_random(MODELS[name], 1234, root / f"export-{name}")
 
 
 def start_servers(repository: Path, count: int, logs: Path) -> list[TritonServer]:

@@ -51,7 +51,7 @@ SCRIPTS = (
            what="item 2: concurrency sweep against tritonserver, batching on/off, vs in-process"),
     Script("end_to_end", full=("--tracks", "60,600", "--repeats", "2"), quick=("--quick",),
            what="item 3: 1- and 10-minute tracks: wall time, RTF, peak memory per path"),
-    Script("transport", full=(), quick=(),
+    Script("transport", full=("--segments", "1,10,40"), quick=("--quick",),
            what="item 4: plain gRPC vs system shared memory for the segment tensors"),
 )
 

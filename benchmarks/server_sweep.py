@@ -27,7 +27,6 @@ its first use downloads perf_analyzer and Debian's newer glibc.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import tempfile
 import threading
@@ -39,6 +38,7 @@ import numpy as np
 
 from . import perf_analyzer
 from .machine import describe, machine_name, now, usable_cpus
+from .models import CONFIGS, export_random
 from .results import add_output_arguments, new_section, save_section
 from .timing import loadavg, measure, percentiles
 
@@ -46,28 +46,18 @@ SCRIPT = "server_sweep"
 TITLE = "Served model: concurrency sweep, batching on/off (item 2)"
 SEED = 0
 
-#: Demucs constructor arguments per --config. "default" is the official v2 ``demucs``.
-CONFIGS = {"small": {"channels": 4}, "medium": {"channels": 16}, "default": {}}
 SERIES = {"batching on": True, "batching off": False}
 
 
-def _export(config: str, segment_s: float, out: Path):
-    import torch
+def export_segments(config: str, segment_s: float, out: Path):
+    """The random-weight model ``config`` exported with ``segment_s`` segments; its spec."""
+    from stemserve.spec import ModelSpec
 
-    from stemserve.checkpoints import CheckpointInfo
-    from stemserve.export.to_onnx import export_onnx
-    from stemserve.model import SOURCES, Demucs
-
-    torch.manual_seed(SEED)
-    model = Demucs(SOURCES, **CONFIGS[config]).eval()
-    digest = hashlib.sha256(repr(sorted((key, value.sum().item()) for key, value
-                                        in model.state_dict().items())).encode()).hexdigest()
-    info = CheckpointInfo(name=f"random-{config}", path=Path(f"random-{config}.th"),
-                          sha256=digest, config=dict(CONFIGS[config]))
-    return export_onnx(model, info, out, segment_length=int(round(segment_s * 44100)))
+    export_random(config, SEED, out, segment_length=int(round(segment_s * 44100)))
+    return ModelSpec.load(out / "model.json")
 
 
-def _stats(client, model: str) -> dict:
+def server_stats(client, model: str) -> dict:
     """Cumulative counters of ``model`` (Triton reports its counts as strings)."""
     (stats,) = client.get_inference_statistics(model, as_json=True)["model_stats"]
     infer = stats.get("inference_stats", {})
@@ -79,7 +69,7 @@ def _stats(client, model: str) -> dict:
     return out
 
 
-def _server_delta(before: dict, after: dict) -> dict:
+def server_delta(before: dict, after: dict) -> dict:
     def per_request_ms(key: str) -> float | None:
         count = after[key][0] - before[key][0]
         return (after[key][1] - before[key][1]) / count / 1e6 if count else None
@@ -155,7 +145,7 @@ def _sweep_level(url: str, spec, mix: np.ndarray, clients: int, *, warmup: int,
     while barrier.n_waiting < clients and not barrier.broken and not errors:
         time.sleep(0.005)
     time.sleep(0.1)  # Triton counts a request just after its response: let warm-up settle
-    before = _stats(stats_client, model)
+    before = server_stats(stats_client, model)
     cpu0 = time.process_time()
     start_at.append(time.perf_counter())
     try:
@@ -164,7 +154,7 @@ def _sweep_level(url: str, spec, mix: np.ndarray, clients: int, *, warmup: int,
         pass
     for thread in threads:
         thread.join()
-    after = _stats(stats_client, model)
+    after = server_stats(stats_client, model)
     client_cpu = time.process_time() - cpu0
     stats_client.close()
     samples = [value for per_client in latencies for value in per_client]
@@ -177,7 +167,7 @@ def _sweep_level(url: str, spec, mix: np.ndarray, clients: int, *, warmup: int,
             "audio_s_per_s": len(samples) * audio_s / elapsed,
             "latency_s": {**percentiles(samples), "mean": statistics.fmean(samples),
                           "min": min(samples), "max": max(samples)},
-            "server": _server_delta(before, after),
+            "server": server_delta(before, after),
             "client_cpu_s_per_s": client_cpu / elapsed,
             "loadavg_before": load_before, "loadavg_after": loadavg()}
 
@@ -318,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="stemserve-sweep-") as tmp:
         work = Path(tmp)
         log(f"exporting {args.config} model, {args.segment:g} s segments")
-        spec = _export(args.config, args.segment, work / "export")
+        spec = export_segments(args.config, args.segment, work / "export")
         config.update(segment_samples=spec.segment_length, padded_samples=spec.padded_length)
         mix = (0.1 * rng.standard_normal((1, spec.audio_channels, spec.padded_length))
                ).astype(np.float32)
