@@ -35,7 +35,8 @@ from stemserve.spec import ModelSpec
 
 MAX_SHIFT_SECONDS = 0.5
 DEFAULT_WINDOW = 8
-"""Segment requests in flight: the CPU server's max_batch_size, so a full batch can form.
+"""Segment requests in flight: twice the CPU server's max_batch_size (one batch runs while
+the next forms) and the GPU server's, so a full batch can form.
 
 Measured against the CPU Triton server with the small test model on 2 cores: windows 1 to
 16 all ran at 19 to 21x real time (compute-bound); at 8 the dynamic batcher formed batches
@@ -44,7 +45,7 @@ each, where batching is what pays (see the performance baseline notes).
 """
 REQUEST_TIMEOUT = 600.0
 """Seconds one segment request to a server may take. A CPU server runs the full model at
-about half real time, so a 40-second segment queued behind a batch of eight waits minutes; a
+about half real time, so a 40-second segment queued behind a batch of four waits minutes; a
 shorter limit would re-send healthy requests and only add load. A dead server is reported by
 gRPC at once, not by this limit."""
 

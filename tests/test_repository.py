@@ -111,7 +111,7 @@ def test_max_batch_size_override_keeps_preferred_sizes_within_it(small_export, t
     config = _parse(fill_repository(small_export, tmp_path, "cpu", max_batch_size=6)
                     / "config.pbtxt")
     assert config.max_batch_size == 6
-    assert list(config.dynamic_batching.preferred_batch_size) == [4, 6]
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 6]
 
 
 def test_model_file_is_hard_linked(small_export, spec, tmp_path):

@@ -134,8 +134,8 @@ BAD_REQUESTS = {
     "float64": (lambda spec: _inputs(_mix(spec).astype(np.float64), datatype="FP64"),
                 "expects 'FP32'"),
     "missing-input": (lambda spec: [], "missing required input(s) ['mix']"),
-    "batch-above-max": (lambda spec: _inputs(_mix(spec, batch=9)),
-                        "batch-size must be <= 8"),
+    "batch-above-max": (lambda spec: _inputs(_mix(spec, batch=5)),
+                        "batch-size must be <= 4"),
     "too-short": (lambda spec: _inputs(_mix(spec, length=100)), "needs at least"),
     "no-batch-dim": (lambda spec: _inputs(_mix(spec)[0]), "unexpected shape"),
 }
