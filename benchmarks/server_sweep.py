@@ -47,6 +47,17 @@ TITLE = "Served model: concurrency sweep, batching on/off (item 2)"
 SEED = 0
 
 SERIES = {"batching on": True, "batching off": False}
+LOAD_COLUMNS = [
+    {"key": "requests_per_s", "title": "req/s", "format": ".2f"},
+    {"key": "audio_s_per_s", "title": "audio s/s", "format": ".2f"},
+    {"key": "latency_s.p50", "title": "p50 s", "format": ".3f"},
+    {"key": "latency_s.p95", "title": "p95 s", "format": ".3f"},
+    {"key": "latency_s.p99", "title": "p99 s", "format": ".3f"},
+    {"key": "server.queue_ms", "title": "queue ms/req", "format": ".1f"},
+    {"key": "server.compute_infer_ms", "title": "compute ms/req", "format": ".1f"},
+    {"key": "avg_batch", "title": "avg batch", "format": ".2f"},
+]
+"""What a load level measured, as both load generators' tables show it."""
 
 
 def export_segments(config: str, segment_s: float, out: Path):
@@ -382,14 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         {"key": "series", "title": "series"},
         {"key": "concurrency", "title": "clients"},
         {"key": "requests", "title": "requests"},
-        {"key": "requests_per_s", "title": "req/s", "format": ".2f"},
-        {"key": "audio_s_per_s", "title": "audio s/s", "format": ".2f"},
-        {"key": "latency_s.p50", "title": "p50 s", "format": ".3f"},
-        {"key": "latency_s.p95", "title": "p95 s", "format": ".3f"},
-        {"key": "latency_s.p99", "title": "p99 s", "format": ".3f"},
-        {"key": "server.queue_ms", "title": "queue ms/req", "format": ".1f"},
-        {"key": "server.compute_infer_ms", "title": "compute ms/req", "format": ".1f"},
-        {"key": "avg_batch", "title": "avg batch", "format": ".2f"},
+        *LOAD_COLUMNS,
         {"key": "vs_in_process", "title": "vs in-process", "format": ".2f"},
         {"key": "status", "title": "status"},
     ]
@@ -408,15 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(cross-check)",
             "columns": [{"key": "concurrency", "title": "clients"},
                         {"key": "requests", "title": "requests"},
-                        {"key": "requests_per_s", "title": "req/s", "format": ".2f"},
-                        {"key": "audio_s_per_s", "title": "audio s/s", "format": ".2f"},
-                        {"key": "latency_s.p50", "title": "p50 s", "format": ".3f"},
-                        {"key": "latency_s.p95", "title": "p95 s", "format": ".3f"},
-                        {"key": "latency_s.p99", "title": "p99 s", "format": ".3f"},
-                        {"key": "server.queue_ms", "title": "queue ms/req", "format": ".1f"},
-                        {"key": "server.compute_infer_ms", "title": "compute ms/req",
-                         "format": ".1f"},
-                        {"key": "avg_batch", "title": "avg batch", "format": ".2f"},
+                        *LOAD_COLUMNS,
                         {"key": "window_infer_per_s", "title": "req/s per window"},
                         {"key": "vs_sweep", "title": "vs script req/s", "format": ".2f"},
                         {"key": "status", "title": "status"}],
