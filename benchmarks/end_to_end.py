@@ -44,6 +44,8 @@ from .models import CONFIGS, export_random
 from .results import add_output_arguments, new_section, save_section
 from .timing import Stats, loadavg
 
+from stemserve.pipeline import DEFAULT_WINDOW
+
 SCRIPT = "end_to_end"
 TITLE = "End to end: whole tracks per path (item 3)"
 SEED = 0
@@ -90,10 +92,12 @@ def _stemserve_path(job: dict) -> dict:
     from stemserve.client import separate_file
     from stemserve.client.onnx_backend import OnnxBackend
     from stemserve.client.triton import TritonBackend
+    from stemserve.pipeline import DEFAULT_WINDOW
 
     began = time.perf_counter()
-    backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT) if job["kind"] == "triton"
-               else OnnxBackend(Path(job["export"])))
+    window = job.get("window", DEFAULT_WINDOW)
+    backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT, slots=window)
+               if job["kind"] == "triton" else OnnxBackend(Path(job["export"])))
     load_s = time.perf_counter() - began
     runs = []
     try:
@@ -101,7 +105,7 @@ def _stemserve_path(job: dict) -> dict:
             out = Path(job["out"]) / f"repeat-{repeat}"
             marks: list[float] = []
             start = time.perf_counter()
-            separate_file(job["track"], out, backend=backend,
+            separate_file(job["track"], out, backend=backend, window=window,
                           progress=lambda _seconds: marks.append(time.perf_counter()))
             end = time.perf_counter()
             runs.append({"wall_s": end - start,
@@ -231,11 +235,12 @@ def _max_difference(ours: Path, reference: Path) -> int:
 
 
 def _measure(kind: str, model: str, export: Path, track: Path, seconds: float, repeats: int,
-             work: Path, log) -> dict:
+             work: Path, log, window: int | None = None) -> dict:
     out = work / "out" / f"{kind}-{model}-{track.stem}"
     shutil.rmtree(out, ignore_errors=True)
     job = {"kind": kind, "track": str(track), "out": str(out), "repeats": repeats,
-           "export": str(export), "weights": str(export / "weights.th")}
+           "export": str(export), "weights": str(export / "weights.th"),
+           **({"window": window} if window else {})}
     load = loadavg()
     try:
         if kind == "triton":
@@ -270,6 +275,17 @@ def _compare_outputs(rows: list[dict], work: Path, model: str) -> None:
                 work / "out" / f"torch-{model}-{stem}" / "repeat-0" / stem)
 
 
+def _kept_rows(args, machine: dict) -> tuple[list[dict], dict]:
+    """The path rows of this machine's saved section, and where they came from."""
+    from .results import load, results_path
+
+    path = results_path(args.results_dir, args.machine or machine_name(machine))
+    if not path.is_file() or SCRIPT not in load(path)["sections"]:
+        raise SystemExit(f"--memory-only: no {SCRIPT} section in {path} to keep rows from")
+    previous = load(path)["sections"][SCRIPT]
+    return previous["rows"], {key: previous[key] for key in ("command", "started", "finished")}
+
+
 def _reference_available() -> str | None:
     try:
         import demucs.utils  # noqa: F401
@@ -298,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-tracks", default="60,600,3600",
                         help="track seconds of the client-memory table (60,600,3600; "
                              "empty: none)")
+    parser.add_argument("--memory-windows", default=f"{DEFAULT_WINDOW},2",
+                        help="segment requests in flight, one set of memory rows each "
+                             f"({DEFAULT_WINDOW},2; {DEFAULT_WINDOW} is the client's default)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only the client-memory table; the path rows of this "
+                             "machine's saved section are kept, and the notes say so")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR,
                         help=f"exports, tracks and stems (default: {WORK_DIR})")
     parser.add_argument("--quick", action="store_true",
@@ -314,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.config, args.tracks, args.memory_tracks, args.repeats = "small", "5", "5,15", 1
+        args.memory_windows = str(DEFAULT_WINDOW)
     tracks, memory_tracks = _seconds_list(args.tracks), _seconds_list(args.memory_tracks)
+    windows = [int(item) for item in args.memory_windows.split(",") if item]
     paths = [item.strip() for item in args.paths.split(",") if item.strip()]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -337,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     export = export_random(args.config, SEED, work / f"export-{args.config}", save_weights=True)
     spec = json.loads((export / "model.json").read_text())
     config.update(segment_s=spec["segment_length"] / RATE,
-                  padded_samples=spec["padded_length"])
+                  padded_samples=spec["padded_length"], memory_windows=windows)
 
-    rows = []
+    rows, kept_from = [], None
+    if args.memory_only:
+        rows, kept_from = _kept_rows(args, machine)
+        tracks = []
     for seconds in tracks:
         track = write_track(work / "tracks" / f"track-{seconds:g}s.wav", seconds)
         repeats = args.repeats if seconds <= args.repeat_limit else 1
@@ -356,16 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     memory_rows = []
     if memory_tracks:
         small = export_random(args.memory_config, SEED, work / f"export-{args.memory_config}")
-        for seconds in memory_tracks:
-            track = write_track(work / "tracks" / f"track-{seconds:g}s.wav", seconds)
-            log(f"client memory: {seconds:g} s track, {args.memory_config} model")
-            memory_rows.append(_measure("triton", args.memory_config, small, track, seconds, 1,
-                                        work, log))
-        ok = [row for row in memory_rows if row["status"] == "ok"]
-        if ok:
-            base = min(ok, key=lambda row: row["track_s"])
-            for row in ok:
-                row["client_peak_vs_shortest"] = row["client_peak_mib"] / base["client_peak_mib"]
+        for window in windows:
+            measured = []
+            for seconds in memory_tracks:
+                track = write_track(work / "tracks" / f"track-{seconds:g}s.wav", seconds)
+                log(f"client memory: {seconds:g} s track, {args.memory_config} model, "
+                    f"window {window}")
+                measured.append({"window": window, **_measure(
+                    "triton", args.memory_config, small, track, seconds, 1, work, log, window)})
+            ok = [row for row in measured if row["status"] == "ok"]
+            if ok:
+                base = min(ok, key=lambda row: row["track_s"])
+                for row in ok:
+                    row["client_peak_vs_shortest"] = (row["client_peak_mib"]
+                                                      / base["client_peak_mib"])
+            memory_rows += measured
     shutil.rmtree(work / "out", ignore_errors=True)
 
     section["rows"] = rows
@@ -387,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     section["tables"] = [{
         "title": f"Client peak memory vs track length (Triton path, {args.memory_config} model)",
-        "columns": [{"key": "track_s", "title": "track s", "format": "g"},
+        "columns": [{"key": "window", "title": "window"},
+                    {"key": "track_s", "title": "track s", "format": "g"},
                     {"key": "wall_s", "title": "wall s", "format": ".1f"},
                     {"key": "client_peak_mib", "title": "client peak MiB", "format": ".0f"},
                     {"key": "client_peak_vs_shortest", "title": "x shortest track",
@@ -399,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                         "segment_length": spec["segment_length"],
                         "padded_length": spec["padded_length"]}
     section["notes"] = _notes(rows, memory_rows, spec, args)
+    if kept_from:
+        section["notes"].insert(0, "Path rows kept from the run of {started} to {finished} "
+                                   "(`{command}`); this run (--memory-only) measured only the "
+                                   "client-memory table.".format(**kept_from))
+        section["extra"]["path_rows_from"] = kept_from
     section["duration_s"] = time.perf_counter() - began
     section["finished"] = now()
     name = args.machine or machine_name(machine)
@@ -440,13 +478,15 @@ def _notes(rows: list[dict], memory_rows: list[dict], spec: dict, args) -> list[
                     notes.append(f"{seconds:g} s track: {PATHS[kind]} {same[kind]['wall_s']:.1f} s "
                                  f"vs reference {same['torch']['wall_s']:.1f} s = "
                                  f"{same[kind]['speedup_vs_torch']:.2f}x faster (target 2x).")
-    ok = [row for row in memory_rows if row["status"] == "ok"]
-    if len(ok) > 1:
-        short, long = min(ok, key=lambda r: r["track_s"]), max(ok, key=lambda r: r["track_s"])
-        notes.append(f"Client peak memory: {long['client_peak_mib']:.0f} MiB for a "
-                     f"{long['track_s']:g} s track vs {short['client_peak_mib']:.0f} MiB for "
-                     f"{short['track_s']:g} s = {long['client_peak_vs_shortest']:.2f}x "
-                     "(target: within 2x).")
+    for window in sorted({row["window"] for row in memory_rows}, reverse=True):
+        ok = [row for row in memory_rows if row["status"] == "ok" and row["window"] == window]
+        if len(ok) > 1:
+            short, long = (min(ok, key=lambda r: r["track_s"]),
+                           max(ok, key=lambda r: r["track_s"]))
+            notes.append(f"Client peak memory, window {window}: {long['client_peak_mib']:.0f} "
+                         f"MiB for a {long['track_s']:g} s track vs "
+                         f"{short['client_peak_mib']:.0f} MiB for {short['track_s']:g} s = "
+                         f"{long['client_peak_vs_shortest']:.2f}x (target: within 2x).")
     if args.quick:
         notes.append("--quick: tiny model and tracks; a check that the script runs, not a "
                      "measurement.")

@@ -175,7 +175,7 @@ def plot_stages(section: dict, path: Path) -> Path | None:
         stages += [stage for stage in row["stages_s"] if stage not in stages]
     labels = [f"{row['series']}, {row['track_s']:g} s track" if row.get("track_s") is not None
               else str(row["series"]) for row in rows]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(rows)))
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.5 * len(rows)))
     left = [0.0] * len(rows)
     for stage in stages:
         widths = [float(row["stages_s"].get(stage) or 0.0) for row in rows]

@@ -1,6 +1,6 @@
 """One command for every benchmark, then the plots.
 
-    python -m benchmarks.run_all                 # the full configuration (about 25 min on 2 CPUs)
+    python -m benchmarks.run_all                 # the full configuration (about 60 min on 2 CPUs)
     python -m benchmarks.run_all --quick         # a tiny configuration, to check the scripts run
     python -m benchmarks.run_all --only model_forward --machine my-box
 
