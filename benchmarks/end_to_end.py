@@ -41,7 +41,8 @@ import numpy as np
 from .machine import describe, machine_name, now, usable_cpus
 from .memory import GroupMemory, peak_rss_mib
 from .models import CONFIGS, export_random
-from .results import add_output_arguments, new_section, save_section
+from .plots import save_and_plot
+from .results import add_output_arguments, new_section
 from .timing import Stats, loadavg
 
 from stemserve.pipeline import DEFAULT_WINDOW
@@ -439,19 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         section["extra"]["path_rows_from"] = kept_from
     section["duration_s"] = time.perf_counter() - began
     section["finished"] = now()
-    name = args.machine or machine_name(machine)
-    path = save_section(section, results_dir=args.results_dir, machine=name)
-    log(f"wrote {path}")
-    try:  # only this section's plot
-        from .plots import plot_stages
-        from .results import load, plot_name, write_markdown
-
-        target = path.parent / plot_name(name, SCRIPT, "stages")
-        if plot_stages(load(path)["sections"][SCRIPT], target):
-            log(f"wrote {target}")
-        write_markdown(load(path), path.with_suffix(".md"))
-    except ImportError as err:
-        log(f"plots skipped: {err}")
+    save_and_plot(section, results_dir=args.results_dir,
+                  machine=args.machine or machine_name(machine), plots=("stages",), log=log)
     return 0 if any(row["status"] == "ok" for row in rows + memory_rows) else 1
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
-from .results import DEFAULT_RESULTS_DIR, get, load, plot_name, write_markdown
+from .results import DEFAULT_RESULTS_DIR, get, load, plot_name, save_section, write_markdown
 
 
 def _pyplot():
@@ -192,6 +193,26 @@ def plot_stages(section: dict, path: Path) -> Path | None:
 #: Plot name -> function(section, path) -> path or None (None: the rows lack its fields).
 PLOTS = {"per_item": plot_per_item, "cpu_per_item": plot_cpu_per_item, "gflops": plot_gflops, "concurrency": plot_concurrency,
          "stages": plot_stages}
+
+
+def save_and_plot(section: dict, *, results_dir: Path, machine: str, plots: tuple[str, ...],
+                  log: Callable[[str], None]) -> Path:
+    """Save a script's section, then redraw only its own ``plots`` and the markdown.
+
+    The other sections' PNGs stay as their scripts left them. Without matplotlib (the bench
+    extras) the numbers are saved and the plots skipped.
+    """
+    path = save_section(section, results_dir=results_dir, machine=machine)
+    log(f"wrote {path}")
+    try:
+        for plot in plots:
+            target = path.parent / plot_name(machine, section["script"], plot)
+            if PLOTS[plot](load(path)["sections"][section["script"]], target):
+                log(f"wrote {target}")
+    except ImportError as err:
+        log(f"plots skipped: {err}")
+    write_markdown(load(path), path.with_suffix(".md"))
+    return path
 
 
 def plot_results(json_path: Path) -> list[Path]:

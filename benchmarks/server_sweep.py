@@ -39,7 +39,8 @@ import numpy as np
 from . import perf_analyzer
 from .machine import describe, machine_name, now, usable_cpus
 from .models import CONFIGS, export_random
-from .results import add_output_arguments, new_section, save_section
+from .plots import save_and_plot
+from .results import add_output_arguments, new_section
 from .timing import loadavg, measure, percentiles
 
 SCRIPT = "server_sweep"
@@ -485,19 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     section["notes"] = notes
     section["duration_s"] = time.perf_counter() - began
     section["finished"] = now()
-    name = args.machine or machine_name(machine)
-    path = save_section(section, results_dir=args.results_dir, machine=name)
-    log(f"wrote {path}")
-    try:  # only this section's plot: the other sections' PNGs stay as their scripts left them
-        from .plots import plot_concurrency
-        from .results import load, plot_name, write_markdown
-
-        target = path.parent / plot_name(name, SCRIPT, "concurrency")
-        if plot_concurrency(load(path)["sections"][SCRIPT], target):
-            log(f"wrote {target}")
-        write_markdown(load(path), path.with_suffix(".md"))
-    except ImportError as err:
-        log(f"plots skipped: {err}")
+    save_and_plot(section, results_dir=args.results_dir,
+                  machine=args.machine or machine_name(machine), plots=("concurrency",), log=log)
     return 0 if ok else 1
 
 
