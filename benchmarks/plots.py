@@ -31,7 +31,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from .results import DEFAULT_RESULTS_DIR, get, load, plot_name, save_section, write_markdown
+from .results import (DEFAULT_RESULTS_DIR, ResultsError, get, load, plot_name, save_section,
+                      write_markdown)
 
 
 def _pyplot():
@@ -68,6 +69,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _batch_axes(plt, ax, rows: list[dict], xlabel: str, ylabel: str) -> None:
+    """Batch sizes on a log2 axis with plain tick labels, y from 0, legend beside the plot."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({row["batch"] for row in rows}))
+    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_per_item(section: dict, path: Path, key: str = "per_item_s",
                   what: str = "wall time per segment (median, bars: min-max)") -> Path | None:
     """Seconds per item vs batch size, one line per backend (bars: fastest to slowest run)."""
@@ -85,16 +98,10 @@ def plot_per_item(section: dict, path: Path, key: str = "per_item_s",
             errors = [[value - row["forward_min_s"] / row["batch"] for value, row in zip(values, group)],
                       [row["forward_max_s"] / row["batch"] - value for value, row in zip(values, group)]]
         ax.errorbar(batches, values, yerr=errors, marker="o", capsize=3, label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({row["batch"] for row in rows}))
-    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("batch size (segments per forward call)")
     segment = section.get("config", {}).get("segment_s")
     unit = "CPU seconds" if key.startswith("cpu") else "seconds"
-    ax.set_ylabel(f"{unit} per {segment:g} s segment" if segment else f"{unit} per item")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _batch_axes(plt, ax, rows, "batch size (segments per forward call)",
+                f"{unit} per {segment:g} s segment" if segment else f"{unit} per item")
     ax.set_title(_title(section, f"Model forward: {what} (lower is better)"))
     return _save(fig, path)
 
@@ -120,14 +127,7 @@ def plot_gflops(section: dict, path: Path) -> Path | None:
     if ceiling:
         ax.axhline(ceiling, color="black", linestyle="--",
                    label=f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({row["batch"] for row in rows}))
-    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("GFLOP/s (counted FLOPs / wall time)")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _batch_axes(plt, ax, rows, "batch size", "GFLOP/s (counted FLOPs / wall time)")
     ax.set_title(_title(section, "Model forward: achieved rate (higher is better)"))
     return _save(fig, path)
 
@@ -236,10 +236,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("files", nargs="*", type=Path,
                         help=f"results JSON files (default: all in {DEFAULT_RESULTS_DIR})")
     args = parser.parse_args(argv)
-    files = args.files or sorted(DEFAULT_RESULTS_DIR.glob("*.json"))
     written = []
-    for path in files:
-        written += plot_results(path)
+    for path in args.files or sorted(DEFAULT_RESULTS_DIR.glob("*.json")):
+        try:
+            written += plot_results(path)
+        except ResultsError as err:
+            if args.files:
+                raise
+            # The folder also holds other results (benchmarks/fleet.py's own format).
+            print(f"skipped {path}: {err}")
     for path in written:
         print(f"wrote {path}")
     return written

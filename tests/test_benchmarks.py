@@ -288,3 +288,20 @@ def test_quick_run_writes_an_end_to_end_section(quick_run):
     assert memory[0]["client_peak_vs_shortest"] == 1
     markdown = (quick_run / f"{MACHINE}.md").read_text()
     assert "(`end_to_end`)" in markdown and "### Client peak memory vs track length" in markdown
+
+
+def test_redrawing_the_results_folder_passes_over_other_result_formats(tmp_path, monkeypatch,
+                                                                       capsys):
+    """``python -m benchmarks.plots`` with no files: the fleet results share the folder."""
+    pytest.importorskip("matplotlib", reason="the bench extras (matplotlib) are not installed")
+    from benchmarks import plots
+
+    stages = _section("end_to_end", [{"series": "onnx", "track_s": 60, "status": "ok",
+                                      "stages_s": {"separate": 30.0, "write": 1.0}}])
+    results.save_section(stages, results_dir=tmp_path, machine="m")
+    (tmp_path / "fleet-m.json").write_text(json.dumps({"scaling": {}}))
+    monkeypatch.setattr(plots, "DEFAULT_RESULTS_DIR", tmp_path)
+    assert [path.name for path in plots.main([])] == ["m-end_to_end-stages.png"]
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(results.ResultsError):  # a file named explicitly must be a results file
+        plots.main([str(tmp_path / "fleet-m.json")])
