@@ -1,5 +1,6 @@
-"""Checkpoints: names and URLs, download/cache/checksum over a loopback server, local files,
-the restricted unpickler, demucs training packages and the diffq-quantized release.
+"""Checkpoints: names and URLs, download/cache/checksum over a loopback server and folder
+mirrors, local files and their zip CRCs, the restricted unpickler, malformed packages and
+resource bombs, demucs training packages and the diffq-quantized release.
 
 The official demucs 2.0.3 (and diffq) serve as oracles where a test compares outputs; the
 real release files are never fetched: a loopback server publishes small random-weight
@@ -12,14 +13,17 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import os
 import random
 import socket
 import subprocess
 import sys
 import threading
+import types
 import warnings
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -193,6 +197,11 @@ def test_url_and_cache_overrides(cache, monkeypatch):
     assert mirrored == "http://mirror/x/demucs-e07c671f.th"
     monkeypatch.setenv(checkpoints.URL_ENV, "http://mirror/y/")
     assert checkpoint_url("demucs") == "http://mirror/y/demucs-e07c671f.th"
+    folder = cache.parent / "mirror dir"
+    assert checkpoint_url("demucs", base_url=str(folder)) == \
+        (folder / "demucs-e07c671f.th").as_uri()
+    assert checkpoint_url("demucs", base_url=folder.as_uri()) == \
+        (folder / "demucs-e07c671f.th").as_uri()
 
 
 def test_unknown_and_unsupported_names_are_clear_errors():
@@ -275,36 +284,57 @@ def test_interrupted_download_leaves_nothing_trusted(server, cache, monkeypatch,
     assert os.listdir(cache) == [str(file_name)] and len(server.requests) == 2
 
 
-def test_corrupt_cached_file_is_replaced(server, cache, monkeypatch):
+def test_mismatching_cached_file_is_kept_aside_and_replaced(server, cache, monkeypatch, caplog):
+    """A file under a release's name that is not that release (here a fine-tuned model saved
+    over it) is never deleted: it is renamed <stem>.mismatch-<sha8>.th, and the log says so."""
     state = _small_state()
     file_name = _publish(server, monkeypatch, "demucs_unittest", _saved(state), {"channels": 4})
     cache.mkdir(parents=True)
-    (cache / file_name).write_bytes(_saved(_small_state(seed=1)))  # e.g. a truncated copy
+    mine = _saved(_small_state(seed=1))
+    (cache / file_name).write_bytes(mine)
+    mine_sha = hashlib.sha256(mine).hexdigest()
+    aside = cache / f"{file_name.stem}.mismatch-{mine_sha[:8]}.th"
 
-    model, _ = load_model("demucs_unittest", base_url=server.url, progress=False)
+    with caplog.at_level(logging.WARNING, logger="stemserve.checkpoints"):
+        model, _ = load_model("demucs_unittest", base_url=server.url, progress=False)
     _assert_same_weights(model, state)
     assert len(server.requests) == 1
+    assert aside.read_bytes() == mine
+    assert str(aside) in caplog.text and "does not match" in caplog.text
+    # The kept file still loads as what it is: a local state dict.
+    _assert_same_weights(load_model(aside, config="demucs_unittest")[0], _small_state(seed=1))
+
+    # The same bytes there again: a second name, the first copy untouched.
+    (cache / file_name).write_bytes(mine)
+    download_checkpoint("demucs_unittest", base_url=server.url, progress=False)
+    assert (cache / f"{file_name.stem}.mismatch-{mine_sha[:8]}-1.th").read_bytes() == mine
+    assert aside.read_bytes() == mine
 
 
-def test_corrupt_cached_file_offline_is_an_error_and_removed(cache, monkeypatch):
+def test_mismatching_cached_file_offline_is_kept_and_named(cache, monkeypatch):
     payload = _saved(_small_state())
     signature = hashlib.sha256(payload).hexdigest()[:8]
     monkeypatch.setitem(checkpoints.RELEASES, "demucs_unittest", Release(signature, {}))
     cache.mkdir(parents=True)
     cached = cache / f"demucs_unittest-{signature}.th"
-    cached.write_bytes(payload[:-10])
-    with pytest.raises(CheckpointError, match="could not download"):
+    cached.write_bytes(payload[:-10])  # a truncated copy
+    with pytest.raises(CheckpointError, match="could not download") as error:
         load_model("demucs_unittest", base_url=_dead_url(), progress=False)
-    assert not cached.exists()
+    (aside,) = cache.glob("demucs_unittest-*.mismatch-*.th")
+    assert aside.read_bytes() == payload[:-10] and not cached.exists()
+    assert f"kept as {aside}" in str(error.value)
 
 
-def test_offline_without_cache_names_url_and_folder(cache, monkeypatch):
+def test_offline_message_names_every_way_out(cache, monkeypatch):
+    """The URL, and both fixes: the exact file to copy into the exact folder, or a mirror."""
     url = _dead_url()
     monkeypatch.setenv(checkpoints.URL_ENV, url)
     with pytest.raises(CheckpointError) as error:
         load_model("demucs_unittest", progress=False)
     message = str(error.value)
-    assert url + "demucs_unittest-09ebc15f.th" in message and str(cache) in message
+    assert url + "demucs_unittest-09ebc15f.th" in message
+    assert f"copy demucs_unittest-09ebc15f.th into {cache}" in message
+    assert f"set {checkpoints.URL_ENV} to a mirror" in message and "a folder" in message
     assert os.listdir(cache) == []
 
 
@@ -313,6 +343,55 @@ def test_missing_file_on_server_is_a_clear_error(server, cache):
         download_checkpoint("demucs_unittest", base_url=server.url, progress=False)
     assert checkpoint_url("demucs_unittest", base_url=server.url) in str(error.value)
     assert os.listdir(cache) == []
+
+
+# --------------------------------------------------------------------------- folder mirrors
+
+
+def _mirror(tmp_path: Path, monkeypatch, payload: bytes) -> tuple[Path, str]:
+    """A folder holding ``payload`` as demucs_unittest, signature patched to match."""
+    signature = hashlib.sha256(payload).hexdigest()[:8]
+    monkeypatch.setitem(checkpoints.RELEASES, "demucs_unittest", Release(signature,
+                                                                         {"channels": 4}))
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    (folder / f"demucs_unittest-{signature}.th").write_bytes(payload)
+    return folder, f"demucs_unittest-{signature}.th"
+
+
+@pytest.mark.parametrize("spelling", ["folder", "file-url"])
+def test_folder_mirror_is_copied_with_verification(tmp_path, cache, monkeypatch, spelling):
+    state = _small_state()
+    folder, file_name = _mirror(tmp_path, monkeypatch, _saved(state))
+    monkeypatch.setenv(checkpoints.URL_ENV,
+                       str(folder) if spelling == "folder" else folder.as_uri())
+    model, info = load_model("demucs_unittest", progress=False)
+    _assert_same_weights(model, state)
+    assert info.path == cache / file_name and os.listdir(cache) == [file_name]
+    assert (folder / file_name).read_bytes() == (cache / file_name).read_bytes()
+
+
+def test_folder_mirror_with_other_bytes_is_refused(tmp_path, cache, monkeypatch):
+    folder, file_name = _mirror(tmp_path, monkeypatch, _saved(_small_state()))
+    (folder / file_name).write_bytes(_saved(_small_state(seed=1)))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        download_checkpoint("demucs_unittest", base_url=str(folder), progress=False)
+    assert os.listdir(cache) == [] and (folder / file_name).is_file()
+
+
+def test_folder_mirror_without_the_file_is_a_clear_error(tmp_path, cache, monkeypatch):
+    folder, file_name = _mirror(tmp_path, monkeypatch, _saved(_small_state()))
+    (folder / file_name).unlink()
+    monkeypatch.setenv(checkpoints.URL_ENV, str(folder))
+    with pytest.raises(CheckpointError) as error:
+        download_checkpoint("demucs_unittest", progress=False)
+    message = str(error.value)
+    assert message.startswith(f"the mirror folder {folder} has no {file_name}")
+    assert f"copy {file_name} into {cache}" in message and checkpoints.URL_ENV in message
+    assert os.listdir(cache) == []
+    with pytest.raises(CheckpointError, match=f"mirror folder {tmp_path / 'nowhere'} does not"):
+        download_checkpoint("demucs_unittest", base_url=str(tmp_path / "nowhere"),
+                            progress=False)
 
 
 # --------------------------------------------------------------------------- local files
@@ -342,6 +421,68 @@ def test_wrong_shapes_name_the_assumed_config(tmp_path, monkeypatch):
         load_model(path)
 
 
+def test_state_dict_of_another_release_suggests_its_config(tmp_path, monkeypatch):
+    """The error names the channels found and the release whose configuration fits.
+
+    Release configurations are shrunk (demucs 8 channels, demucs48_hq 6) so that the test
+    builds no 265M-parameter model; the messages are those of the real table.
+    """
+    for name, channels in {"demucs": 8, "demucs_extra": 8, "demucs_quantized": 8,
+                           "demucs48_hq": 6}.items():
+        monkeypatch.setitem(checkpoints.RELEASES, name,
+                            Release(checkpoints.RELEASES[name].signature, {"channels": channels}))
+    path = tmp_path / "hq.th"
+    path.write_bytes(_saved(_small_state(channels=6)))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert f"{path} does not fit the 'demucs' configuration" in message
+    assert "its first encoder layer has 6 channels" in message
+    assert "try --config demucs48_hq (config='demucs48_hq' in Python).\n" in message
+    model, info = load_model(path, config="demucs48_hq")
+    assert info.config["channels"] == 6
+
+    path.write_bytes(_saved(_small_state(channels=5)))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert "its first encoder layer has 5 channels, and no release configuration fits" in message
+    assert "demucs48_hq: 6 channels; demucs_unittest: 4 channels" in message
+    assert "'config'" in message and "'state'" in message  # how to save it so that it loads
+
+
+def test_flipped_bits_in_a_tensor_record_are_refused(tmp_path):
+    """torch does not check zip CRCs: a flipped byte in a weight would load silently."""
+    path = tmp_path / "mine.th"
+    torch.save(_small_state(), path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    # Data start: 30-byte local header, then the name and the extra field.
+    name_length, extra_length = (int.from_bytes(data[record.header_offset + at:][:2], "little")
+                                 for at in (26, 28))
+    data[record.header_offset + 30 + name_length + extra_length + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # what made this check necessary
+
+    with pytest.raises(CheckpointError) as error:
+        load_model(path, config="demucs_unittest")
+    assert f"{path} is corrupt: its record {record.filename} does not match its CRC" in \
+        str(error.value)
+
+
+def test_zip_without_crcs_still_loads(tmp_path):
+    """torch's compute_crc32=False writes CRC 0 records: nothing to check, nothing refused."""
+    from torch.utils.serialization import config
+
+    state = _small_state()
+    path = tmp_path / "nocrc.th"
+    with config.patch({"save.compute_crc32": False}):
+        torch.save(state, path)
+    assert zipfile.ZipFile(path).testzip() is not None  # zipfile itself would refuse it
+    _assert_same_weights(load_model(path, config="demucs_unittest")[0], state)
+
+
 @pytest.mark.parametrize("content", ["random", "text", "empty", "zip", "list"])
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / f"{content}.th"
@@ -357,6 +498,27 @@ def test_not_a_checkpoint(tmp_path, content):
         load_model(path, config="demucs_unittest")
     assert str(path) in str(error.value)
     assert "weights_only` set to `False`" not in str(error.value)  # torch's unsafe advice
+
+
+def test_unknown_format_says_which_formats_load(tmp_path):
+    path = tmp_path / "trainer.th"
+    path.write_bytes(_saved({"model": _small_state(), "optimizer": {}, "epoch": 3}))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert f"{path} holds a dict with keys 'model', 'optimizer', 'epoch'" in message
+    for fmt in ("a plain state dict", "--config RELEASE", "a demucs 2.x training package",
+                "a diffq-compressed state", "{'config': Demucs arguments, 'state': state dict}"):
+        assert fmt in message
+
+
+def test_whole_pickled_model_is_refused_with_advice(tmp_path):
+    path = tmp_path / "module.th"
+    torch.save(Demucs(SOURCES, channels=4), path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert "torch.nn.modules.conv.Conv1d" in str(error.value)
+    assert "save model.state_dict() instead" in str(error.value)
 
 
 class _Payload:
@@ -386,6 +548,186 @@ def test_forbidden_global_is_refused_without_running(tmp_path, forbidden, zip_fo
         load_model(path)
     assert f"{path} refers to {global_name}, " in str(error.value)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- malformed packages
+
+
+@pytest.fixture
+def demucs_class(monkeypatch):
+    """A class that pickles as demucs.model.Demucs, the way a training package names it,
+    so that these tests need no demucs."""
+    module = types.ModuleType("demucs.model")
+    module.Demucs = type("Demucs", (), {"__module__": "demucs.model"})
+    monkeypatch.setitem(sys.modules, "demucs", types.ModuleType("demucs"))
+    monkeypatch.setitem(sys.modules, "demucs.model", module)
+    return module.Demucs
+
+
+def _package(demucs, **fields) -> dict:
+    """A demucs 2.x training package of a 4-channel model, with ``fields`` replaced."""
+    return {"klass": demucs, "args": (), "kwargs": {"sources": list(SOURCES), "channels": 4},
+            "state": _small_state(), "training_args": argparse.Namespace(diffq=0, qat=None),
+            **fields}
+
+
+_KWARGS = {"sources": list(SOURCES), "channels": 4}
+
+MALFORMED = {
+    "state-str": ({"state": "x"}, "its state is a str, not a state dict"),
+    "state-int-tensor": ({"state": {"encoder.0.0.weight": torch.zeros(4, 2, 8, dtype=torch.long)}},
+                         "'encoder.0.0.weight' is a torch.int64 torch.strided tensor on cpu"),
+    "state-compressed-unquantized": ({"state": {"compressed": b"x"}},
+                                     "training_args name no quantizer"),
+    "channels-negative": ({"kwargs": {**_KWARGS, "channels": -4}},
+                          "channels=-4 is out of bounds: stemserve loads integers from 1 to 128"),
+    "channels-float": ({"kwargs": {**_KWARGS, "channels": 4.5}}, "channels=4.5 is out of bounds"),
+    "samplerate-zero": ({"kwargs": {**_KWARGS, "samplerate": 0}},
+                        "samplerate=0 is out of bounds: stemserve loads integers from 8000"),
+    "growth-nan": ({"kwargs": {**_KWARGS, "growth": float("nan")}}, "growth=nan is out of bounds"),
+    "glu-str": ({"kwargs": {**_KWARGS, "glu": "yes"}}, "glu='yes' is not True or False"),
+    "segment-hour": ({"kwargs": {**_KWARGS, "segment_length": 3600 * 44100}},
+                     "segment_length=158760000 is out of bounds"),
+    "stride-depth": ({"kwargs": {**_KWARGS, "stride": 8, "depth": 8}},
+                     "its network needs 571 s of input for its 40 s segment"),
+    "sources-path": ({"kwargs": {**_KWARGS, "sources": ["drums", "../../evil"]}},
+                     "sources=['drums', '../../evil'] is not a list of 1 to 8 distinct names"),
+    "sources-none": ({"kwargs": {**_KWARGS, "sources": []}}, "sources=[] is not a list"),
+    "kwargs-int": ({"kwargs": 5}, "'kwargs' is an int, not a dict of Demucs arguments"),
+    "args-str": ({"args": "abc"}, "'args' is a str, not a tuple of Demucs arguments"),
+    "args-too-many": ({"args": tuple(range(20)), "kwargs": {}}, "bad Demucs arguments (too many"),
+    "klass-str": ({"klass": "demucs.model.Demucs"},
+                  "is a training package of 'demucs.model.Demucs', not of demucs.model.Demucs"),
+    "klass-none": ({"klass": None}, "is a training package of None"),
+    "no-state": ({"state": None}, "its state is None, not a state dict"),
+    "training-args-str": ({"training_args": "abc"},
+                          "'training_args' is a str, not the argparse.Namespace demucs saves"),
+    "diffq-str": ({"training_args": argparse.Namespace(diffq="yes")},
+                  "training_args.diffq='yes' is not a penalty >= 0"),
+    "qat-99": ({"training_args": argparse.Namespace(diffq=0, qat=99)},
+               "training_args.qat=99 is not a bit width in 0..16"),
+    "min-size-negative": ({"training_args": argparse.Namespace(diffq=1, q_min_size=-1)},
+                          "training_args.q_min_size=-1 is not a size"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_training_package_is_a_clear_error(tmp_path, demucs_class, case):
+    fields, expected = MALFORMED[case]
+    path = tmp_path / f"{case}.th"
+    torch.save(_package(demucs_class, **fields), path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert str(error.value).startswith(str(path)) and expected in str(error.value)
+
+
+def test_package_of_the_demucs_name_loads(tmp_path, demucs_class):
+    path = tmp_path / "named.th"
+    torch.save(_package(demucs_class, kwargs={**_KWARGS, "samplerate": 48000}), path)
+    model, info = load_model(path)
+    _assert_same_weights(model, _small_state())
+    assert info.config["samplerate"] == model.samplerate == 48000
+
+
+def test_packages_saved_by_stemserve_load(tmp_path):
+    """A package naming stemserve.model.Demucs (not demucs'), and the {'config', 'state'}
+    file that benchmarks/models.py writes beside an export."""
+    state = _small_state(seed=8)
+    package = tmp_path / "package.th"
+    torch.save(_package(Demucs, state=state, training_args=None), package)
+    model, info = load_model(package)
+    _assert_same_weights(model, state)
+    assert info.config["channels"] == 4
+
+    weights = tmp_path / "weights.th"
+    torch.save({"config": {"channels": 4, "segment_length": 44100}, "state": state}, weights)
+    with pytest.warns(UserWarning, match="carries its own configuration; ignoring config="):
+        model, info = load_model(weights, config="demucs")
+    _assert_same_weights(model, state)
+    assert (info.config["channels"], info.config["segment_length"]) == (4, 44100)
+    assert info.config["sources"] == list(SOURCES)
+
+
+# --------------------------------------------------------------------------- resource bombs
+
+# Loads a file in a child whose address space is capped at 1 GiB over what it holds after
+# importing: an allocation of gigabytes fails there with MemoryError instead of swapping this
+# machine, and the child reports the outcome and how much its peak resident memory grew.
+_LIMITED = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+try:
+    import diffq  # imported before the cap: only the load is measured
+except ImportError:
+    pass
+from stemserve.checkpoints import load_model
+
+with open("/proc/self/status") as status:
+    held = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (held + (1 << 30), held + (1 << 30)))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1], config=sys.argv[2] or None)
+    error, message = None, ""
+except BaseException as exc:
+    error, message = type(exc).__name__, str(exc)
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"error": error, "message": message, "grown_mb": grown_mb}))
+"""
+
+# GLOBAL demucs.model.Demucs, then REDUCE with (['a'], 2, 96): Demucs(['a'], 2, 96), a 2.4 GB
+# model, if the unpickler called the class it names.
+_CALLS_DEMUCS = b"\x80\x02cdemucs.model\nDemucs\n]X\x01\x00\x00\x00aaK\x02K\x60\x87R."
+
+
+def _zlib_bomb(megabytes: int) -> bytes:
+    """zlib data of ``megabytes`` MiB of zeros in about 1/1000 of that, built in a blink:
+    after a full flush the compressor emits the same bytes for the same input."""
+    chunk, compressor = bytes(1 << 20), zlib.compressobj(9)
+    head = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    body = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(megabytes):
+        adler = zlib.adler32(chunk, adler)
+    tail = compressor.flush()[:-4] + adler.to_bytes(4, "big")  # the checksum of it all
+    return head + body * (megabytes - 1) + tail
+
+
+def test_zlib_bomb_helper_is_valid_zlib():
+    assert zlib.decompress(_zlib_bomb(3)) == bytes(3 << 20)
+
+
+BOMBS = {
+    "pickle-calls-demucs": (lambda demucs: _CALLS_DEMUCS, "",
+                            "calls the Demucs class while unpickling"),
+    "channels-65536": (lambda demucs: _saved(_package(demucs, kwargs={**_KWARGS,
+                                                                      "channels": 65536})),
+                       "", "channels=65536 is out of bounds"),
+    "over-parameter-cap": (lambda demucs: _saved(_package(demucs, kwargs={**_KWARGS,
+                                                                          "channels": 128})),
+                           "", "has 1063 M parameters; stemserve loads at most 700 M"),
+    "tiny-state-big-model": (lambda demucs: _saved(_package(demucs, kwargs={**_KWARGS,
+                                                                            "channels": 96})),
+                             "", "does not fit its own configuration, Demucs(channels=96)"),
+    "zlib-bomb": (lambda demucs: _saved({"compressed": _zlib_bomb(2048)}), "demucs_unittest",
+                  "its compressed quantized state inflates to more than 9 MiB"),
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("bomb", BOMBS)
+def test_resource_bomb_is_refused_without_allocating(tmp_path, demucs_class, bomb):
+    make, config, expected = BOMBS[bomb]
+    path = tmp_path / f"{bomb}.th"
+    path.write_bytes(make(demucs_class))
+    run = subprocess.run([sys.executable, "-c", _LIMITED, str(path), config],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["error"] == "CheckpointError", outcome
+    assert outcome["message"].startswith(str(path)) and expected in outcome["message"], outcome
+    assert outcome["grown_mb"] < 200, outcome
 
 
 # --------------------------------------------------------------------------- demucs formats
