@@ -107,7 +107,8 @@ def _stemserve_path(job: dict) -> dict:
             marks: list[float] = []
             start = time.perf_counter()
             separate_file(job["track"], out, backend=backend, window=window,
-                          progress=lambda _seconds: marks.append(time.perf_counter()))
+                          progress=lambda stage, *_: stage == "separating"
+                          and marks.append(time.perf_counter()))
             end = time.perf_counter()
             runs.append({"wall_s": end - start,
                          "stages_s": {"separate": marks[-1] - start, "write": end - marks[-1]}})

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
@@ -26,14 +27,13 @@ import numpy as np
 import soundfile as sf
 import tqdm
 
-from stemserve.audio import (MIN_SECONDS, AudioInfo, ClipMode, OutputFormat, Resampler,
-                             StemWriter, array_blocks, check_channels, probe, read_blocks,
-                             resample_blocks)
-# The CLI module owns the defaults it shares with `stemserve export` and `serve`; it imports
-# this module only inside functions, so there is no cycle.
-from stemserve.cli import DEFAULT_MODEL, EXPORT_ROOT
+from stemserve.audio import (MIN_SECONDS, MP3_RATES, AudioInfo, ClipMode, OutputFormat,
+                             Resampler, StemWriter, array_blocks, check_channels,
+                             check_sample_rate, probe, read_blocks, resample_blocks)
 from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
+from stemserve.defaults import DEFAULT_MODEL, export_root
 from stemserve.errors import StemserveError
+from stemserve.files import file_sha256
 from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT, Backend, separate_stream
 from stemserve.spec import ModelSpec
 
@@ -43,23 +43,27 @@ DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 BackendKind = Literal["triton", "onnx", "torch"]
 SampleRateOut = Literal["model", "original"]
-Progress = Union[bool, Callable[[float], None]]
-"""True: a tqdm bar in audio seconds (shown on a terminal only); a callable: receives the
-audio seconds separated so far, each time more are finished."""
+ProgressCallback = Callable[[str, float, float], None]
+"""Receives ``(stage, done, total)`` in audio seconds: stage ``"separating"`` each time the
+backend answers a request, then ``"encoding"`` while the stems are written."""
+Progress = Union[bool, ProgressCallback]
+"""True: a tqdm bar in audio seconds (shown on a terminal only); a callable: see
+:data:`ProgressCallback`."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
 def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
-                 url: str = DEFAULT_URL, window: int = DEFAULT_WINDOW,
+                 config: str | None = None, url: str = DEFAULT_URL, window: int = DEFAULT_WINDOW,
                  shared_memory: bool | None = None, timeout: float = REQUEST_TIMEOUT,
                  retries: int = 3) -> Backend:
     """A backend of ``kind``; close it when done (it is a context manager).
 
-    ``model`` is a release name, a checkpoint file or (onnx) an export folder. For Triton it
-    is only checked against what the server serves; the in-process backends default to
-    :data:`DEFAULT_MODEL`. ``window``, ``shared_memory`` (None: when the server is on this
+    ``model`` is a release name, a checkpoint file or (onnx) an export folder; ``config``
+    names the release whose configuration a plain state-dict file has (as ``stemserve
+    export --config``). For Triton it is only checked against what the server serves; the
+    in-process backends default to :data:`DEFAULT_MODEL`. ``window``, ``shared_memory`` (None: when the server is on this
     host), ``timeout`` and ``retries`` apply to Triton.
 
     ``url`` may name several servers (``host:port,host:port`` or ``@file``, see
@@ -88,43 +92,55 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
                 f"'{Path(model).stem}': serve that model, or leave -n/--model out")
         return backend
     if kind == "onnx":
-        return OnnxBackend(export_dir_for(model or DEFAULT_MODEL))
+        return OnnxBackend(export_dir_for(model or DEFAULT_MODEL, config))
     if kind == "torch":
         from stemserve.torch_backend import TorchBackend
 
-        return TorchBackend(*_load_model(model or DEFAULT_MODEL))
+        return TorchBackend(*_load_model(model or DEFAULT_MODEL, config))
     raise StemserveError(f"unknown backend {kind!r}: use triton, onnx or torch")
 
 
-def export_dir_for(model: str | Path) -> Path:
-    """An ONNX export of ``model``: the folder itself, ``build/export/<name>``, or a new one.
+def export_dir_for(model: str | Path, config: str | None = None) -> Path:
+    """An ONNX export of ``model``: the folder itself, ``<export root>/<name>``, or a new one.
 
-    Exporting needs PyTorch and happens once; later runs reuse the folder.
+    Exporting needs PyTorch and happens once; later runs, from any working directory, reuse
+    the folder under :func:`~stemserve.defaults.export_root` (a checkpoint file changed
+    since its export is exported again).
     """
     local = _local_export(model)
     if local is not None:
         return local
-    torch_model, info = _load_model(model)
+    torch_model, info = _load_model(model, config)
     from stemserve.export.to_onnx import export_onnx  # torch is there: _load_model needs it
 
-    out = EXPORT_ROOT / info.name
-    logger.info("no ONNX export of %s yet: exporting it to %s (once)", model, out)
+    out = export_root() / info.name
+    logger.info("no ONNX export of %s yet: exporting it to %s (once; about a minute for the "
+                "full-size model)", model, out)
+    start = time.perf_counter()
     export_onnx(torch_model, info, out)
+    logger.info("exported %s in %.1f s", model, time.perf_counter() - start)
     return out
 
 
 def _local_export(model: str | Path | None) -> Path | None:
-    """The export folder ``model`` names: itself, or ``build/export/<name>``, if it exists."""
+    """The up-to-date export folder ``model`` names: itself, or ``<export root>/<name>``."""
     if model is None:
         return None
     path = Path(model)
-    for folder in (path, EXPORT_ROOT / path.stem):
-        if (folder / "model.json").is_file():
-            return folder
-    return None
+    if (path / "model.json").is_file():
+        return path
+    folder = export_root() / path.stem
+    sidecar = folder / "model.json"
+    if not sidecar.is_file():
+        return None
+    if path.is_file() and path.stat().st_mtime > sidecar.stat().st_mtime \
+            and load_export_spec(folder).checkpoint_sha256 != file_sha256(path):
+        logger.info("%s changed since it was exported to %s: exporting it again", path, folder)
+        return None
+    return folder
 
 
-def _load_model(model: str | Path):
+def _load_model(model: str | Path, config: str | None = None):
     """(Demucs, CheckpointInfo) for a release name or checkpoint file, with clear errors."""
     try:
         from stemserve.checkpoints import CheckpointError, load_model
@@ -132,7 +148,7 @@ def _load_model(model: str | Path):
         raise StemserveError(f"model {model}: loading a checkpoint needs PyTorch ({err}); "
                              "install 'stemserve[export]' or use --backend triton") from None
     try:
-        return load_model(str(model))
+        return load_model(str(model), config=config)
     except CheckpointError as err:
         raise StemserveError(f"model {model}: {err}") from None
 
@@ -196,31 +212,39 @@ class _Stems:
 
 def progress_bar(seconds: float, label: str) -> tqdm.tqdm:
     """A tqdm bar in audio seconds, shown on a terminal only (one track, or a whole job)."""
-    return tqdm.tqdm(total=round(seconds, 1), desc=label, unit="s", disable=None,
+    return tqdm.tqdm(total=seconds, desc=label, unit="s", disable=None,
                      bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
 
 
-@contextlib.contextmanager
-def _progress(progress: Progress, seconds: float, sample_rate: int,
-              label: str) -> Iterator[Callable[[int], None] | None]:
-    """Turns the pipeline's finished-sample counts into what ``progress`` asks for."""
-    if callable(progress):
-        done = 0
+class _TrackProgress:
+    """Turns the pipeline's answered samples and the writer's encoded fraction into what
+    ``progress`` asks for: a bar (the encoding stage as its postfix) or a callback."""
 
-        def report(samples: int) -> None:
-            nonlocal done
-            done += samples
-            progress(done / sample_rate)
-        yield report
-        return
-    if not progress:
-        yield None
-        return
-    bar = progress_bar(seconds, label)
-    try:
-        yield lambda samples: bar.update(samples / sample_rate)
-    finally:
-        bar.close()
+    def __init__(self, progress: Progress, seconds: float, sample_rate: int, label: str):
+        self._callback = progress if callable(progress) else None
+        self._bar = progress_bar(seconds, label) if progress is True else None
+        self.seconds = seconds
+        self._rate = sample_rate
+        self._done = 0.0
+
+    def separated(self, samples: float) -> None:
+        # Counted at the model's rate, against the input's length: never past the end.
+        done = min(self._done + samples / self._rate, self.seconds)
+        step, self._done = done - self._done, done
+        if self._bar is not None:
+            self._bar.update(step)
+        elif self._callback is not None:
+            self._callback("separating", self._done, self.seconds)
+
+    def encoded(self, fraction: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"encoding {fraction:.0%}")
+        elif self._callback is not None:
+            self._callback("encoding", fraction * self.seconds, self.seconds)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +267,7 @@ def separate_array(mix: np.ndarray, sample_rate: int, *, backend: Backend | None
     if mix.ndim not in (1, 2):
         raise StemserveError(f"mix must be [time] or [channels, time], got shape {mix.shape}")
     check_channels(1 if mix.ndim == 1 else mix.shape[0], downmix, "mix")
+    check_sample_rate(sample_rate, "mix")
     if mix.shape[-1] < MIN_SECONDS * sample_rate:
         raise StemserveError(f"mix: too short to separate ({mix.shape[-1]} samples; "
                              f"at least {MIN_SECONDS} s needed)")
@@ -251,13 +276,17 @@ def separate_array(mix: np.ndarray, sample_rate: int, *, backend: Backend | None
         out_rate = sample_rate if samplerate_out == "original" else spec.sample_rate
         blocks: list[dict[str, np.ndarray]] = []
         stems = _Stems(spec, two_stems, out_rate, blocks.append)
-        with _progress(progress, mix.shape[-1] / sample_rate, spec.sample_rate,
-                       "mix") as on_progress:
+        track_progress = _TrackProgress(progress, mix.shape[-1] / sample_rate,
+                                        spec.sample_rate, "mix")
+        try:
             separate_stream(
                 lambda: resample_blocks(array_blocks(mix, downmix=downmix), sample_rate,
                                         spec.sample_rate),
                 used, stems, overlap=overlap, shifts=shifts, seed=seed,
-                transition_power=transition_power, window=window, on_progress=on_progress)
+                transition_power=transition_power, window=window,
+                on_progress=track_progress.separated)
+        finally:
+            track_progress.close()
         stems.flush()
     return {name: np.concatenate([block[name] for block in blocks], axis=-1)
             for name in stems.names}
@@ -268,15 +297,17 @@ def stem_paths(track: Path, out_dir: Path, names: list[str], ext: str,
     """Where each stem of ``track`` goes: ``out_dir / template`` filled in per stem.
 
     The template takes ``{track}`` (file name without extension), ``{trackext}``,
-    ``{stem}`` and ``{ext}``, like later demucs releases.
+    ``{parent}`` (the name of the track's folder), ``{stem}`` and ``{ext}``, like later
+    demucs releases (``{parent}`` is stemserve's, for albums of ``01.wav``, ``02.wav``).
     """
     try:
         targets = {name: Path(out_dir) / template.format(
-            track=track.stem, trackext=track.suffix.lstrip("."), stem=name, ext=ext)
+            track=track.stem, trackext=track.suffix.lstrip("."),
+            parent=track.resolve().parent.name, stem=name, ext=ext)
             for name in names}
     except (KeyError, IndexError, ValueError) as err:
         raise StemserveError(f"bad filename template {template!r} ({err!r}): use {{track}}, "
-                             "{trackext}, {stem} and {ext}") from None
+                             "{trackext}, {parent}, {stem} and {ext}") from None
     if len(set(targets.values())) < len(targets):
         raise StemserveError(f"filename template {template!r} gives every stem the same "
                              "file: include {stem}")
@@ -286,16 +317,60 @@ def stem_paths(track: Path, out_dir: Path, names: list[str], ext: str,
     return targets
 
 
+def check_outputs(tracks: Sequence[Path], out_dir: Path, names: list[str], ext: str,
+                  template: str = DEFAULT_TEMPLATE) -> None:
+    """Refuse, before anything runs, tracks whose stems would land on the same files.
+
+    ``a/song.wav`` and ``b/song.wav`` (or two albums' ``01.wav``) share ``{track}``: one
+    would silently overwrite the other's stems, or mix with them when run at once. A stem
+    that would land on another input is refused too.
+    """
+    owners: dict[Path, Path] = {}
+    inputs = {track.resolve(): track for track in tracks}
+    clashes: list[str] = []
+    for track in tracks:
+        for target in stem_paths(track, out_dir, names, ext, template).values():
+            key = target.resolve()
+            if key in inputs:
+                raise StemserveError(f"the stems of {track} would overwrite the input "
+                                     f"{inputs[key]} ({target}): choose another -o/--filename")
+            other = owners.setdefault(key, track)
+            if other != track:
+                clashes.append(f"{other} and {track} (both to {target})")
+                break
+    if clashes:
+        raise StemserveError(
+            "tracks with the same name would overwrite each other's stems: "
+            + "; ".join(clashes[:5]) + (f"; and {len(clashes) - 5} more" if len(clashes) > 5
+                                       else "")
+            + ". Add {parent} (the track's folder) to the file name template, e.g. "
+              "--filename '{parent}/{track}/{stem}.{ext}', or separate them in two runs")
+
+
+def output_rate(samplerate_out: SampleRateOut, model_rate: int, input_rate: int,
+                fmt: OutputFormat) -> int:
+    """The rate stems are written at: the input's by default (stems line up with the mix,
+    sample for sample), or the model's as demucs writes them. MP3 stores a few rates only:
+    an input at another rate gets MP3 stems at the model's rate."""
+    if samplerate_out == "model":
+        return model_rate
+    if fmt.container == "mp3" and input_rate not in MP3_RATES:
+        logger.info("MP3 cannot store %d Hz: writing MP3 stems at the model's %d Hz",
+                    input_rate, model_rate)
+        return model_rate
+    return input_rate
+
+
 def separate_file(path: str | Path, out_dir: str | Path, *, backend: Backend | None = None,
                   url: str = DEFAULT_URL, template: str = DEFAULT_TEMPLATE,
                   fmt: OutputFormat = OutputFormat(), clip_mode: ClipMode = "rescale",
-                  two_stems: str | None = None, samplerate_out: SampleRateOut = "model",
+                  two_stems: str | None = None, samplerate_out: SampleRateOut = "original",
                   downmix: bool = False, overlap: float = 0.25, shifts: int = 0,
                   seed: int | None = None, transition_power: float = 1.0,
                   window: int = DEFAULT_WINDOW, progress: Progress = False) -> dict[str, Path]:
     """Separate the audio file at ``path`` into one file per stem under ``out_dir``.
 
-    Stems are written at the model's rate by default (as demucs does), in ``fmt``, with
+    Stems are written at the input's rate by default (:func:`output_rate`), in ``fmt``, with
     demucs' clip handling (``clip_mode="rescale"``), and appear only once all are complete.
     Every failure is a :class:`StemserveError` that names the file. Returns {stem: path}.
     """
@@ -304,25 +379,29 @@ def separate_file(path: str | Path, out_dir: str | Path, *, backend: Backend | N
     try:
         with _using(backend, url) as used:
             spec = used.spec
-            out_rate = spec.sample_rate if samplerate_out == "model" else info.sample_rate
+            out_rate = output_rate(samplerate_out, spec.sample_rate, info.sample_rate, fmt)
             targets = stem_paths(path, Path(out_dir), stem_names(spec, two_stems),
                                  fmt.ext, template)
+            track_progress = _TrackProgress(progress, info.seconds, spec.sample_rate,
+                                            path.name)
             with StemWriter(targets, out_rate, spec.audio_channels, fmt, clip_mode) as writer, \
-                    _progress(progress, info.seconds, spec.sample_rate,
-                              path.name) as on_progress:
+                    contextlib.closing(track_progress):
                 stems = _Stems(spec, two_stems, out_rate, writer.write)
                 separate_stream(
                     lambda: resample_blocks(read_blocks(path, downmix=downmix),
                                             info.sample_rate, spec.sample_rate),
                     used, stems, overlap=overlap, shifts=shifts, seed=seed,
                     transition_power=transition_power, window=window,
-                    on_progress=on_progress)
+                    on_progress=track_progress.separated)
                 stems.flush()
-                return writer.commit()
+                return writer.commit(on_encoded=track_progress.encoded)
     except StemserveError as err:
         raise StemserveError(f"{path}: {err}") from err
-    except OSError as err:
+    except (OSError, sf.LibsndfileError) as err:  # disk full, file too large, permissions
         raise StemserveError(f"{path}: cannot write stems under {out_dir}: {err}") from err
+    except MemoryError:
+        raise StemserveError(f"{path}: out of memory while separating; try a smaller "
+                             "--window or fewer --jobs") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,13 +454,21 @@ def separate_files(paths: Sequence[str | Path], out_dir: str | Path, *, backend:
     Tracks overlap so that every server behind the backend stays busy: one track alone
     leaves them idle while its pipeline waits on its next segments and writes its stems.
     Yields a :class:`TrackResult` per track as each ends; a failing track does not stop the
-    others. ``progress``: True, one bar over the audio seconds of all tracks; a callable,
-    the audio seconds separated so far over all tracks. ``options`` are
+    others. ``progress``: True, one bar over the audio seconds of all tracks; a callable
+    receives ``("separating", done, total)`` over all tracks and each track's
+    ``("encoding", done, total)``. ``options`` are
     :func:`separate_file`'s. Leaving the loop early drops the tracks not started; the
     running ones end when the caller closes the backend.
     """
+    unique: dict[Path, Path] = {}
+    for path in map(Path, paths):  # a track named twice is separated once
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
+    check_outputs(paths, Path(out_dir), stem_names(backend.spec, options.get("two_stems")),
+                  options.get("fmt", OutputFormat()).ext,
+                  options.get("template", DEFAULT_TEMPLATE))
     infos: list[AudioInfo] = []
-    for path in map(Path, paths):
+    for path in paths:
         try:
             infos.append(probe(path, downmix=downmix))
         except StemserveError as err:
@@ -393,32 +480,43 @@ def separate_files(paths: Sequence[str | Path], out_dir: str | Path, *, backend:
     if progress is True:
         bar = progress_bar(sum(info.seconds for info in infos),
                            infos[0].path.name if len(infos) == 1 else f"{len(infos)} tracks")
-    done = 0.0
+    done, total = 0.0, sum(info.seconds for info in infos)
 
     def advance(seconds: float) -> None:
         nonlocal done
         with lock:
-            done += seconds
+            step = max(0.0, min(seconds, total - done))  # float sums never pass the total
+            done += step
             if bar is not None:
-                bar.update(seconds)
+                bar.update(step)
             elif callable(progress):
-                progress(done)
+                progress("separating", done, total)
 
     def run(info: AudioInfo) -> TrackResult:
         reported = 0.0
 
-        def report(seconds: float) -> None:
+        def report(stage: str, seconds: float, length: float) -> None:
             nonlocal reported
-            advance(seconds - reported)
-            reported = seconds
+            if stage == "separating":
+                advance(seconds - reported)
+                reported = seconds
+            elif bar is not None:
+                with lock:
+                    bar.set_postfix_str(f"encoding {info.path.name} {seconds / length:.0%}")
+            elif callable(progress):
+                progress(stage, seconds, length)
 
         try:
             stems = separate_file(info.path, out_dir, backend=backend, downmix=downmix,
                                   progress=report, **options)
-        except StemserveError as err:
+        except Exception as err:  # every failure is this track's, not the whole run's
+            if not isinstance(err, StemserveError):
+                logger.debug("%s failed", info.path, exc_info=True)
+                err = StemserveError(f"{info.path}: unexpected {type(err).__name__}: {err} "
+                                     "(-v shows the traceback)")
             if bar is not None:  # what this track will never do leaves the bar's total
                 with lock:
-                    bar.total = round(bar.total - (info.seconds - reported), 1)
+                    bar.total -= info.seconds - reported
                     bar.refresh()
             return TrackResult(info.path, info.seconds, error=err)
         return TrackResult(info.path, info.seconds, stems=stems)

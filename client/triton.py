@@ -18,10 +18,12 @@ import ipaddress
 import logging
 import os
 import queue
+import re
 import secrets
 import socket
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as shm
 
 from stemserve.errors import StemserveError
+from stemserve.files import pid_alive
 from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS, REQUEST_TIMEOUT
 from stemserve.spec import SPEC_PARAMETER, ModelSpec, output_length
 
@@ -38,8 +41,28 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "demucs"
 CONNECT_TIMEOUT = 10.0
 """Seconds the first contact may take: an unreachable host should fail fast."""
+CONTROL_TIMEOUT = 10.0
+"""Deadline of every call that is not an inference (metadata, config, shared memory): a
+frozen server must never hold the client."""
+CLOSE_TIMEOUT = 3.0
+"""Deadline of the clean-up calls at close: exit must not wait on a dead server."""
+REGION_DRAIN = 10.0
+"""Seconds close() waits for the server to finish requests still holding shared memory."""
+HEALTH_INTERVAL = 2.0
+HEALTH_TIMEOUT = 5.0
+HEALTH_FAILURES = 2
+"""While requests are in flight, the server's liveness is asked every HEALTH_INTERVAL
+seconds; after HEALTH_FAILURES probes in a row get no answer within HEALTH_TIMEOUT, the
+server is taken for frozen and its requests are failed as transient (retried, or re-sent
+to another server of a fleet) instead of waiting out the request timeout."""
+RECONNECT_BACKOFF_MS = 1000
+"""Longest pause between gRPC's reconnection attempts (its default grows to 120 s, so a
+restarted server was ignored for 20 s and more)."""
 TRANSIENT = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
                        "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED"})
+REGION_PREFIX = "stemserve"
+_REGION = re.compile(rf"^{REGION_PREFIX}_(\d+)_[0-9a-f]{{8}}_\d+$")
+"""Shared-memory region names: ``stemserve_<pid>_<token>_<n>``, unique to each client."""
 
 
 class ServerUnreachable(StemserveError):
@@ -49,6 +72,26 @@ class ServerUnreachable(StemserveError):
 class TransientError(StemserveError):
     """A request failed for a reason that may pass: the server is down, restarting, overloaded
     or too slow. Another server, or this one later, may well answer it."""
+
+
+def grpc_client(url: str) -> grpcclient.InferenceServerClient:
+    """A gRPC client for ``url`` that reconnects within a second of the server coming back.
+
+    tritonclient's own channel options (unlimited message sizes, its keepalive defaults)
+    are kept; only gRPC's reconnection backoff is bounded.
+    """
+    keepalive = grpcclient.KeepAliveOptions()
+    return grpcclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+    ])
 
 
 def is_transient(error: InferenceServerException) -> bool:
@@ -96,12 +139,45 @@ class _Slot:
     output_bytes: int
 
 
+def collect_stale_regions(client: grpcclient.InferenceServerClient) -> list[str]:
+    """Unregister and delete the shared-memory regions of stemserve clients that are gone.
+
+    A client killed without a chance to clean up (SIGKILL, a crash) leaves its regions
+    registered on the server, and their files in /dev/shm, until the server restarts. Region
+    names carry the client's process id; a region whose process no longer exists on this
+    host is stale. Returns the names removed.
+    """
+    removed = []
+    status = client.get_system_shared_memory_status(as_json=True,
+                                                    client_timeout=CONTROL_TIMEOUT)
+    for name in status.get("regions", {}):
+        match = _REGION.match(name)
+        if match is not None and not pid_alive(int(match.group(1))):
+            client.unregister_system_shared_memory(name, client_timeout=CONTROL_TIMEOUT)
+            removed.append(name)
+    shm_folder = "/dev/shm"
+    if os.path.isdir(shm_folder):
+        for entry in os.scandir(shm_folder):
+            match = _REGION.match(entry.name)
+            if match is not None and not pid_alive(int(match.group(1))):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    continue  # another client collected it first
+                removed.append(entry.name)
+    if removed:
+        logger.info("removed %d shared-memory region(s) of stemserve clients that are gone",
+                    len(set(removed)))
+    return sorted(set(removed))
+
+
 class _SharedMemoryPool:
     """Regions for ``size`` requests in flight, each big enough for the largest request.
 
     The region of a failed request is never reused: the server may still be writing the
     abandoned request's output into it. A token takes its place in the free queue, and the
-    next :meth:`acquire` creates a fresh region for it.
+    next :meth:`acquire` creates a fresh region for it. Regions are read and destroyed under
+    one lock, so a late answer never reads a region that :meth:`close` has unmapped.
     """
 
     def __init__(self, client: grpcclient.InferenceServerClient, spec: ModelSpec, size: int):
@@ -111,11 +187,13 @@ class _SharedMemoryPool:
         self.input_bytes = 4 * spec.audio_channels * longest
         self.output_bytes = 4 * len(spec.sources) * spec.audio_channels * output_length(
             longest, **spec.valid_length_params)
-        self._prefix = f"stemserve_{os.getpid()}_{secrets.token_hex(4)}"
+        self._prefix = f"{REGION_PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
         self._slots: list[_Slot] = []
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._closed = False
         self._free: queue.Queue[_Slot | None] = queue.Queue()
         try:
+            collect_stale_regions(client)
             for _ in range(size):
                 self._free.put(self._create())
         except BaseException:
@@ -123,13 +201,16 @@ class _SharedMemoryPool:
             raise
 
     def _create(self) -> _Slot:
-        with self._lock:
+        with self.lock:
+            if self._closed:
+                raise shm.SharedMemoryException("the shared-memory pool is closed")
             name = f"{self._prefix}_{len(self._slots)}"
             size = self.input_bytes + self.output_bytes
             slot = _Slot(name, shm.create_shared_memory_region(name, "/" + name, size),
                          self.input_bytes, self.output_bytes)
             self._slots.append(slot)
-        self._client.register_system_shared_memory(name, "/" + name, size)
+        self._client.register_system_shared_memory(name, "/" + name, size,
+                                                   client_timeout=CONTROL_TIMEOUT)
         return slot
 
     def acquire(self) -> _Slot:
@@ -146,17 +227,52 @@ class _SharedMemoryPool:
     def release(self, slot: _Slot, reusable: bool) -> None:
         self._free.put(slot if reusable else None)
 
+    def read(self, slot: _Slot, shape: list[int]) -> np.ndarray:
+        """A copy of the output in ``slot``'s region."""
+        with self.lock:
+            if self._closed:
+                raise StemserveError("the shared-memory regions were released")
+            return shm.get_contents_as_numpy(slot.handle, np.float32, shape,
+                                             offset=slot.input_bytes).copy()
+
     def close(self) -> None:
-        for slot in self._slots:
-            try:
-                self._client.unregister_system_shared_memory(slot.name)
-            except InferenceServerException:
-                pass  # the server is gone: nothing left to unregister
-            shm.destroy_shared_memory_region(slot.handle)
-        self._slots.clear()
+        """Unregister and destroy every region; a server that does not answer is skipped.
+
+        A region stays "in use" on the server until the request that holds it is done: the
+        unregistering is retried for :data:`REGION_DRAIN` seconds, then left to the next
+        client (:func:`collect_stale_regions`).
+        """
+        with self.lock:
+            self._closed = True
+            slots, self._slots = self._slots, []
+        pending, deadline = slots, time.monotonic() + REGION_DRAIN
+        while pending:
+            busy = []
+            for slot in pending:
+                try:
+                    self._client.unregister_system_shared_memory(slot.name,
+                                                                 client_timeout=CLOSE_TIMEOUT)
+                except InferenceServerException as err:
+                    if err.status() in TRANSIENT:  # gone or frozen: it forgets them itself
+                        busy = []
+                        break
+                    if "in use" in (err.message() or ""):
+                        busy.append(slot)
+            if busy and time.monotonic() > deadline:
+                logger.info("%d shared-memory region(s) still in use by requests the server "
+                            "is finishing: the next stemserve client removes them", len(busy))
+                break
+            pending = busy
+            if pending:
+                time.sleep(0.2)
+        with self.lock:
+            for slot in slots:
+                shm.destroy_shared_memory_region(slot.handle)
+        # Wake whoever waits for a region; they find the pool closed.
+        self._free.put(None)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     """A segment request and everything needed to send it again."""
 
@@ -164,6 +280,8 @@ class _Call:
     future: Future
     slot: _Slot | None = None
     attempt: int = 0
+    context: object | None = None
+    """The gRPC call in flight (``cancel()``-able)."""
 
 
 class TritonBackend:
@@ -183,6 +301,10 @@ class TritonBackend:
         spec: the sidecar to use when the server's model config carries none (the
             ``stemserve_spec`` parameter); when it carries one, both must describe the same
             checkpoint.
+
+    Every call to the server has a deadline, and a watchdog probes the server's liveness
+    while requests are in flight (:data:`HEALTH_INTERVAL`), so a frozen server fails its
+    requests within seconds instead of holding them for ``timeout``.
     """
 
     def __init__(self, url: str, model: str = DEFAULT_MODEL, *,
@@ -194,10 +316,12 @@ class TritonBackend:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpc_client(url)
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
         self._timers: dict[threading.Timer, _Call] = {}
+        self._in_flight: dict[int, _Call] = {}
+        self._sends = 0
         self._pool: _SharedMemoryPool | None = None
         try:
             self.spec = self._read_spec(spec)
@@ -206,6 +330,9 @@ class TritonBackend:
         except BaseException:
             self._client.close()
             raise
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name=f"stemserve-watchdog-{url}")
+        self._watchdog.start()
 
     @property
     def shared_memory(self) -> bool:
@@ -231,11 +358,13 @@ class TritonBackend:
         if not ready:
             raise ServerUnreachable(unreachable_message(self.url, "server not ready"))
         try:
-            if not self._client.is_model_ready(self.model, client_timeout=CONNECT_TIMEOUT):
+            if not self._client.is_model_ready(self.model, client_timeout=CONTROL_TIMEOUT):
                 raise InferenceServerException(msg="not ready")
             config = self._client.get_model_config(self.model, as_json=True,
-                                                   client_timeout=CONNECT_TIMEOUT)
+                                                   client_timeout=CONTROL_TIMEOUT)
         except InferenceServerException as err:
+            if err.status() in TRANSIENT:
+                raise ServerUnreachable(unreachable_message(self.url, err.message())) from None
             raise StemserveError(f"the Triton server at {self.url} has no ready model "
                                  f"'{self.model}' ({err.message()})") from None
         where = f"model '{self.model}' at {self.url}"
@@ -259,10 +388,9 @@ class TritonBackend:
 
     def _send(self, call: _Call) -> None:
         spec = self.spec
-        with self._lock:
-            if self._closed:
-                self._finish(call, error=StemserveError("the Triton backend is closed"))
-                return
+        if self._closed.is_set():
+            self._finish(call, error=StemserveError("the Triton backend is closed"))
+            return
         inputs = [grpcclient.InferInput(spec.input_name, list(call.mix.shape), "FP32")]
         outputs = [grpcclient.InferRequestedOutput(spec.output_name)]
         pool = self._pool
@@ -279,15 +407,33 @@ class TritonBackend:
             outputs[0].set_shared_memory(slot.name, slot.output_bytes, offset=slot.input_bytes)
         else:
             inputs[0].set_data_from_numpy(call.mix)
+        with self._lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._sends += 1
+                send = self._sends
+                self._in_flight[send] = call
+        if closed:  # close() came while this waited for a region
+            self._finish(call, error=StemserveError("the Triton backend is closed"))
+            return
         try:
-            self._client.async_infer(self.model, inputs,
-                                     lambda result, error: self._done(call, result, error),
-                                     outputs=outputs, client_timeout=self.timeout)
+            call.context = self._client.async_infer(
+                self.model, inputs, lambda result, error: self._answered(send, result, error),
+                outputs=outputs, client_timeout=self.timeout)
         except InferenceServerException as err:
-            self._done(call, None, err)
+            self._answered(send, None, err)
+        except ValueError as err:  # gRPC's "closed channel": close() won the race
+            self._answered(send, None, InferenceServerException(msg=str(err)))
+
+    def _answered(self, send: int, result, error: InferenceServerException | None) -> None:
+        """gRPC callback of send number ``send``; late answers to abandoned sends are dropped."""
+        with self._lock:
+            call = self._in_flight.pop(send, None)
+        if call is not None:
+            self._done(call, result, error)
 
     def _done(self, call: _Call, result, error: InferenceServerException | None) -> None:
-        """gRPC callback: hand over the result, retry a transient failure, or give up."""
+        """Hand over the result, retry a transient failure, or give up."""
         if error is None:
             try:
                 self._finish(call, output=self._output(call, result))
@@ -295,7 +441,7 @@ class TritonBackend:
                 self._finish(call, error=err)
             return
         transient = is_transient(error)
-        if transient and call.attempt < self.retries and not self._closed:
+        if transient and call.attempt < self.retries and not self._closed.is_set():
             self._release(call, reusable=False)
             delay = self.backoff * 2 ** call.attempt
             call.attempt += 1
@@ -321,15 +467,44 @@ class TritonBackend:
             self._timers[timer] = call
         timer.start()
 
+    def _watch(self) -> None:
+        """Fail the requests in flight on a server that stopped answering (see class doc)."""
+        misses = 0
+        while not self._closed.wait(HEALTH_INTERVAL):
+            with self._lock:
+                busy = bool(self._in_flight)
+            if not busy:
+                misses = 0
+                continue
+            try:
+                self._client.is_server_live(client_timeout=HEALTH_TIMEOUT)
+                misses = 0
+                continue
+            except InferenceServerException as err:
+                if err.status() not in TRANSIENT:
+                    continue  # it answered, with an error: not frozen
+                misses += 1
+            if misses < HEALTH_FAILURES:
+                continue
+            misses = 0
+            with self._lock:
+                abandoned, self._in_flight = list(self._in_flight.values()), {}
+            logger.warning("the Triton server at %s stopped answering: %d request(s) in flight "
+                           "given up", self.url, len(abandoned))
+            error = InferenceServerException(
+                msg=f"the server stopped answering (no health answer within "
+                    f"{HEALTH_TIMEOUT:g} s, {HEALTH_FAILURES} times in a row)",
+                status="StatusCode.DEADLINE_EXCEEDED")
+            for call in abandoned:
+                self._done(call, None, error)
+
     def _output(self, call: _Call, result) -> np.ndarray:
         name = self.spec.output_name
         slot = call.slot
         if slot is None:
             return result.as_numpy(name)[0]
         # as_numpy() raises on an output placed in shared memory: read the region.
-        shape = list(result.get_output(name).shape)
-        return shm.get_contents_as_numpy(slot.handle, np.float32, shape,
-                                         offset=slot.input_bytes)[0].copy()
+        return self._pool.read(slot, list(result.get_output(name).shape))[0]
 
     def _release(self, call: _Call, reusable: bool) -> None:
         if call.slot is not None:
@@ -339,19 +514,30 @@ class TritonBackend:
     def _finish(self, call: _Call, *, output: np.ndarray | None = None,
                 error: BaseException | None = None) -> None:
         self._release(call, reusable=error is None)
-        if error is not None:
-            call.future.set_exception(error)
-        else:
-            call.future.set_result(output)
+        try:
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(output)
+        except InvalidStateError:
+            pass  # close() failed it first
 
     def close(self) -> None:
-        """Stop retries, release shared memory, close the channel."""
+        """Fail what is pending, release shared memory, close the channel; never blocks on a
+        server that does not answer for more than :data:`CLOSE_TIMEOUT` seconds."""
         with self._lock:
-            self._closed = True
+            self._closed.set()
             waiting, self._timers = self._timers, {}
+            in_flight, self._in_flight = list(self._in_flight.values()), {}
+        error = StemserveError("the Triton backend was closed")
         for timer, call in waiting.items():
             timer.cancel()
-            self._finish(call, error=StemserveError("the Triton backend was closed"))
+            self._finish(call, error=error)
+        for call in in_flight:
+            if call.context is not None:
+                call.context.cancel()  # a queued request is dropped, freeing its region
+            call.slot = None  # the server may still write there: the pool destroys it
+            self._finish(call, error=error)
         if self._pool is not None:
             self._pool.close()
         self._client.close()

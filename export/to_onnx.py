@@ -117,7 +117,7 @@ def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int)
     sidecar_tmp = sidecar.with_suffix(".json.tmp")
     spec.save(sidecar_tmp)
     os.replace(sidecar_tmp, sidecar)
-    logger.info("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
+    logger.debug("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
 
 
 def _fix_output_dims(path: Path, spec: ModelSpec) -> None:
@@ -134,17 +134,29 @@ def _fix_output_dims(path: Path, spec: ModelSpec) -> None:
 
 
 def onnx_parity(model: Demucs, onnx_path: Path, spec: ModelSpec, batch_sizes=(1, 3),
-                seed: int = 0) -> dict[int, float]:
-    """Max abs error between PyTorch and ONNX Runtime on random input, per batch size."""
+                seed: int = 0, progress: bool = False) -> dict[int, float]:
+    """Max abs error between PyTorch and ONNX Runtime on random input, per batch size.
+
+    Each batch is one full padded segment through both; for the full model that is about
+    a minute in all, so ``progress`` shows a bar over the runs.
+    """
     import onnxruntime as ort
+    import tqdm
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
     errors = {}
-    for batch in batch_sizes:
-        mix = torch.randn(batch, spec.audio_channels, spec.padded_length, generator=generator)
-        with torch.no_grad():
-            expected = model(mix).numpy()
-        got = session.run([spec.output_name], {spec.input_name: mix.numpy()})[0]
-        errors[batch] = float(np.abs(expected - got).max())
+    with tqdm.tqdm(total=2 * len(batch_sizes), desc="parity check", unit="run",
+                   disable=not progress) as bar:
+        for batch in batch_sizes:
+            mix = torch.randn(batch, spec.audio_channels, spec.padded_length,
+                              generator=generator)
+            bar.set_postfix_str(f"PyTorch, batch {batch}")
+            with torch.no_grad():
+                expected = model(mix).numpy()
+            bar.update()
+            bar.set_postfix_str(f"ONNX Runtime, batch {batch}")
+            got = session.run([spec.output_name], {spec.input_name: mix.numpy()})[0]
+            bar.update()
+            errors[batch] = float(np.abs(expected - got).max())
     return errors

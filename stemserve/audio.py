@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Literal
+from typing import BinaryIO, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from stemserve.errors import StemserveError
+from stemserve.files import collect_stale_parts, commit_all, temporary_name
 
 BLOCK_FRAMES = 1 << 16
 MIN_SECONDS = 0.1
 """Shorter inputs are refused: nothing audible to separate, and their statistics are noise."""
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 384000
+"""Input rates outside [8 kHz, 384 kHz] are refused: below telephone quality nothing is left
+to separate (and soxr crashes on rates of a few Hz), above it no recording format goes."""
 RESAMPLE_QUALITY = "HQ"
 
 ClipMode = Literal["rescale", "clamp", "none"]
@@ -65,11 +69,19 @@ def probe(path: Path, *, downmix: bool = False) -> AudioInfo:
                              f"readable formats: {', '.join(sorted(sf.available_formats()))}"
                              ) from None
     audio = AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames))
+    check_sample_rate(audio.sample_rate, str(path))
     if audio.frames <= 0 or audio.seconds < MIN_SECONDS:
         raise StemserveError(f"{path}: too short to separate ({audio.frames} samples, "
                              f"{audio.seconds:.3f} s; at least {MIN_SECONDS} s needed)")
     check_channels(audio.channels, downmix, str(path))
     return audio
+
+
+def check_sample_rate(rate: int, what: str) -> None:
+    """Refuse rates outside [:data:`MIN_SAMPLE_RATE`, :data:`MAX_SAMPLE_RATE`]."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise StemserveError(f"{what}: sample rate {rate} Hz is outside what stemserve "
+                             f"separates ({MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)")
 
 
 def check_channels(channels: int, downmix: bool, what: str) -> None:
@@ -145,12 +157,20 @@ class Resampler:
 
 def resample_blocks(blocks: Iterable[np.ndarray], in_rate: int, out_rate: int,
                     channels: int = 2) -> Iterator[np.ndarray]:
-    """Pull-style :class:`Resampler`: resampled blocks, empty ones skipped."""
+    """Pull-style :class:`Resampler`: resampled blocks, empty ones skipped.
+
+    Blocks are cut so that none yields more than about :data:`BLOCK_FRAMES` output frames:
+    memory follows the output rate, never the size of an input block.
+    """
     resampler = Resampler(in_rate, out_rate, channels)
+    step = max(1, BLOCK_FRAMES * in_rate // out_rate)
     for block in blocks:
-        out = resampler.process(block)
-        if out.shape[-1]:
-            yield out
+        pieces = [block] if block.shape[-1] <= step else \
+            [block[:, start:start + step] for start in range(0, block.shape[-1], step)]
+        for piece in pieces:
+            out = resampler.process(piece)
+            if out.shape[-1]:
+                yield out
     tail = resampler.flush()
     if tail.shape[-1]:
         yield tail
@@ -195,45 +215,58 @@ def to_pcm(block: np.ndarray, encoding: Encoding) -> np.ndarray:
     return ints.astype(np.int32) << 8
 
 
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+MP3_BITRATES = {1: (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+                2: (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+"""kb/s that MPEG-1 (32 kHz and up) and MPEG-2/2.5 (below) layer III can store."""
+
+
+def mp3_compression_level(bitrate: int, sample_rate: int) -> float:
+    """libsndfile's compression level that makes LAME write constant ``bitrate`` kb/s.
+
+    libsndfile maps the level linearly onto the MPEG version's bit-rate range (MPEG-1: 320
+    down to 32, MPEG-2: 160 to 8, MPEG-2.5: 64 to 8) and LAME takes the nearest valid rate.
+    """
+    top, bottom = (320, 32) if sample_rate >= 32000 else (160, 8) if sample_rate >= 16000 \
+        else (64, 8)
+    allowed = [rate for rate in MP3_BITRATES[1 if sample_rate >= 32000 else 2]
+               if bottom <= rate <= top]
+    if bitrate not in allowed:
+        raise StemserveError(f"MP3 at {sample_rate} Hz stores {', '.join(map(str, allowed))} "
+                             f"kb/s, not {bitrate}")
+    return min((top - bitrate) / (top - bottom), 0.999)
+
+
 class _Encoder:
-    """Writes [channels, n] float blocks of one stem to ``path`` in ``fmt``."""
+    """Writes [channels, n] float blocks of one stem to ``path`` in ``fmt``.
+
+    MP3 goes through libsndfile's LAME encoder, which writes the LAME info header: decoders
+    that read it (libsndfile, ffmpeg, browsers) drop the encoder's delay and padding, so an
+    MP3 stem is exactly as long as the mix, sample for sample aligned.
+    """
 
     def __init__(self, path: Path, fmt: OutputFormat, sample_rate: int, channels: int):
         self.fmt = fmt
-        self._lame = None
-        self._file: sf.SoundFile | BinaryIO
         if fmt.container == "mp3":
-            import lameenc
-
-            self._lame = lameenc.Encoder()
-            self._lame.set_bit_rate(fmt.mp3_bitrate)
-            self._lame.set_in_sample_rate(sample_rate)
-            self._lame.set_channels(channels)
-            self._lame.set_quality(2)  # what demucs uses: 2 is the highest quality
-            self._lame.silence()
-            self._file = open(path, "wb")
+            options = dict(format="MP3", subtype="MPEG_LAYER_III", bitrate_mode="CONSTANT",
+                           compression_level=mp3_compression_level(fmt.mp3_bitrate,
+                                                                   sample_rate))
         else:
-            subtype = {"int16": "PCM_16", "int24": "PCM_24", "float32": "FLOAT"}[fmt.encoding]
-            self._file = sf.SoundFile(str(path), "w", samplerate=sample_rate,
-                                      channels=channels, subtype=subtype,
-                                      format=fmt.container.upper())
+            options = dict(format=fmt.container.upper(), subtype={
+                "int16": "PCM_16", "int24": "PCM_24", "float32": "FLOAT"}[fmt.encoding])
+        self._file = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=channels,
+                                  **options)
 
     def write(self, block: np.ndarray) -> None:
-        pcm = np.ascontiguousarray(to_pcm(block, self.fmt.encoding).T)
-        if self._lame is not None:
-            self._file.write(self._lame.encode(pcm.tobytes()))
-        else:
-            self._file.write(pcm)
+        pcm = to_pcm(block, self.fmt.encoding)
+        if self.fmt.container == "mp3":
+            # The same 16-bit samples, handed over as float: libsndfile 1.2's stereo 16-bit
+            # MP3 path copies half of each buffer (a byte count taken for a sample count).
+            pcm = pcm.astype(np.float32) / np.float32(2 ** 15)
+        self._file.write(np.ascontiguousarray(pcm.T))
 
     def close(self) -> None:
-        if self._lame is not None:
-            self._file.write(self._lame.flush())
         self._file.close()
-
-
-def temporary_name(target: Path) -> Path:
-    """A hidden name next to ``target`` that no one mistakes for a finished file."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
 
 
 def rescale_divisor(peak: float) -> np.float32:
@@ -244,9 +277,11 @@ def rescale_divisor(peak: float) -> np.float32:
 class StemWriter:
     """Streams the stems of one track to disk; :meth:`commit` makes them all appear at once.
 
-    Every stem goes to a hidden ``.part`` file in its target folder and is renamed into place
-    by :meth:`commit` after all are complete, so a failed or interrupted run never leaves a
-    file that looks finished. With ``clip_mode="rescale"`` a stem's scale depends on its peak
+    Every stem goes to a hidden ``.part`` file in its target folder and :meth:`commit` renames
+    them all into place, or none (:func:`~stemserve.files.commit_all`), once all are complete,
+    so a failed or interrupted run never leaves a file that looks finished, nor a track with
+    some stems new and some old. Temporary files a killed run left in those folders are
+    removed first. With ``clip_mode="rescale"`` a stem's scale depends on its peak
     over the whole track: the float samples are spilled to a temporary file and encoded at
     commit, so memory stays bounded for any track length.
     Use it as a context manager: leaving on an exception removes every temporary file and
@@ -257,9 +292,12 @@ class StemWriter:
                  fmt: OutputFormat, clip_mode: ClipMode):
         if clip_mode not in CLIP_MODES:
             raise StemserveError(f"unknown clip mode {clip_mode!r}; use one of {CLIP_MODES}")
-        if fmt.container == "mp3" and not 8000 <= sample_rate <= 48000:
-            raise StemserveError(f"MP3 cannot store {sample_rate} Hz; write WAV or FLAC, "
+        if fmt.container == "mp3" and sample_rate not in MP3_RATES:
+            raise StemserveError(f"MP3 cannot store {sample_rate} Hz (only "
+                                 f"{', '.join(map(str, MP3_RATES))}); write WAV or FLAC, "
                                  "or keep the model's sample rate")
+        if fmt.container == "mp3":
+            mp3_compression_level(fmt.mp3_bitrate, sample_rate)  # refuse a bad rate now
         self.targets = dict(targets)
         self.sample_rate = sample_rate
         self.channels = channels
@@ -273,6 +311,7 @@ class StemWriter:
         try:
             for stem, target in self.targets.items():
                 self._make_dirs(target.parent)
+                collect_stale_parts(target.parent)
                 self._temps[stem] = temporary_name(target)
                 if clip_mode == "rescale":
                     self._spills[stem] = open(temporary_name(target.with_suffix(".f32")),
@@ -304,21 +343,31 @@ class StemWriter:
                     block = np.clip(block, -1.0, 1.0)
                 self._encoders[stem].write(block)
 
-    def commit(self) -> dict[str, Path]:
-        """Finish every stem, then rename all of them into place."""
+    def commit(self, on_encoded: Callable[[float], None] | None = None) -> dict[str, Path]:
+        """Finish every stem, then rename all of them into place.
+
+        With ``clip_mode="rescale"`` this is where the stems are encoded (seconds for a long
+        track); ``on_encoded`` receives the fraction done as it goes, and 1.0 at the end.
+        """
+        frame_bytes = 4 * self.channels
+        total = max(1, sum(Path(spill.name).stat().st_size for spill in self._spills.values()))
+        encoded = 0
         for stem, spill in self._spills.items():
             divisor = rescale_divisor(self._peaks[stem])
             encoder = self._encoders[stem] = _Encoder(self._temps[stem], self.fmt,
                                                       self.sample_rate, self.channels)
             spill.seek(0)
-            frame_bytes = 4 * self.channels
             while chunk := spill.read(BLOCK_FRAMES * frame_bytes):
                 block = np.frombuffer(chunk, np.float32).reshape(-1, self.channels).T
                 encoder.write(block / divisor)
+                encoded += len(chunk)
+                if on_encoded is not None:
+                    on_encoded(encoded / total)
         self._close_all()
-        for stem, target in self.targets.items():
-            os.replace(self._temps[stem], target)
+        commit_all({self._temps[stem]: target for stem, target in self.targets.items()})
         self._temps.clear()
+        if on_encoded is not None:
+            on_encoded(1.0)
         return dict(self.targets)
 
     def _close_all(self) -> None:

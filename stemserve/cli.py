@@ -4,27 +4,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_MODEL = "demucs_quantized"
-EXPORT_ROOT = Path("build") / "export"
+from stemserve.defaults import DEFAULT_MODEL, export_root, repository_root
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    """``--config``: the one way every command says what a plain state-dict file is."""
+    parser.add_argument("--config", default=None, metavar="RELEASE",
+                        help="release whose configuration a plain state-dict checkpoint given "
+                             "with -n has (e.g. demucs48_hq; default: demucs)")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("export", help="export a Demucs v2 model to ONNX with its sidecar")
     parser.add_argument("-n", "--model", default=DEFAULT_MODEL,
                         help="release name or checkpoint path (default: %(default)s)")
-    parser.add_argument("--config", default=None,
-                        help="release whose configuration a plain state dict uses")
+    _add_config(parser)
     parser.add_argument("--segment", type=float, default=None,
                         help="segment length in seconds (default: the model's training "
                              "segment, what demucs' apply_model splits by)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 graph")
     parser.add_argument("-o", "--out", type=Path, default=None,
-                        help=f"output folder (default: {EXPORT_ROOT}/<model>)")
+                        help="output folder (default: <cache>/export/<model>, where every command "
+                             "looks for it; the cache is $STEMSERVE_CACHE or ~/.cache/stemserve)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the PyTorch vs ONNX Runtime parity check")
     parser.set_defaults(func=_run_export)
@@ -36,19 +44,20 @@ def _run_export(args: argparse.Namespace) -> int:
 
     model, info = load_model(args.model, config=args.config)
     segment = round(args.segment * model.samplerate) if args.segment else None
-    out = args.out or EXPORT_ROOT / info.name
+    out = args.out or export_root() / info.name
+    print(f"exporting {info.name} to {out} (tracing the network: about a minute for the "
+          "full-size model)", file=sys.stderr, flush=True)
     start = time.perf_counter()
     spec = export_onnx(model, info, out, segment_length=segment, fp16=args.fp16)
     print(f"exported {info.name} to {out / spec.onnx_file} in {time.perf_counter() - start:.1f} s "
           f"(segment {spec.segment_seconds:g} s, padded to {spec.padded_length} samples)")
     if not args.no_check:
-        errors = onnx_parity(model, out / spec.onnx_file, spec)
+        print(f"checking ONNX Runtime against PyTorch on random {spec.padded_length}-sample "
+              "segments (--no-check skips it)", file=sys.stderr, flush=True)
+        errors = onnx_parity(model, out / spec.onnx_file, spec, progress=True)
         print("ONNX Runtime vs PyTorch max abs error: "
               + ", ".join(f"batch {batch}: {error:.2e}" for batch, error in errors.items()))
     return 0
-
-
-REPOSITORY_ROOT = Path("build") / "model_repository"
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -56,10 +65,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-n", "--model", default=DEFAULT_MODEL,
                         help="release name or checkpoint path, exported first when its export "
                              "folder is empty (default: %(default)s)")
+    _add_config(parser)
     parser.add_argument("--export-dir", type=Path, default=None,
-                        help=f"export folder (default: {EXPORT_ROOT}/<model>)")
+                        help="export folder (default: <cache>/export/<model>)")
     parser.add_argument("--repository", type=Path, default=None,
-                        help=f"model repository to fill (default: {REPOSITORY_ROOT}/cpu, "
+                        help="model repository to fill (default: <cache>/model_repository/cpu, "
                              "or /gpu when serving on a GPU)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0: all)")
@@ -76,35 +86,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_serve)
 
 
-def _stop_on_sigterm(signum: int, frame) -> None:
-    """SIGTERM (docker stop, systemd, kill) shuts down like Ctrl-C."""
-    raise KeyboardInterrupt
-
-
 def _run_serve(args: argparse.Namespace) -> int:
-    import signal
-
     from stemserve.errors import StemserveError
     from stemserve.model_repository.writer import fill_repository
     from stemserve.triton_server import DockerTritonServer, TritonServer, docker_gpu_unavailable
 
     from stemserve.client.api import export_dir_for
 
-    export_dir = args.export_dir or export_dir_for(args.model)
+    export_dir = args.export_dir or export_dir_for(args.model, args.config)
     reason = "--cpu was given" if args.cpu else docker_gpu_unavailable()
     if reason and args.gpu:
         raise StemserveError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
     if reason:
         print(f"serving on the CPU: {reason}", file=sys.stderr)
     variant = "cpu" if reason else "gpu"
-    repository = args.repository or REPOSITORY_ROOT / variant
+    repository = args.repository or repository_root() / variant
     fill_repository(export_dir, repository, variant, dynamic_batching=not args.no_batching)
 
     server_class = TritonServer if reason else DockerTritonServer
     server = server_class(repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host,
                           log_verbose=1 if args.verbose else 0)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         # A first GPU start may pull the image and build TensorRT engines: minutes.
         server.start(timeout=300 if reason else 1800)
@@ -135,6 +137,7 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-n", "--model", default=None,
                         help="release name, checkpoint file or export folder (default: what "
                              f"the server serves; {DEFAULT_MODEL} in-process)")
+    _add_config(parser)
     parser.add_argument("--backend", choices=("triton", "onnx", "torch"), default=None,
                         help="default: triton if a server answers at --url, else onnx")
     parser.add_argument("--url", default=None,
@@ -157,7 +160,9 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--two-stems", metavar="STEM", default=None,
                         help="write STEM and no_STEM (the sum of the others) only")
     container = parser.add_mutually_exclusive_group()
-    container.add_argument("--mp3", action="store_true", help="write MP3 (lameenc)")
+    container.add_argument("--mp3", action="store_true",
+                           help="write MP3 (LAME through libsndfile, gapless: as long as the "
+                                "mix)")
     container.add_argument("--flac", action="store_true", help="write FLAC")
     encoding = parser.add_mutually_exclusive_group()
     encoding.add_argument("--int24", action="store_true", help="24-bit samples")
@@ -169,8 +174,9 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
                              "to [-1, 1]; none: as is (default: %(default)s)")
     parser.add_argument("--downmix", action="store_true",
                         help="accept more than two channels, averaged to mono first")
-    parser.add_argument("--samplerate-out", choices=("model", "original"), default="model",
-                        help="write at the model's rate or the input's (default: %(default)s)")
+    parser.add_argument("--samplerate-out", choices=("original", "model"), default="original",
+                        help="write at the input's rate, so stems line up with the mix, or at "
+                             "the model's as demucs does (default: %(default)s)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help="segment requests in flight, per track and per Triton server "
                              "(default: %(default)s)")
@@ -192,7 +198,7 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def _local_server(model: str | None, quiet: bool) -> Iterator[str]:
+def _local_server(model: str | None, config: str | None, quiet: bool) -> Iterator[str]:
     """A CPU tritonserver for ``model`` on free loopback ports; yields its gRPC URL.
 
     The repository is a fresh folder next to the export (hard links, no copy), so a
@@ -204,9 +210,9 @@ def _local_server(model: str | None, quiet: bool) -> Iterator[str]:
     from stemserve.model_repository.writer import fill_repository
     from stemserve.triton_server import TritonServer, free_ports
 
-    export_dir = export_dir_for(model or DEFAULT_MODEL)
-    REPOSITORY_ROOT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="serve-", dir=REPOSITORY_ROOT) as folder:
+    export_dir = export_dir_for(model or DEFAULT_MODEL, config)
+    repository_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="serve-", dir=repository_root()) as folder:
         fill_repository(export_dir, Path(folder), "cpu")
         http_port, grpc_port, metrics_port = free_ports(3)
         server = TritonServer(Path(folder), http_port=http_port, grpc_port=grpc_port,
@@ -237,10 +243,10 @@ def _run_separate(args: argparse.Namespace) -> int:
             if args.backend not in (None, "triton"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
-            args.url = stack.enter_context(_local_server(args.model, args.quiet))
+            args.url = stack.enter_context(_local_server(args.model, args.config, args.quiet))
             args.backend = "triton"
         url = args.url or os.environ.get(URLS_ENV) or DEFAULT_URL
-        options = dict(model=args.model, url=url, window=args.window,
+        options = dict(model=args.model, config=args.config, url=url, window=args.window,
                        shared_memory=args.shared_memory, timeout=args.timeout,
                        retries=args.retries)
         servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0
@@ -269,13 +275,14 @@ def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
 
     tracks = expand_tracks(args.tracks)
     start = time.perf_counter()
-    failed, seconds = 0, 0.0
+    failed, seconds, total = 0, 0.0, 0
     for result in separate_files(
             tracks, args.out / backend.spec.checkpoint, backend=backend, jobs=args.jobs,
             progress=not args.quiet, template=args.filename, fmt=fmt,
             clip_mode=args.clip_mode, two_stems=args.two_stems,
             samplerate_out=args.samplerate_out, downmix=args.downmix, overlap=args.overlap,
             shifts=args.shifts, seed=args.seed, window=args.window):
+        total += 1
         # tqdm.write keeps the bar below the lines printed while it runs.
         if result.error is not None:
             tqdm.tqdm.write(f"stemserve: error: {result.error}", file=sys.stderr)
@@ -289,17 +296,17 @@ def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
         elapsed = time.perf_counter() - start
         resent = (f", {backend.retried} segments re-sent to another server"
                   if isinstance(backend, FleetBackend) else "")
-        print(f"stemserve: {len(tracks) - failed} of {len(tracks)} tracks separated, "
+        print(f"stemserve: {total - failed} of {total} tracks separated, "
               f"{seconds:.1f} s of audio in {elapsed:.1f} s "
               f"({seconds / max(elapsed, 1e-9):.1f}x real time){resent}", file=sys.stderr)
     if failed:
-        print(f"stemserve: {failed} of {len(tracks)} tracks failed", file=sys.stderr)
+        print(f"stemserve: {failed} of {total} tracks failed", file=sys.stderr)
         return 1
     return 0
 
 
 def _add_web(sub: argparse._SubParsersAction) -> None:
-    from stemserve.web.settings import Settings
+    from stemserve.web.settings import TOKEN_ENV, Settings
 
     defaults = Settings()
     parser = sub.add_parser("web", help="serve the upload page and HTTP API (demucs image's "
@@ -318,6 +325,7 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-n", "--model", default=None,
                         help="default model: release name, checkpoint file or export folder "
                              f"(default: what Triton serves; {DEFAULT_MODEL} in-process)")
+    _add_config(parser)
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb,
                         help="largest upload in MB (default: %(default)g)")
     parser.add_argument("--max-duration", type=float, default=defaults.max_duration,
@@ -329,9 +337,20 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--job-ttl", type=float, default=defaults.job_ttl,
                         help="seconds a finished job's files are kept (default: %(default)g)")
     parser.add_argument("--jobs-dir", type=Path, default=defaults.jobs_dir,
-                        help="folder for uploads and stems (default: %(default)s)")
+                        help="folder for uploads and stems, used by one server at a time "
+                             "(default: %(default)s)")
     parser.add_argument("--max-disk-mb", type=float, default=defaults.max_disk_mb,
                         help="disk budget of the jobs folder in MB (default: %(default)g)")
+    parser.add_argument("--token", default=None,
+                        help=f"require this token for the API (default: ${TOKEN_ENV}, which "
+                             "keeps it out of the process list; unset: no token)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="another site whose pages may post here, e.g. "
+                             "https://music.example.com (repeatable)")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                        help="seconds a request's headers may take (default: %(default)g)")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
+                        help="longest pause in an upload, in seconds (default: %(default)g)")
     parser.set_defaults(func=_run_web)
 
 
@@ -339,12 +358,17 @@ def _run_web(args: argparse.Namespace) -> int:
     import os
 
     from stemserve.web import Settings, serve
+    from stemserve.web.settings import TOKEN_ENV
 
     url = args.url or (None if args.backend else os.environ.get("STEMSERVE_TRITON_URL"))
     serve(Settings(host=args.host, port=args.port, triton_url=url or None, model=args.model,
-                   max_upload_mb=args.max_upload_mb, max_duration=args.max_duration,
-                   workers=args.workers, queue_size=args.queue_size, job_ttl=args.job_ttl,
-                   jobs_dir=args.jobs_dir, max_disk_mb=args.max_disk_mb))
+                   config=args.config, max_upload_mb=args.max_upload_mb,
+                   max_duration=args.max_duration, workers=args.workers,
+                   queue_size=args.queue_size, job_ttl=args.job_ttl, jobs_dir=args.jobs_dir,
+                   max_disk_mb=args.max_disk_mb,
+                   token=args.token or os.environ.get(TOKEN_ENV) or None,
+                   allow_origins=tuple(args.allow_origin),
+                   header_timeout=args.header_timeout, body_timeout=args.body_timeout))
     return 0
 
 
@@ -352,8 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stemserve",
         description="Separate music into drums, bass, other and vocals with Demucs v2 on Triton.")
+    parser.add_argument("--version", action="version", version=f"stemserve {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # -v after the sub-command too; SUPPRESS keeps a -v given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *args, **kwargs: add_parser(*args, parents=[common], **kwargs)
     _add_export(sub)
     _add_serve(sub)
     _add_separate(sub)
@@ -361,19 +392,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stemserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines through ``tqdm.write``, so they never cut a progress bar in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import tqdm
+
+        try:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """stemserve's own messages as ``stemserve: ...`` (INFO and up; all with -v); other
+    libraries' warnings only, unless -v."""
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("stemserve: %(message)s"))
+    ours = logging.getLogger("stemserve")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(name)s: %(levelname)s: %(message)s")
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM (docker stop, systemd, kill), SIGHUP (terminal closed) and SIGINT stop every
+    command as Ctrl-C does, so temporary files, shared-memory regions and child servers are
+    cleaned up. SIGINT is set explicitly: a shell starts background jobs with it ignored.
+    The handlers before are put back after (main() may run inside another program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; its own program decides there
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.signal(signum, _interrupt) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     from stemserve.errors import StemserveError
 
     try:
-        return args.func(args)
+        with _stopped_by_signals():
+            return args.func(args)
     except StemserveError as err:
         print(f"stemserve: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("stemserve: interrupted", file=sys.stderr)
         return 130
 
 

@@ -315,11 +315,14 @@ class _OverlapAdd:
 def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
                     overlap: float = 0.25, shifts: int = 0, seed: int | None = None,
                     transition_power: float = 1.0, window: int = DEFAULT_WINDOW,
-                    on_progress: Callable[[int], None] | None = None) -> MixStats:
+                    on_progress: Callable[[float], None] | None = None) -> MixStats:
     """Separate the mix that ``source`` yields, handing de-normalised stems to ``sink``.
 
-    ``on_progress`` receives the number of output samples each time some are finished.
-    Returns the statistics used for normalisation (its ``length`` is the output length).
+    ``on_progress`` receives, each time a request is answered, its share of the track in
+    samples (a segment's length over its number of requests, scaled so that the shares add
+    up to the track's length): progress moves with every answer, not only once a stretch
+    of output is finished. Returns the statistics used for normalisation (its ``length`` is
+    the output length).
     """
     if window < 1:
         raise StemserveError(f"window must be >= 1, got {window}")
@@ -340,8 +343,6 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
         nonlocal emitted
         if frontier > emitted:
             sink(output.pop(frontier) * std + mean)
-            if on_progress is not None:
-                on_progress(frontier - emitted)
             emitted = frontier
 
     def collect(done: Iterable[Future]) -> None:
@@ -351,11 +352,15 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
             result = center_trim(future.result(), request.keep)[..., request.drop:]
             output.add(segment.offset, result * (weight[:segment.length] * scale))
             segment.pending -= 1
+            if on_progress is not None:
+                on_progress(segment.length * share)
         while segments and not segments[0].pending:
             segments.popleft()
 
     try:
         plan = planner.segments()
+        # Segments overlap: scale every request's share so that they add up to the track.
+        share = stats.length / (sum(segment.length for segment in plan) * max(shifts, 1))
         keep_from = planner.keep_from(plan)
         for index, segment in enumerate(plan):
             inputs.release(keep_from[index])

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import IO, Sequence
 
+from stemserve.defaults import cache_root
 from stemserve.errors import StemserveError
 
 logger = logging.getLogger(__name__)
@@ -42,15 +43,11 @@ TRT_CACHE_VOLUME = "stemserve-trt-cache"
 LOG_TAIL_LINES = 20
 # Lines worth quoting when the server fails: Triton's "E<mmdd> ..." lines and its final
 # "error: ..." line, less the one it always logs on a machine without a GPU.
-ERROR_LINE = re.compile(r"^(E\d{4} |error: )(?!.*CudaDriverHelper has not been initialized)")
-
-
-def cache_root() -> Path:
-    """Where prepared server folders live: ``$STEMSERVE_CACHE`` or the user cache dir."""
-    if os.environ.get("STEMSERVE_CACHE"):
-        return Path(os.environ["STEMSERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stemserve"
+ERROR_LINE = re.compile(r"^(E\d{4} |error: )")
+CPU_HOST_NOISE = re.compile(r"CudaDriverHelper has not been initialized|"
+                            r"pinned system memory|pinned memory pool")
+"""What the server always logs on a host without a GPU: errors and warnings that are not,
+left out of the forwarded log and of error messages."""
 
 
 def _pytriton() -> tuple[str, Path, Path]:
@@ -181,6 +178,11 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process is started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
     def log_tail(self) -> str:
         """The server's error lines and last log lines, for error messages."""
         errors = "".join(line for line in self._errors if line not in self._tail)
@@ -241,7 +243,7 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        logger.info("tritonserver ready in %.1f s (gRPC %s, HTTP %s)",
+        logger.debug("tritonserver ready in %.1f s (gRPC %s, HTTP %s)",
                     time.monotonic() - began, self.grpc_url, self.http_url)
 
     def _forward_logs(self, sink: IO[str]) -> None:
@@ -250,6 +252,8 @@ class TritonServer:
         try:
             for raw in self._process.stdout:
                 line = raw.decode("utf-8", errors="replace")
+                if CPU_HOST_NOISE.search(line):
+                    continue
                 self._tail.append(line)
                 if ERROR_LINE.match(line):
                     self._errors.append(line)

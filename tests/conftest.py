@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 SMALL_CONFIG = dict(channels=4, segment_length=44100)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stemserve_cache(tmp_path_factory) -> Path:
+    """A cache folder of this session's own ($STEMSERVE_CACHE) for every test and every
+    command they run: exports, repositories and jobs never land in the user's cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("STEMSERVE_CACHE")
+    os.environ["STEMSERVE_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["STEMSERVE_CACHE"]
+    else:
+        os.environ["STEMSERVE_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -56,11 +56,12 @@ def servers(small_export, tmp_path_factory):
 
 @pytest.fixture
 def fleet_servers(servers):
-    """The module's three servers, each running (a test before may have killed some)."""
-    dead = [server for server in servers if server.pid is None]
+    """The module's three servers, each running (a test before may have killed some, or
+    frozen one whose python backend did not survive waking)."""
+    dead = [server for server in servers if not server.running]
     if dead:
         with ThreadPoolExecutor(len(dead)) as pool:
-            list(pool.map(lambda server: server.start(), dead))
+            list(pool.map(restart, dead))
     return servers
 
 
@@ -176,9 +177,15 @@ def test_separate_files_overlaps_tracks_and_sums_progress(tmp_path, small_export
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF")
     seen: list[float] = []
+
+    def progress(stage: str, done: float, total: float) -> None:
+        if stage == "separating":
+            seen.append(done)
+            assert total == pytest.approx(6.0)
+
     with OnnxBackend(small_export) as backend:
         results = list(separate_files([*tracks, broken], tmp_path / "out", backend=backend,
-                                      jobs=2, progress=seen.append))
+                                      jobs=2, progress=progress))
     assert [result.track for result in results][0] == broken and results[0].error
     assert sorted(result.track for result in results[1:]) == tracks
     assert all(result.stems and result.error is None for result in results[1:])
@@ -209,6 +216,25 @@ def test_server_killed_mid_track_loses_nothing(fleet_servers, reference):
         assert fleet.retried > 0
     assert [entry.taken_out for entry in status] == [0, 1, 0]
     assert not status[1].healthy and "UNAVAILABLE" in status[1].last_error
+    assert max_error(got, reference) < TOLERANCE
+
+
+def test_a_frozen_server_is_taken_out_within_seconds(fleet_servers, reference):
+    """SIGSTOP: the server accepts connections and answers nothing. Its health probes time
+    out, so its segments go to the others long before the 600 s request timeout."""
+    victim = fleet_servers[1]
+    with FleetBackend(urls(fleet_servers[:2]), backoff=0.1) as fleet:
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            got = separate_array(MIX, RATE, backend=fleet)
+            took = time.monotonic() - started
+            status = fleet.status()
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+    assert took < 60, took
+    assert not status[1].healthy and "stopped answering" in status[1].last_error
+    assert fleet.retried > 0
     assert max_error(got, reference) < TOLERANCE
 
 

@@ -15,11 +15,12 @@ import pytest
 import soundfile as sf
 
 from stemserve.audio import OutputFormat, to_pcm
-from stemserve.cli import main
+from stemserve.cli import build_parser, main
 from stemserve.client import separate_array, separate_file
 from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
 from stemserve.client.triton import TritonBackend
 from stemserve.errors import StemserveError
+from stemserve.pipeline import LocalBackend
 
 RATE = 44100
 SOURCES = ("drums", "bass", "other", "vocals")
@@ -80,13 +81,16 @@ def test_cli_formats_template_two_stems_and_rate(tmp_path, small_export):
     track = write_song(tmp_path / "in.wav", song(rate=48000), rate=48000)
     common = [track, "--backend", "onnx", "-n", small_export, "-o", tmp_path, "-q"]
     assert run_cli(*common, "--flac", "--int24", "--two-stems", "vocals",
-                   "--filename", "{track}-{stem}.{ext}", "--samplerate-out", "original") == 0
-    for name in ("vocals", "no_vocals"):
+                   "--filename", "{track}-{stem}.{ext}") == 0
+    for name in ("vocals", "no_vocals"):  # the input's rate by default, as the library does
         info = sf.info(str(tmp_path / "small" / f"in-{name}.flac"))
         assert (info.format, info.subtype, info.samplerate) == ("FLAC", "PCM_24", 48000)
         assert abs(info.frames - 48000 * 2.3) <= 2
-    assert run_cli(*common, "--mp3", "--mp3-bitrate", "128") == 0
-    assert sf.info(str(tmp_path / "small" / "in" / "drums.mp3")).samplerate == RATE
+    assert run_cli(*common, "--mp3", "--mp3-bitrate", "128", "--samplerate-out", "model") == 0
+    info = sf.info(str(tmp_path / "small" / "in" / "drums.mp3"))
+    assert info.samplerate == RATE
+    # The LAME header makes decoders drop the encoder's delay and padding: exact length.
+    assert abs(info.frames - 2.3 * RATE) <= 1
     assert run_cli(*common, "--float32", "--clip-mode", "none") == 0
     assert sf.info(str(tmp_path / "small" / "in" / "bass.wav")).subtype == "FLOAT"
 
@@ -207,22 +211,26 @@ def test_cli_triton_by_default_when_a_server_answers(tmp_path, triton_server, sm
             assert np.abs(data.T - expected[name]).max() < 1e-5
 
 
-def _tritonservers() -> set[int]:
-    """Pids of running tritonserver processes (from /proc, no extra dependency)."""
+def _tritonservers(repository: Path) -> set[int]:
+    """Pids of running tritonserver processes of a repository under ``repository`` (from
+    /proc, no extra dependency; other test runs may have servers of their own)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"tritonserver" in (entry / "cmdline").read_bytes():
-                pids.add(int(entry.name))
+            command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
         except OSError:
             continue
+        if b"tritonserver" in command and str(repository).encode() in command:
+            pids.add(int(entry.name))
     return pids
 
 
-def test_serve_flag_starts_and_stops_a_local_server(tmp_path, small_export, onnx_backend):
+def test_serve_flag_starts_and_stops_a_local_server(tmp_path, small_export, onnx_backend,
+                                                     stemserve_cache):
     """The README's first command: a local Triton server for the run, then gone."""
     track = write_song(tmp_path / "t.wav")
-    before = _tritonservers()
+    repositories = stemserve_cache / "model_repository"
+    before = _tritonservers(repositories)
     done = subprocess.run(
         [sys.executable, "-m", "stemserve", "separate", "--serve", "-n", str(small_export),
          str(track), "-o", "out", "--float32", "--clip-mode", "none"],
@@ -233,8 +241,8 @@ def test_serve_flag_starts_and_stops_a_local_server(tmp_path, small_export, onnx
     for name in SOURCES:
         data, _ = sf.read(str(tmp_path / "out" / "small" / "t" / f"{name}.wav"), dtype="float32")
         assert np.abs(data.T - expected[name]).max() < 1e-5
-    assert _tritonservers() <= before
-    assert not list((tmp_path / "build" / "model_repository").iterdir())
+    assert _tritonservers(repositories) <= before
+    assert not list((stemserve_cache / "model_repository").glob("serve-*"))
 
 
 def test_request_timeout_is_retried_then_reported(triton_server, small_export, onnx_backend):
@@ -348,8 +356,219 @@ def test_format_errors_are_clear():
         OutputFormat("flac", "float32")
 
 
-def test_progress_callback_gets_audio_seconds(onnx_backend):
-    seen: list[float] = []
-    separate_array(song(), RATE, backend=onnx_backend, progress=seen.append)
-    assert len(seen) > 1 and seen == sorted(seen)
-    assert seen[-1] == pytest.approx(song().shape[-1] / RATE)
+def test_progress_callback_gets_stages_in_audio_seconds(onnx_backend, tmp_path):
+    seen: list[tuple[str, float, float]] = []
+    separate_array(song(), RATE, backend=onnx_backend,
+                   progress=lambda *event: seen.append(event))
+    seconds = song().shape[-1] / RATE
+    assert len(seen) > 1 and {stage for stage, _, _ in seen} == {"separating"}
+    done = [value for _, value, _ in seen]
+    assert done == sorted(done) and done[-1] == pytest.approx(seconds)
+    assert all(total == pytest.approx(seconds) for _, _, total in seen)
+
+    # A track shorter than one segment moves with every answer too (shifts: 3 requests);
+    # a file then reports its encoding, up to its whole length.
+    seen.clear()
+    track = write_song(tmp_path / "short.wav", song(seconds=0.6))
+    separate_file(track, tmp_path / "out", backend=onnx_backend, shifts=3, seed=0,
+                  progress=lambda *event: seen.append(event))
+    separating = [value for stage, value, _ in seen if stage == "separating"]
+    encoding = [value for stage, value, _ in seen if stage == "encoding"]
+    assert len(separating) == 3 and 0 < separating[0] < separating[1] < separating[2]
+    assert encoding and encoding[-1] == pytest.approx(0.6, abs=1e-3)
+    assert [stage for stage, _, _ in seen] == sorted(stage for stage, _, _ in seen)[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: no data lost, no crash on hostile input
+
+def test_same_name_tracks_are_refused_before_anything_runs(tmp_path, small_export, capsys):
+    first = write_song(tmp_path / "a" / "song.wav")
+    second = write_song(tmp_path / "b" / "song.wav", song(seconds=1.5))
+    common = ["--backend", "onnx", "-n", small_export, "-o", tmp_path / "out", "-q"]
+    assert run_cli(first, second, *common) == 1
+    error = capsys.readouterr().err
+    assert f"{first} and {second}" in error and "{parent}" in error
+    assert not (tmp_path / "out").exists()
+
+    # {parent} tells them apart; the same track named twice is separated once.
+    assert run_cli(first, second, tmp_path / "a" / ".." / "a" / "song.wav", *common,
+                   "--filename", "{parent}/{track}/{stem}.{ext}") == 0
+    assert sorted(path.relative_to(tmp_path / "out" / "small").as_posix()
+                  for path in all_files(tmp_path / "out")) == sorted(
+        f"{folder}/song/{name}.wav" for folder in "ab" for name in SOURCES)
+
+
+def test_stems_never_overwrite_another_input(tmp_path, small_export, capsys):
+    track = write_song(tmp_path / "drums.wav")
+    other = write_song(tmp_path / "x.wav")
+    before = sha256(track)
+    assert run_cli(other, track, "--backend", "onnx", "-n", small_export, "-o", tmp_path,
+                   "--filename", "../{stem}.{ext}", "-q") == 1
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert sha256(track) == before
+
+
+def test_a_failed_commit_keeps_the_earlier_stems_whole(tmp_path, small_export, capsys):
+    """All stems or none: a rename that fails (a folder in the way) rolls back the others."""
+    track = write_song(tmp_path / "song.wav")
+    common = [track, "--backend", "onnx", "-n", small_export, "-o", tmp_path / "out", "-q"]
+    assert run_cli(*common) == 0
+    folder = tmp_path / "out" / "small" / "song"
+    earlier = {path.name: sha256(path) for path in all_files(folder)}
+    (folder / "vocals.wav").unlink()
+    (folder / "vocals.wav").mkdir()
+    assert run_cli(*common, "--float32") == 1
+    assert "song.wav" in capsys.readouterr().err
+    after = {path.name: sha256(path) for path in all_files(folder)}
+    assert after == {name: digest for name, digest in earlier.items() if name != "vocals.wav"}
+
+
+def test_commit_all_rolls_back_on_a_failed_rename(tmp_path):
+    from stemserve.files import commit_all, temporary_name
+
+    targets = [tmp_path / f"{name}.wav" for name in ("a", "b", "c")]
+    targets[0].write_text("old a")
+    targets[2].mkdir()  # the last rename fails
+    temporaries = {}
+    for target in targets:
+        temporaries[temporary_name(target)] = target
+        next(reversed(temporaries)).write_text(f"new {target.stem}")
+    with pytest.raises(IsADirectoryError):
+        commit_all(temporaries)
+    assert targets[0].read_text() == "old a" and not targets[1].exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".a.wav")]
+
+
+@pytest.mark.parametrize("rate,frames", [(1, 800), (1, 70_000), (7999, 20_000),
+                                         (400_000, 50_000)])
+def test_sample_rates_outside_the_range_are_refused(tmp_path, small_export, rate, frames):
+    """A 1 Hz file crashed soxr (rc 139) or asked for gigabytes: refused, in a separate
+    process so that a crash cannot take the test run with it; the next track still runs."""
+    odd = tmp_path / "odd.wav"
+    sf.write(str(odd), np.zeros((frames, 2), np.float32), rate)
+    good = write_song(tmp_path / "good.wav")
+    done = subprocess.run([sys.executable, "-m", "stemserve", "separate", str(odd), str(good),
+                           "--backend", "onnx", "-n", str(small_export), "-o", "out", "-q"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"odd.wav: sample rate {rate} Hz is outside" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(path.name for path in all_files(tmp_path / "out")) == sorted(
+        f"{name}.wav" for name in SOURCES)
+
+
+def test_resampling_memory_follows_the_output_rate():
+    """An 8 kHz block is cut before resampling, so no output block is much over 64 Ki frames."""
+    from stemserve.audio import BLOCK_FRAMES, resample_blocks
+
+    block = np.zeros((2, 1 << 20), np.float32)  # a million frames at 8 kHz
+    sizes = [out.shape[-1] for out in resample_blocks([block], 8000, 44100)]
+    assert max(sizes) <= 1.1 * BLOCK_FRAMES
+    assert sum(sizes) == pytest.approx(block.shape[-1] * 44100 / 8000, abs=2)
+
+
+def test_write_errors_fail_their_track_only(tmp_path, small_export):
+    """Disk full (here: a file size limit) fails the long track with a named error; the
+    short one is written; no traceback, no hidden files."""
+    import resource
+
+    long = write_song(tmp_path / "long.wav", song(seconds=20))
+    short = write_song(tmp_path / "short.wav", song(seconds=1))
+    limit = 2 << 20  # 2 MB: one float stem of 1 s is 350 KB, of 20 s 7 MB
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "stemserve", "separate", str(long), str(short),
+                           "--backend", "onnx", "-n", str(small_export), "-o", "out", "-q",
+                           "--float32", "--jobs", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, preexec_fn=cap)
+    assert done.returncode == 1, done.stderr
+    assert "long.wav: cannot write stems under" in done.stderr
+    assert "Traceback" not in done.stderr
+    files = all_files(tmp_path / "out")
+    assert sorted(path.relative_to(tmp_path / "out").as_posix() for path in files) == sorted(
+        f"small/short/{name}.wav" for name in SOURCES)
+
+
+def test_any_failure_of_a_track_is_its_own(tmp_path, small_export):
+    """An out-of-memory error (or any other) in one track is named for that track."""
+    from stemserve.client.api import separate_files
+
+    with OnnxBackend(small_export) as onnx:
+        calls = 0
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            """ONNX Runtime, but the fifth call (in the first track) runs out of memory."""
+            nonlocal calls
+            calls += 1
+            if calls == 5:
+                raise MemoryError
+            return onnx.session.run(["stems"], {"mix": batch})[0]
+
+        tracks = [write_song(tmp_path / "long.wav", song(seconds=20)),
+                  write_song(tmp_path / "short.wav", song(seconds=1))]
+        with LocalBackend(onnx.spec, run) as backend:
+            results = {result.track.name: result
+                       for result in separate_files(tracks, tmp_path / "out", backend=backend)}
+    assert "long.wav: out of memory" in str(results["long.wav"].error)
+    assert results["short.wav"].stems is not None
+
+
+def test_config_works_for_separate_and_an_export_is_found_from_anywhere(
+        tmp_path, stemserve_cache, monkeypatch, capsys):
+    """A plain state dict of another configuration: --config, as for export; the export
+    lands in the cache and is found by name from any working directory."""
+    import torch
+
+    from stemserve.model import Demucs
+
+    torch.manual_seed(3)
+    state = tmp_path / "mine.th"
+    torch.save(Demucs(list(SOURCES), channels=4).state_dict(), state)
+    track = write_song(tmp_path / "t.wav")
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    common = ["--backend", "onnx", "-o", tmp_path / "out", "-q"]
+    assert run_cli(track, "-n", state, *common) == 1
+    assert "--config demucs_unittest" in capsys.readouterr().err
+    assert run_cli(track, "-n", state, "--config", "demucs_unittest", *common) == 0
+    export = stemserve_cache / "export" / "mine" / "model.json"
+    assert export.is_file()
+    exported_at = export.stat().st_mtime_ns
+    assert run_cli(track, "-n", "mine", *common) == 0  # by name, no checkpoint needed
+    assert export.stat().st_mtime_ns == exported_at
+    torch.save(Demucs(list(SOURCES), channels=4).state_dict(), state)  # retrained
+    assert run_cli(track, "-n", state, "--config", "demucs_unittest", *common) == 0
+    assert export.stat().st_mtime_ns > exported_at
+
+
+def test_cli_version_and_verbose_after_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("stemserve ")
+    args = build_parser().parse_args(["separate", "-v", "x.wav"])
+    assert args.verbose is True
+    assert build_parser().parse_args(["-v", "separate", "x.wav"]).verbose is True
+    assert build_parser().parse_args(["separate", "x.wav"]).verbose is False
+
+
+def test_export_says_what_it_does_once(tmp_path, small_model, stemserve_cache):
+    """Every message once (the export line was printed and logged), the parity check
+    announced with its progress."""
+    import torch
+
+    model, _ = small_model
+    state = tmp_path / "tiny.th"
+    torch.save(model.state_dict(), state)
+    done = subprocess.run([sys.executable, "-m", "stemserve", "export", "-n", str(state),
+                           "--config", "demucs_unittest", "--segment", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), output
+    assert "checking ONNX Runtime against PyTorch" in output
+    assert "exported tiny to" in output and "max abs error" in output
