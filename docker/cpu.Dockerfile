@@ -10,7 +10,8 @@ FROM python:3.11-slim
 
 # The in-process fallback exports checkpoints with PyTorch: its CPU wheels spare gigabytes.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
+    STEMSERVE_CACHE=/data/cache
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -20,10 +21,12 @@ COPY export export
 COPY model_repository model_repository
 RUN pip install --extra-index-url "$TORCH_INDEX" ".[web,onnx,export]" && rm -rf /src
 
-# Jobs (uploads and stems) and exports (build/export/<model>) live under /data.
+# Jobs (uploads and stems) and exports (stemserve's cache: /data/cache/export/<model>) live
+# under /data.
 WORKDIR /data
 VOLUME ["/root/.cache/torch/hub/checkpoints", "/data"]
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+# The start period covers the default model's first download and export (about 2 minutes).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/config', timeout=4)"]
 CMD ["stemserve", "web", "--host", "0.0.0.0", "--port", "8000", "--jobs-dir", "/data/jobs"]

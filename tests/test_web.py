@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +25,8 @@ import pytest
 import soundfile as sf
 
 from stemserve.errors import StemserveError
-from stemserve.web.jobs import JOB_ID, Job, JobQueue, QueueFull, StoreFull, folder_bytes
+from stemserve.web.jobs import (ARCHIVE, JOB_ID, LOCK, MARKER, Job, JobQueue, QueueFull,
+                                StoreFull, folder_bytes)
 from stemserve.web.settings import MB
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -46,8 +47,10 @@ def make_track(path: Path, seconds: float = 2.5, sample_rate: int = 44100,
 
 
 @contextlib.contextmanager
-def running_web(port: int, jobs_dir: Path, *args: str) -> Iterator[str]:
-    """``stemserve web`` in a child process until the block ends; yields its base URL.
+def web_process(port: int, jobs_dir: Path, *args: str, env: dict[str, str] | None = None
+                ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``stemserve web`` in a child process until the block ends (then Ctrl-C); yields the
+    process and its base URL once the page answers.
 
     Its output goes to ``web.log`` beside ``jobs_dir``; a failed start shows it.
     """
@@ -56,25 +59,34 @@ def running_web(port: int, jobs_dir: Path, *args: str) -> Iterator[str]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "stemserve", "web", "--port", str(port),
-             "--jobs-dir", str(jobs_dir), *args], stdout=log, stderr=subprocess.STDOUT)
+             "--jobs-dir", str(jobs_dir), *args], stdout=log, stderr=subprocess.STDOUT,
+            env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"stemserve web did not start:\n{log_path.read_text()}")
             try:
-                httpx.get(f"{base}/api/config", timeout=2).raise_for_status()
+                httpx.get(f"{base}/", timeout=2).raise_for_status()  # public, token or not
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield base
+        yield process, base
     finally:
-        process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def running_web(port: int, jobs_dir: Path, *args: str, **options) -> Iterator[str]:
+    """:func:`web_process`, for tests that need only the base URL."""
+    with web_process(port, jobs_dir, *args, **options) as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -163,22 +175,49 @@ def test_config_offers_the_served_model_and_cli_defaults(client):
 
 
 @pytest.mark.parametrize("form,status,message", [
-    (dict(model="demucs_extra"), 400, "Unknown model 'demucs_extra'"),
-    (dict(format="ogg"), 422, "Input should be 'wav'"),
-    (dict(shifts="99"), 422, "less than or equal to 10"),
-    (dict(two_stems="piano"), 422, "Input should be 'drums'"),
+    (dict(model="demucs_extra"), 400, "Unknown model 'demucs_extra': choose one of small."),
+    (dict(format="ogg"), 422, "format: Input should be 'wav', 'wav24', 'wav32f', 'flac', "
+                              "'flac24' or 'mp3'"),
+    (dict(shifts="99"), 422, "shifts: Input should be less than or equal to 10"),
+    (dict(shifts="two"), 422, "shifts: Input should be a valid integer, unable to parse "
+                              "string as an integer"),
+    (dict(two_stems="piano"), 422, "two_stems: Input should be 'drums', 'bass', 'other' or "
+                                   "'vocals'"),
 ])
-def test_bad_options_are_refused(client, track, form, status, message):
+def test_bad_options_are_refused_with_one_readable_message(client, track, form, status,
+                                                           message):
+    """Every refusal, 422 included, is {"detail": "..."}, as docs/web.md says."""
     response = submit(client, track, **form)
     assert response.status_code == status
-    assert message in json.dumps(response.json()["detail"])
+    assert response.json() == {"detail": message}
 
 
-def test_openapi_describes_both_apis(client):
-    paths = client.get("/openapi.json").json()["paths"]
+def test_a_missing_file_names_the_field(client):
+    response = client.post("/api/jobs", data={"format": "wav"},
+                           files={"other": ("x.txt", b"x")})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "file: Field required"}
+
+
+def test_openapi_describes_both_apis_and_every_refusal_shape(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
     assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/stems/{stem}",
             "/api/jobs/{job_id}/zip", "/api/config", "/api/music/{file_name}"} <= set(paths)
-    assert client.get("/docs").status_code == 200
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    refusal = paths["/api/jobs"]["post"]["responses"]["422"]["content"]["application/json"]
+    assert refusal["schema"] == {"$ref": "#/components/schemas/Refusal"}
+
+
+def test_docs_load_nothing_from_elsewhere(client):
+    """Swagger UI's CDN scripts leave /docs blank offline: the page and its script are ours."""
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources and all(source.startswith("/") for source in sources), sources
+    for source in sources:
+        assert client.get(source).status_code == 200, source
+    assert client.get("/redoc").status_code == 404
 
 
 def test_in_process_fallback_when_asked(small_export, free_ports, tmp_path, track, monkeypatch):
@@ -219,6 +258,23 @@ def test_legacy_api_answers_a_zip_of_four_mp3_stems(client, track):
             assert info.frames / info.samplerate == pytest.approx(2.5, abs=0.1)
 
 
+def job_folders(jobs_dir: Path) -> set[str]:
+    return {path.name for path in jobs_dir.iterdir() if JOB_ID.fullmatch(path.name)}
+
+
+def test_legacy_api_deletes_its_job_once_the_zip_is_sent(client, track, jobs_dir):
+    """The legacy client never learns the job's id: nothing of the job stays behind."""
+    before = job_folders(jobs_dir)
+    with open(track, "rb") as file:
+        response = client.post("/api/music/song.wav", files={"file": ("song.wav", file)})
+    assert response.status_code == 200, response.text
+    assert zipfile.ZipFile(io.BytesIO(response.content)).testzip() is None
+    deadline = time.monotonic() + 10  # deleted by a background task after the response
+    while job_folders(jobs_dir) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not job_folders(jobs_dir) - before
+
+
 def test_legacy_api_refuses_what_the_job_api_refuses(client, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a song\n" * 100)
@@ -246,7 +302,7 @@ def test_names_with_paths_are_labels_never_paths(client, track, tmp_path, jobs_d
     assert wait_done(client, job["id"])["state"] == "done"
     assert not target.exists()
     stored = {path.name for path in (jobs_dir / job["id"]).iterdir()}
-    assert stored == {"upload.wav", "stems", "job.json"}
+    assert stored == {"upload.wav", "stems", ARCHIVE, "job.json", MARKER}
 
 
 @pytest.mark.parametrize("job_id", ["0" * 22, "..", "..%2F..%2Fetc%2Fpasswd", "a" * 21,
@@ -316,21 +372,26 @@ def test_files_that_are_not_audio_are_refused(client, tmp_path, jobs_dir, name, 
 # The queue, with a runner the test controls
 
 class HeldRunner:
-    """Writes one stem per job when released; fails jobs whose name says so."""
+    """Writes one stem per job when released; fails jobs whose name says so.
+
+    ``started`` is released once a job has written half its stem and reported half its
+    progress, so a test that acquired it sees both.
+    """
 
     def __init__(self):
         self.release = threading.Event()
         self.started = threading.Semaphore(0)
+        self.error = "{upload}: cannot decode audio (test)"
 
     def __call__(self, job: Job, on_progress) -> dict[str, Path]:
-        self.started.release()
         stems = job.folder / "stems"
         stems.mkdir()
         (stems / "vocals.wav").write_bytes(b"half")
-        on_progress(job.seconds / 2)
+        on_progress("separating", job.seconds / 2, job.seconds)
+        self.started.release()
         self.release.wait(10)
         if "fail" in job.name:
-            raise StemserveError(f"{job.upload_path}: cannot decode audio (test)")
+            raise StemserveError(self.error.format(upload=job.upload_path))
         return {"vocals": stems / "vocals.wav"}
 
 
@@ -365,7 +426,8 @@ def test_queue_positions_and_a_bounded_queue(held):
     assert runner.started.acquire(timeout=5)
     second, third = add_job(queue, "second.wav"), add_job(queue, "third.wav")
     assert queue.get(first.id).state == "running" and queue.get(first.id).position is None
-    assert queue.get(first.id).progress == 2.0
+    running = queue.get(first.id)
+    assert (running.progress, running.stage, running.stage_progress) == (2.0, "separating", 0.5)
     assert [queue.get(job.id).position for job in (second, third)] == [1, 2]
     with pytest.raises(QueueFull, match="2 tracks are waiting"):
         add_job(queue, "fourth.wav")
@@ -380,7 +442,7 @@ def test_a_failed_job_keeps_its_error_and_nothing_else(held):
     job = add_job(queue, "fail.wav")
     failed = wait_state(queue, job, "failed")
     assert failed.error == "fail.wav: cannot decode audio (test)"
-    assert [path.name for path in job.folder.iterdir()] == ["job.json"]
+    assert sorted(path.name for path in job.folder.iterdir()) == [MARKER, "job.json"]
 
 
 def test_finished_jobs_outlive_a_restart_interrupted_ones_do_not(tmp_path):
@@ -390,10 +452,9 @@ def test_finished_jobs_outlive_a_restart_interrupted_ones_do_not(tmp_path):
     queue.start()
     done = add_job(queue, "done.wav")
     wait_state(queue, done, "done")
-    queue.close()
-    interrupted = tmp_path / "jobs" / ("i" * 22)
-    interrupted.mkdir()
+    _, interrupted = queue.new_folder()  # made, then the server stopped before it was a job
     (interrupted / "upload.wav").write_bytes(b"x")
+    queue.close()
     foreign = tmp_path / "jobs" / "notes"
     foreign.mkdir()
 
@@ -402,23 +463,59 @@ def test_finished_jobs_outlive_a_restart_interrupted_ones_do_not(tmp_path):
     assert not interrupted.exists() and foreign.exists()
 
 
+def test_a_restart_removes_only_the_folders_stemserve_made(tmp_path):
+    """A jobs folder may hold a user's folders whose names look like job ids: only folders
+    with the marker written at creation are ever removed, and nothing is followed."""
+    root = tmp_path / "jobs"
+    root.mkdir()
+    collection = root / "my-music-collection-v2"  # 22 letters, digits and dashes: a job id
+    (collection / "album").mkdir(parents=True)
+    (collection / "album" / "01.flac").write_bytes(b"fLaC" + bytes(1000))
+    broken = root / ("b" * 22)
+    broken.mkdir()
+    (broken / "job.json").write_text("{not json")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / MARKER).touch()
+    (outside / "keep.txt").write_text("mine")
+    link = root / ("l" * 22)
+    link.symlink_to(outside, target_is_directory=True)
+
+    queue = JobQueue(root, HeldRunner())
+    queue.close()
+    assert (collection / "album" / "01.flac").stat().st_size == 1004
+    assert (broken / "job.json").read_text() == "{not json"
+    assert link.is_symlink() and (outside / "keep.txt").read_text() == "mine"
+
+
+def test_one_jobs_folder_one_queue(tmp_path):
+    first = JobQueue(tmp_path / "jobs", HeldRunner())
+    with pytest.raises(StemserveError, match=r"is in use by another stemserve web \(pid \d+\): "
+                                             r"stop that one, or give this one its own "
+                                             r"--jobs-dir"):
+        JobQueue(tmp_path / "jobs", HeldRunner())
+    first.close()
+    JobQueue(tmp_path / "jobs", HeldRunner()).close()
+
+
 def test_oldest_finished_jobs_make_room_within_the_disk_budget(held):
     queue, runner = held
     runner.release.set()
     old, new = add_job(queue, "old.wav"), add_job(queue, "new.wav")
     assert wait_state(queue, new, "done") is not None
     queue.max_disk_bytes = folder_bytes(queue.root) + 50
-    queue.make_room(100)
+    queue.release(queue.reserve(100))
     assert queue.get(old.id) is None and not old.folder.exists()
     assert queue.get(new.id).state == "done"
 
-    # A running job whose 100-byte upload and estimate fill the budget: the finished job
-    # makes room for it, and after that nothing fits.
+    # A running job whose 100-byte upload and estimate fill the budget (beside the lock
+    # file): the finished job makes room for it, and after that nothing fits.
     runner.release.clear()
-    add_job(queue, "running.wav", estimate=queue.max_disk_bytes - 100)
+    lock = (queue.root / LOCK).stat().st_size
+    add_job(queue, "running.wav", estimate=queue.max_disk_bytes - 100 - lock)
     assert queue.get(new.id) is None
     with pytest.raises(StoreFull, match="storage for uploads and stems is full"):
-        queue.make_room(1)
+        queue.reserve(1)
 
 
 def test_finished_jobs_expire(tmp_path):
@@ -433,4 +530,62 @@ def test_finished_jobs_expire(tmp_path):
             time.sleep(0.1)
         assert queue.get(job.id) is None and not job.folder.exists()
     finally:
+        queue.close()
+
+
+def test_uploads_still_arriving_hold_their_size_in_the_budget(held):
+    queue, _ = held
+    queue.max_disk_bytes = folder_bytes(queue.root) + 1000
+    first = queue.reserve(600)
+    with pytest.raises(StoreFull):
+        queue.reserve(600)
+    queue.release(first)
+    queue.release(queue.reserve(600))
+
+
+def test_job_errors_show_no_server_paths(held, tmp_path):
+    """A job's error is shown to whoever uploaded: no path of the server's, whatever
+    raised it (here a checkpoint cache, as a failed download names it)."""
+    queue, runner = held
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    runner.error = (f"could not download http://127.0.0.1:1/demucs-e07c671f.th (refused) and "
+                    f"{cache} holds no valid demucs-e07c671f.th; copy that file there")
+    runner.release.set()
+    job = add_job(queue, "fail.wav")
+    failed = wait_state(queue, job, "failed")
+    assert failed.error == ("could not download http://127.0.0.1:1/demucs-e07c671f.th "
+                            "(refused) and …/checkpoints holds no valid demucs-e07c671f.th; "
+                            "copy that file there")
+
+
+def test_encoding_and_zipping_are_stages_of_the_job(tmp_path):
+    """Progress does not sit at 100 % while the stems are encoded and zipped: both are
+    stages the job reports, and the zip is ready when the job is done."""
+    encoding = threading.Event()
+    release = threading.Event()
+
+    def runner(job: Job, on_progress) -> dict[str, Path]:
+        stems = job.folder / "stems"
+        stems.mkdir()
+        (stems / "vocals.wav").write_bytes(b"stem")
+        on_progress("separating", job.seconds, job.seconds)
+        on_progress("encoding", 1.0, job.seconds)
+        encoding.set()
+        release.wait(10)
+        return {"vocals": stems / "vocals.wav"}
+
+    queue = JobQueue(tmp_path / "jobs", runner, workers=1, queue_size=2)
+    queue.start()
+    try:
+        job = add_job(queue, "song.wav")
+        assert encoding.wait(5)
+        running = queue.get(job.id)
+        assert (running.state, running.stage, running.stage_progress) == \
+            ("running", "encoding", 0.25)
+        assert running.progress == running.seconds
+        release.set()
+        done = wait_state(queue, job, "done")
+        assert done.stage is None and (done.folder / ARCHIVE).is_file()
+    finally:
+        release.set()
         queue.close()

@@ -4,7 +4,9 @@ A short generated track is uploaded to a real ``stemserve web`` backed by the se
 real tritonserver; the test waits for the player, checks the stems are listed, playable and
 downloadable, and the errors shown for an oversized and a non-audio file. It saves a
 screenshot of the finished page as ``web.png`` in its temporary folder (``docs/web.png`` is
-a copy).
+a copy). The browser has no network beyond loopback, so ``/docs`` must render from what the
+server itself serves; no page may break the server's Content-Security-Policy; a server
+started with a token is used through the page's token form.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_web import make_track, running_web
+
+TOKEN = "correct-horse-battery-staple"
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -53,9 +57,18 @@ def browser(tmp_path_factory):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+def console_errors(browser) -> list[str]:
+    """Script errors and Content-Security-Policy refusals the page logged since the last
+    call; answers with an error status (a refused upload, no favicon) are left out."""
+    return [entry["message"] for entry in browser.get_log("browser")
+            if "Content Security Policy" in entry["message"]
+            or (entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"])]
 
 
 def wait_for(browser, condition, timeout: float = 60):
@@ -139,6 +152,8 @@ def test_upload_separate_play_and_download(page, web, tmp_path):
     with zipfile.ZipFile(io.BytesIO(archive.content)) as stems:
         assert sorted(stems.namelist()) == sorted(f"{stem}.wav" for stem in STEMS)
 
+    assert console_errors(page) == []
+
     # The whole page, not just the window: as tall as its content.
     height = page.execute_script("return document.documentElement.scrollHeight")
     page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
@@ -148,3 +163,48 @@ def test_upload_separate_play_and_download(page, web, tmp_path):
     page.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot of the finished page: {screenshot}")
+
+
+def test_docs_render_the_api_offline(browser, web):
+    browser.get(f"{web}/docs")
+    operations = wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".operation"))
+    titles = [operation.find_element(By.TAG_NAME, "h2").text for operation in operations]
+    assert "POST /api/jobs" in titles and "POST /api/music/{file_name}" in titles
+    assert "GET /api/jobs/{job_id}/stems/{stem}" in titles
+    submit = browser.find_element(By.ID, "submit_api_jobs_post").text
+    assert "two_stems" in submit and '"wav" | "wav24"' in submit and "422" in submit
+    assert console_errors(browser) == []
+
+
+@pytest.fixture(scope="module")
+def web_with_token(triton_server, small_export, free_ports, tmp_path_factory,
+                   ) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("web-token")
+    with running_web(free_ports(1)[0], root / "jobs", "--url", triton_server.grpc_url,
+                     "--model", str(small_export), "--token", TOKEN) as base:
+        yield base
+
+
+def test_a_server_with_a_token_is_used_through_the_page(browser, web_with_token, tmp_path):
+    browser.get(web_with_token)
+    wait_for(browser, browser.find_element(By.ID, "login").is_displayed)
+    assert not browser.find_element(By.ID, "upload").is_displayed()
+    browser.find_element(By.ID, "token").send_keys("wrong")
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    error = browser.find_element(By.ID, "login-error")
+    wait_for(browser, error.is_displayed)
+    assert error.text == "Wrong token."
+
+    browser.find_element(By.ID, "token").clear()
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"))
+    assert not browser.find_element(By.ID, "login").is_displayed()
+    choose_file(browser, make_track(tmp_path / "token song.wav", seconds=1.5))
+    wait_for(browser, browser.find_element(By.ID, "result").is_displayed)
+    # The players fetch the stems with the login cookie: all of them load.
+    durations = wait_for(browser, lambda: browser.execute_script(
+        "const d = [...document.querySelectorAll('#tracks audio')].map(a => a.duration);"
+        "return d.every(x => x > 0 && isFinite(x)) ? d : null;"))
+    assert durations == pytest.approx([1.5] * 5, abs=0.05)
+    assert console_errors(browser) == []

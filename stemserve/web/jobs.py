@@ -7,13 +7,17 @@ upload ever names a path, and a job's files can be reached only by whoever holds
 
 A finished job is recorded in ``job.json``, so results outlive a restart until they expire.
 A job that failed keeps only that record (its error); one interrupted by a restart is removed
-whole. Disk use is bounded: old jobs expire after ``ttl`` seconds, and a new job is admitted
-only when its estimated size fits the budget, after the oldest finished jobs made room.
+whole. Only folders that carry the marker file written when stemserve created them are ever
+removed, and one lock file keeps a second server from sharing (and cleaning) the folder.
+Disk use is bounded: old jobs expire after ``ttl`` seconds, uploads still arriving hold their
+size, and a new job is admitted only when its estimated size fits the budget, after the
+oldest finished jobs made room.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +28,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import IO, Any, Callable, Literal
 
 from stemserve.errors import StemserveError
 
@@ -35,14 +39,19 @@ ACTIVE: tuple[JobState, ...] = ("queued", "running")
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 """What ``secrets.token_urlsafe(16)`` returns: 128 random bits, nothing to guess."""
 RECORD = "job.json"
+MARKER = ".stemserve-job"
+"""Written into every job folder as it is made: what proves that stemserve may delete it."""
+LOCK = ".lock"
+"""Locked (flock) by the one server that uses the jobs folder, for as long as it runs."""
 STEMS = "stems"
 ARCHIVE = "stems.zip"
 # Disk estimate per second of audio and stem, before a job runs: float32 stereo at 44.1 kHz,
 # three times (the rescale spill, the stems themselves at most that large, the zip of them).
 ESTIMATE_BYTES_PER_STEM_SECOND = 44100 * 2 * 4 * 3
 
-ProgressCallback = Callable[[float], None]
-"""Receives the audio seconds separated so far."""
+Stage = Literal["separating", "encoding", "zipping"]
+ProgressCallback = Callable[[str, float, float], None]
+"""Receives ``(stage, done, total)``: audio seconds separated, or stems encoded, so far."""
 Runner = Callable[["Job", ProgressCallback], dict[str, Path]]
 """Separates a job's upload into files under ``job.folder / STEMS``; returns {stem: path}."""
 
@@ -61,15 +70,47 @@ def estimate_bytes(seconds: float, stems: int) -> int:
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder`` (ones removed meanwhile count as zero)."""
-    total = 0
-    for path in folder.rglob("*"):
+    """Bytes of the files under ``folder``, links not followed.
+
+    Jobs are written and deleted while this walks (other requests, expiry): a file or folder
+    that vanishes meanwhile counts as zero instead of failing the request that asked.
+    """
+    total, pending = 0, [os.fspath(folder)]
+    while pending:
         try:
-            if path.is_file():
-                total += path.stat().st_size
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
         except OSError:
-            pass
+            continue
     return total
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"<>]+")
+TRAILING = ".,:;)]"
+
+
+def public_message(message: str, labels: dict[str, str]) -> str:
+    """``message`` without the server's paths, for a user who should not learn them.
+
+    Each path in ``labels`` becomes its label (the upload its file name); any other absolute
+    path (a cache, an export folder) is cut to ``…/<last part>``, which still says what it is.
+    """
+    for path, label in labels.items():
+        message = message.replace(path, label)
+
+    def shorten(match: re.Match[str]) -> str:
+        path = match.group()
+        core = path.rstrip(TRAILING)
+        return "…/" + (Path(core).name or "") + path[len(core):]
+
+    return ABSOLUTE_PATH.sub(shorten, message)
 
 
 @dataclasses.dataclass
@@ -93,6 +134,8 @@ class Job:
     created: float = dataclasses.field(default_factory=time.time)
     state: JobState = "queued"
     progress: float = 0.0
+    stage: Stage | None = None
+    stage_progress: float = 0.0
     error: str | None = None
     stems: dict[str, str] = dataclasses.field(default_factory=dict)
     finished: float | None = None
@@ -112,12 +155,21 @@ class Job:
         return data
 
 
+@dataclasses.dataclass(eq=False)
+class Reservation:
+    """Disk budget held for an upload while it arrives: its spool file lies in no job folder,
+    so no walk sees it. Hand it back with :meth:`JobQueue.release`."""
+
+    size: int
+
+
 class JobQueue:
     """Runs jobs with ``workers`` threads, at most ``queue_size`` waiting, in folders under
     ``root`` that take at most ``max_disk_bytes`` together.
 
-    Call :meth:`start` to start the workers and the sweeper that deletes expired jobs, and
-    :meth:`close` at shutdown.
+    Opening one locks ``root`` (:class:`StemserveError` if another server holds it). Call
+    :meth:`start` to start the workers and the sweeper that deletes expired jobs, and
+    :meth:`close` at shutdown, which also unlocks ``root``.
     """
 
     def __init__(self, root: Path, runner: Runner, *, workers: int = 1, queue_size: int = 8,
@@ -126,6 +178,7 @@ class JobQueue:
             raise StemserveError("the web service needs at least one worker and one queue slot")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file: IO[str] | None = _lock_folder(self.root)
         self.runner = runner
         self.workers = workers
         self.queue_size = queue_size
@@ -135,6 +188,7 @@ class JobQueue:
         self._archive_lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pending: collections.deque[Job] = collections.deque()
+        self._reservations: set[Reservation] = set()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._load()
@@ -150,24 +204,32 @@ class JobQueue:
             thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs; running ones get ``timeout`` seconds to finish."""
+        """Stop taking jobs; running ones get ``timeout`` seconds to finish. Unlocks ``root``."""
         with self._lock:
             self._closed.set()
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _load(self) -> None:
-        """Take back the finished jobs of an earlier run; remove interrupted ones."""
+        """Take back the finished jobs of an earlier run; remove interrupted ones.
+
+        Only folders stemserve made (see :func:`_is_job_folder`) are read or removed: a
+        user's folder in the jobs folder is never touched, whatever its name.
+        """
         for folder in self.root.iterdir():
-            if not (folder.is_dir() and JOB_ID.fullmatch(folder.name)):
-                continue  # not ours: leave it alone
+            if not _is_job_folder(folder):
+                continue
             try:
                 data = json.loads((folder / RECORD).read_text())
                 job = Job(folder=folder, **data)
             except (OSError, ValueError, TypeError):
                 job = None
-            if job is None or job.state in ACTIVE or self._expired(job, time.time()):
+            if job is None or job.id != folder.name or job.state in ACTIVE \
+                    or self._expired(job, time.time()):
                 shutil.rmtree(folder, ignore_errors=True)
             else:
                 self._jobs[job.id] = job
@@ -175,7 +237,8 @@ class JobQueue:
     # -- admission --------------------------------------------------------------------------
 
     def new_folder(self) -> tuple[str, Path]:
-        """A fresh job id and its empty folder, where an upload is checked before it is a job.
+        """A fresh job id and its folder (only the marker inside), where an upload is checked
+        before it is a job.
 
         Remove the folder (:func:`shutil.rmtree`) if the upload is refused.
         """
@@ -184,21 +247,32 @@ class JobQueue:
             folder = self.root / job_id
             try:
                 folder.mkdir()
-                return job_id, folder
             except FileExistsError:
                 continue
+            (folder / MARKER).touch()
+            return job_id, folder
 
-    def make_room(self, size: int) -> None:
-        """Check that a job of ``size`` more bytes can be taken now, deleting old jobs for it.
+    def reserve(self, size: int) -> Reservation:
+        """Hold ``size`` bytes of the budget for an upload about to arrive, before any of it
+        is stored, deleting the oldest finished jobs to make room; :meth:`release` it once
+        the upload is in its job folder (where the budget sees it) or refused.
 
         Raises :class:`QueueFull` or :class:`StoreFull` with a message for the user.
         """
         with self._lock:
             self._check_queue()
             self._make_room(size)
+            reservation = Reservation(size)
+            self._reservations.add(reservation)
+            return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Hand a reservation back; releasing one twice is harmless."""
+        with self._lock:
+            self._reservations.discard(reservation)
 
     def submit(self, job: Job) -> Job:
-        """Queue ``job`` (its upload already in its folder); see :meth:`make_room`."""
+        """Queue ``job`` (its upload already in its folder); refuses as :meth:`reserve`."""
         with self._lock:
             if self._closed.is_set():
                 raise StemserveError("the server is shutting down")
@@ -218,7 +292,8 @@ class JobQueue:
 
     def _make_room(self, size: int) -> None:
         self._expire()
-        reserved = sum(job.estimate for job in self._jobs.values() if job.state in ACTIVE)
+        reserved = (sum(job.estimate for job in self._jobs.values() if job.state in ACTIVE)
+                    + sum(reservation.size for reservation in self._reservations))
         used = folder_bytes(self.root)
         finished = sorted((job for job in self._jobs.values() if job.state not in ACTIVE),
                           key=lambda job: job.finished or job.created)
@@ -250,7 +325,8 @@ class JobQueue:
         return None if job.finished is None else job.finished + self.ttl
 
     def archive(self, job: Job) -> Path:
-        """A zip of a finished job's stems, written on first request."""
+        """A zip of a job's stems, written once (by the job itself, or for an older job on
+        first request)."""
         path = job.folder / ARCHIVE
         with self._archive_lock:
             if not path.exists():
@@ -264,6 +340,13 @@ class JobQueue:
                 finally:
                     temporary.unlink(missing_ok=True)
         return path
+
+    def remove(self, job_id: str) -> None:
+        """Delete a finished job now, e.g. once the only client that knew of it is served."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state not in ACTIVE:
+                self._delete(job)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -281,25 +364,31 @@ class JobQueue:
         while (job := self._next()) is not None:
             started = time.monotonic()
             try:
-                paths = self.runner(job, lambda seconds: self._progress(job, seconds))
-                stems = {stem: path.relative_to(job.folder).as_posix()
-                         for stem, path in paths.items()}
+                paths = self.runner(job, lambda *event: self._progress(job, *event))
+                job.stems = {stem: path.relative_to(job.folder).as_posix()
+                             for stem, path in paths.items()}
+                self._progress(job, "zipping", 0.0, 1.0)
+                self.archive(job)  # part of the job: the download is then at once
             except Exception as err:  # every failure belongs to the job, not the worker
-                self._finish(job, state="failed", error=self._failure(job, err))
+                self._finish(job, state="failed", error=self._failure(job, err), stage=None)
             else:
-                self._finish(job, state="done", stems=stems, progress=job.seconds)
+                self._finish(job, state="done", progress=job.seconds, stage=None,
+                             stage_progress=1.0)
                 logger.info("job %s done in %.1f s", job.id, time.monotonic() - started)
 
     @staticmethod
-    def _progress(job: Job, seconds: float) -> None:
-        job.progress = min(seconds, job.seconds)
+    def _progress(job: Job, stage: Stage, done: float, total: float) -> None:
+        """What the page shows of a running job: its stage, and how far that is."""
+        if stage == "separating":
+            job.progress = min(done, job.seconds)
+        job.stage, job.stage_progress = stage, min(done / total, 1.0) if total else 0.0
 
     @staticmethod
     def _failure(job: Job, err: Exception) -> str:
         """The error as the user sees it; removes the upload and whatever stems were begun."""
         if isinstance(err, StemserveError):
-            message = (str(err).replace(str(job.upload_path), job.name)
-                       .replace(str(job.folder), "job"))
+            message = public_message(str(err), {str(job.upload_path): job.name,
+                                                str(job.folder): "job"})
             logger.warning("job %s failed: %s", job.id, err)
         else:
             message = f"internal error ({type(err).__name__}); the server log has the details"
@@ -348,3 +437,30 @@ class JobQueue:
         while not self._closed.wait(interval):
             with self._lock:
                 self._expire()
+
+
+def _is_job_folder(path: Path) -> bool:
+    """Whether stemserve made ``path``: named by a job id, a folder itself (not a link to
+    one), and holding the marker written at creation."""
+    return (JOB_ID.fullmatch(path.name) is not None and path.is_dir()
+            and not path.is_symlink() and (path / MARKER).is_file())
+
+
+def _lock_folder(root: Path) -> IO[str]:
+    """Lock ``root`` for this process (released when the returned file closes, or the
+    process ends): two servers on one jobs folder would delete each other's running jobs."""
+    handle = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise StemserveError(f"the jobs folder {root} is in use by another stemserve web "
+                             f"({owner}): stop that one, or give this one its own "
+                             "--jobs-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from stemserve.audio import OutputFormat
-from stemserve.cli import DEFAULT_MODEL, EXPORT_ROOT
+from stemserve.defaults import DEFAULT_MODEL, export_root
 from stemserve.client.api import open_backend, separate_file
 from stemserve.client.onnx_backend import load_export_spec
 from stemserve.errors import StemserveError
@@ -43,21 +43,32 @@ class Separator:
     With ``triton_url`` every job goes to that server, which serves one model (``model``
     may name its export folder when the server's config carries no sidecar). Without it,
     jobs run in-process with ONNX Runtime on ``model`` (default: the command line's) or on
-    any other exported or cached model.
+    any other exported or cached model. ``config`` is the release whose configuration a
+    plain state-dict ``model`` has.
+
+    The default model's backend opens here, so a server that does not answer or a model
+    that cannot be downloaded, exported or loaded raises its :class:`StemserveError` now,
+    before the service takes uploads.
     """
 
-    def __init__(self, triton_url: str | None = None, model: str | None = None):
+    def __init__(self, triton_url: str | None = None, model: str | None = None,
+                 config: str | None = None):
         self.triton_url = triton_url
-        self._default = model
+        self._default = model or DEFAULT_MODEL
+        self._config = config
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._served: str | None = None
         if triton_url:
-            backend = open_backend("triton", url=triton_url, model=model)
+            backend = open_backend("triton", url=triton_url, model=model, config=config)
             self._served = backend.spec.checkpoint
             self._backends[self._served] = backend
             logger.info("separating on the Triton server at %s (model %s)", triton_url,
                         self._served)
+        else:
+            logger.info("opening %s to separate in-process (exported first if need be)",
+                        self._default)
+            self.backend(_model_name(self._default))
 
     @property
     def backend_kind(self) -> str:
@@ -67,14 +78,13 @@ class Separator:
         """{name: what open_backend takes}, the default first.
 
         Triton: the served model. In-process: the default model, every export under
-        ``build/export``, and every release whose checkpoint is cached (exported on first
+        the export root, and every release whose checkpoint is cached (exported on first
         use, which needs PyTorch).
         """
         if self._served is not None:
             return {self._served: self._served}
-        default = self._default or DEFAULT_MODEL
-        models = {_model_name(default): default}
-        for sidecar in sorted(EXPORT_ROOT.glob("*/model.json")):
+        models = {_model_name(self._default): self._default}
+        for sidecar in sorted(export_root().glob("*/model.json")):
             models.setdefault(sidecar.parent.name, str(sidecar.parent))
         for release in _cached_releases():
             models.setdefault(release, release)
@@ -91,7 +101,8 @@ class Separator:
                 if name not in models:
                     raise StemserveError(f"model {name!r} is not available here; choose one "
                                          f"of {', '.join(models)}")
-                self._backends[name] = open_backend("onnx", model=models[name])
+                config = self._config if models[name] == self._default else None
+                self._backends[name] = open_backend("onnx", model=models[name], config=config)
             return self._backends[name]
 
     def separate(self, job: Job, on_progress: ProgressCallback) -> dict[str, Path]:

@@ -34,12 +34,11 @@ function showStatus(text, fraction) {
   else bar.value = fraction;
 }
 
-// FastAPI answers {"detail": "..."} or, for a malformed form, {"detail": [{"msg": ...}]}.
+// Every refusal answers {"detail": "..."}.
 function errorDetail(text, status) {
   try {
     const detail = JSON.parse(text).detail;
     if (typeof detail === "string") return detail;
-    if (Array.isArray(detail)) return detail.map((item) => item.msg).join("; ");
   } catch (err) {
     // not JSON: fall through
   }
@@ -64,7 +63,12 @@ const FORMAT_LABELS = {
 const formatLabel = (name) => FORMAT_LABELS[name] || name;
 
 async function loadConfig() {
-  const response = await fetch("/api/config");
+  let response = await fetch("/api/config");
+  if (response.status === 401) {
+    await logIn();
+    response = await fetch("/api/config");
+  }
+  if (!response.ok) throw new Error(errorDetail(await response.text(), response.status));
   config = await response.json();
   fillSelect($("#model"), config.models, config.default_model);
   fillSelect($("#two-stems"), config.sources, null, (stem) => `${stem} + no_${stem}`);
@@ -73,6 +77,35 @@ async function loadConfig() {
   $("#shifts").max = config.max_shifts;
   $("#limits").textContent = `Up to ${config.max_upload_mb} MB and ` +
     `${clock(config.max_duration)} per track. WAV, FLAC, OGG or MP3.`;
+}
+
+// ------------------------------------------------------------------------------------------
+// Token: a server started with one answers 401 until the page logs in. The server keeps the
+// token in an HttpOnly cookie, which the audio players and download links send as well.
+
+function logIn() {
+  $("#upload").hidden = true;
+  $("#login").hidden = false;
+  $("#token").focus();
+  return new Promise((resolve) => {
+    const form = $("#login-form");
+    form.addEventListener("submit", async function submit(event) {
+      event.preventDefault();
+      const response = await fetch("/api/login", {
+        method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({token: $("#token").value}),
+      });
+      if (!response.ok) {
+        $("#login-error").textContent = errorDetail(await response.text(), response.status);
+        $("#login-error").hidden = false;
+        return;
+      }
+      form.removeEventListener("submit", submit);
+      $("#login").hidden = true;
+      $("#upload").hidden = false;
+      resolve();
+    });
+  });
 }
 
 function wireUpload() {
@@ -133,6 +166,13 @@ function upload(file) {
 function describe(job) {
   if (job.state === "queued") {
     return [`${job.name} is waiting in the queue: position ${job.position}.`, null];
+  }
+  if (job.state === "running" && job.stage === "encoding") {
+    return [`Encoding the stems of ${job.name}: ${Math.round(100 * job.stage_progress)} %`,
+            job.stage_progress];
+  }
+  if (job.state === "running" && job.stage === "zipping") {
+    return [`Zipping the stems of ${job.name}`, null];
   }
   if (job.state === "running") {
     return [`Separating ${job.name}: ${job.progress.toFixed(1)} s of ` +

@@ -1,0 +1,169 @@
+"""Running the web service: uvicorn with deadlines for slow clients, security headers on
+every answer, and a clean shutdown on Ctrl-C, SIGTERM or SIGHUP.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import tempfile
+from typing import Any, Literal
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from stemserve.web.app import create_app
+from stemserve.web.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MIN_BODY_RATE = 16 << 10
+"""Bytes per second a request body must average, after its first ``body_timeout`` seconds."""
+SPOOL = ".uploads"
+"""Folder in the jobs folder where uploads are spooled while they arrive."""
+GRACEFUL_SHUTDOWN_SECONDS = 10
+"""How long open requests (a legacy upload waiting for its stems) may delay a shutdown."""
+SECURITY_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'self'; object-src 'none'; base-uri 'none'; "
+                                "form-action 'self'; frame-ancestors 'none'"),
+    ("Referrer-Policy", "no-referrer"),
+]
+"""On every response: no type sniffing, only this server's own scripts, styles and media, no
+framing by other sites, and no job URL leaked in a Referer."""
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with deadlines for the parts of a request still arriving.
+
+    uvicorn only times out idle keep-alive connections, so a client that sends its headers
+    or its body a byte at a time (slowloris) holds a connection for as long as it likes.
+    Here a request's line and headers must arrive within ``head_timeout`` seconds of its
+    first byte (or of the connection), and its body may pause for at most ``body_timeout``
+    seconds and must average :data:`MIN_BODY_RATE` after its first ``body_timeout``
+    seconds. Otherwise the client gets 408 (when no answer has begun) and the connection
+    is closed.
+    """
+
+    def __init__(self, *args: Any, head_timeout: float, body_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self._phase: Literal["head", "body"] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._body_started = 0.0
+        self._body_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch(0)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(len(data))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _watch(self, received: int) -> None:
+        """Set the deadline for what the client still owes: the head, the body, or nothing."""
+        state = self.conn.their_state
+        if self.transport.is_closing():
+            self._cancel()
+        elif state is h11.IDLE:
+            if self._phase != "head":
+                self._arm("head", self.head_timeout)
+        elif state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._body_started, self._body_bytes = self.loop.time(), 0
+            self._body_bytes += received
+            self._arm("body", self._body_delay())
+        else:
+            self._cancel()
+
+    def _body_delay(self) -> float:
+        owed_by = self._body_started + self.body_timeout + self._body_bytes / MIN_BODY_RATE
+        return max(0.0, min(self.body_timeout, owed_by - self.loop.time()))
+
+    def _arm(self, phase: Literal["head", "body"], delay: float) -> None:
+        self._cancel()
+        self._phase = phase
+        self._deadline = self.loop.call_later(delay, self._expired)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._phase = None, None
+
+    def _expired(self) -> None:
+        phase = self._phase
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if phase == "body" and self.flow.read_paused:
+            # uvicorn stopped reading because the app is behind, not the client: wait on.
+            self._arm("body", self.body_timeout)
+            return
+        if phase == "head":
+            detail = f"The request headers did not arrive within {self.head_timeout:g} s."
+        else:
+            detail = (f"The upload was too slow and was cut off: the server waits at most "
+                      f"{self.body_timeout:g} s for more data and needs "
+                      f"{MIN_BODY_RATE >> 10} KB/s on average.")
+        logger.info("closing a slow connection from %s: %s",
+                    "%s:%d" % self.client if self.client else "?", detail)
+        cycle = self.cycle if phase == "body" else None
+        if cycle is None or not cycle.response_started:
+            self.transport.write(self._timeout_response(detail))
+        if cycle is not None:
+            cycle.disconnected = True  # the app's own answer, if any, goes nowhere
+            cycle.message_event.set()
+        self.transport.close()
+
+    def _timeout_response(self, detail: str) -> bytes:
+        """408 with the usual headers, written by hand: h11 cannot answer a request it has
+        not fully received."""
+        body = json.dumps({"detail": detail}).encode()
+        lines = [b"HTTP/1.1 408 Request Timeout"]
+        lines += [name + b": " + value for name, value in self.server_state.default_headers]
+        lines += [b"content-type: application/json", b"content-length: %d" % len(body),
+                  b"connection: close"]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def serve(settings: Settings) -> None:
+    """Run the web service with uvicorn until Ctrl-C, SIGTERM or SIGHUP.
+
+    Uploads are spooled inside the jobs folder (``.uploads``), where the disk budget is
+    kept, never in a ``/tmp`` that may be small or in memory. All three signals shut down
+    alike (SIGHUP: a closed terminal, an ssh session ending): open requests get
+    :data:`GRACEFUL_SHUTDOWN_SECONDS`, then the queue and backends are closed, and the
+    signal goes on to the command line's own handler.
+    """
+    import uvicorn
+
+    app = create_app(settings)
+    spool = settings.jobs_dir / SPOOL
+    spool.mkdir(exist_ok=True)
+    tempfile.tempdir = str(spool)  # this process's temporary files are its uploads' spools
+    protocol = functools.partial(TimedH11Protocol, head_timeout=settings.header_timeout,
+                                 body_timeout=settings.body_timeout)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            http=protocol,  # type: ignore[arg-type]
+                            headers=SECURITY_HEADERS,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    logger.info("stemserve web on http://%s:%d (jobs in %s)", settings.host, settings.port,
+                settings.jobs_dir)
+    previous = signal.signal(signal.SIGHUP, _as_sigterm)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _as_sigterm(signum: int, frame: object) -> None:
+    """uvicorn shuts down gracefully on SIGINT and SIGTERM only; SIGHUP is made a SIGTERM."""
+    signal.raise_signal(signal.SIGTERM)
