@@ -7,11 +7,11 @@
 Three ways of separating the same WAV file with the same random weights, each in a process
 of its own so that its peak memory is its own:
 
-- ``triton``: :func:`stemserve.client.separate_file` through a ``TritonBackend`` (system
+- ``triton``: a :class:`stemserve.client.Separator` through a ``TritonBackend`` (system
   shared memory on loopback, the default window) against a fresh ``tritonserver`` serving
   the CPU repository (ONNX Runtime in the python backend, dynamic batching as shipped);
   the server's memory is sampled over its whole process group.
-- ``onnx``: ``separate_file`` with the in-process ``OnnxBackend`` (the CPU fallback).
+- ``onnx``: the ``Separator`` with the in-process ``OnnxBackend`` (the CPU fallback).
 - ``torch``: the reference, demucs 2.0.3's own way: its separate.py steps (read the whole
   track, normalise, ``demucs.utils.apply_model(model, wav, split=True, overlap=0.25)`` with
   demucs' own ``Demucs`` class, rescale, write 16-bit WAVs). Needs ``demucs==2.0.3``
@@ -32,7 +32,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from .plots import save_and_plot
 from .results import add_output_arguments, new_section
 from .timing import Stats, loadavg
 
-from stemserve.pipeline import DEFAULT_WINDOW
+from stemserve.defaults import DEFAULT_IN_FLIGHT
 
 SCRIPT = "end_to_end"
 TITLE = "End to end: whole tracks per path (item 3)"
@@ -89,26 +88,30 @@ def write_track(path: Path, seconds: float, seed: int = SEED) -> Path:
 # Child side: one path, one track, a few repetitions
 
 def _stemserve_path(job: dict) -> dict:
-    """``separate_file`` ``repeats`` times; stages from the progress callback's last call."""
-    from stemserve.client import separate_file
-    from stemserve.client.onnx_backend import OnnxBackend
-    from stemserve.client.triton import TritonBackend
-    from stemserve.pipeline import DEFAULT_WINDOW
+    """``Separator.separate_file`` ``repeats`` times; stages from the progress callback's
+    last "separating" call."""
+    from stemserve.client import Separator
+    from stemserve.client.backends.onnx import OnnxBackend
+    from stemserve.client.backends.triton import TritonBackend
 
     began = time.perf_counter()
-    window = job.get("window", DEFAULT_WINDOW)
-    backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT, slots=window)
+    window = job.get("window", DEFAULT_IN_FLIGHT)
+    backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT, shm_slots=window)
                if job["kind"] == "triton" else OnnxBackend(Path(job["export"])))
     load_s = time.perf_counter() - began
     runs = []
+    separator = Separator(backend, in_flight=window)
     try:
         for repeat in range(job["repeats"]):
             out = Path(job["out"]) / f"repeat-{repeat}"
             marks: list[float] = []
+
+            def mark(stage: str, done: float, total: float) -> None:
+                if stage == "separating":
+                    marks.append(time.perf_counter())
+
             start = time.perf_counter()
-            separate_file(job["track"], out, backend=backend, window=window,
-                          progress=lambda stage, *_: stage == "separating"
-                          and marks.append(time.perf_counter()))
+            separator.separate_file(job["track"], out, progress=mark)
             end = time.perf_counter()
             runs.append({"wall_s": end - start,
                          "stages_s": {"separate": marks[-1] - start, "write": end - marks[-1]}})
@@ -179,25 +182,13 @@ def _run_child(job: dict) -> dict:
 
 def _serve(export: Path, work: Path, job: dict, log) -> tuple[dict, dict]:
     """Run ``job`` against a fresh server of ``export``; returns (result, server figures)."""
-    from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer, free_ports
+    from stemserve.model_repository.local import local_server
 
-    repo = Path(tempfile.mkdtemp(prefix="repo-", dir=work))
-    try:
-        fill_repository(export, repo, "cpu")
-        http_port, grpc_port, metrics_port = free_ports(3)
-        server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port, log_file=work / "server.log")
-        began = time.perf_counter()
-        server.start(timeout=900)
+    began = time.perf_counter()
+    with local_server(export, root=work, logs=work, start_timeout=900) as server:
         start_s = time.perf_counter() - began
-        try:
-            with GroupMemory(server.pid) as memory:
-                result = _run_child({**job, "url": server.grpc_url})
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(repo, ignore_errors=True)
+        with GroupMemory(server.pid) as memory:
+            result = _run_child({**job, "url": server.grpc_url})
     log(f"  server start {start_s:.1f} s, peak {memory.peak_mib:.0f} MiB")
     return result, {"server_start_s": start_s, "server_peak_mib": memory.peak_mib,
                     "server_sum_of_peaks_mib": memory.sum_of_peaks_mib}
@@ -316,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-tracks", default="60,600,3600",
                         help="track seconds of the client-memory table (60,600,3600; "
                              "empty: none)")
-    parser.add_argument("--memory-windows", default=f"{DEFAULT_WINDOW},2",
+    parser.add_argument("--memory-windows", default=f"{DEFAULT_IN_FLIGHT},2",
                         help="segment requests in flight, one set of memory rows each "
-                             f"({DEFAULT_WINDOW},2; {DEFAULT_WINDOW} is the client's default)")
+                             f"({DEFAULT_IN_FLIGHT},2; {DEFAULT_IN_FLIGHT} is the client's default)")
     parser.add_argument("--memory-only", action="store_true",
                         help="measure only the client-memory table; the path rows of this "
                              "machine's saved section are kept, and the notes say so")
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.config, args.tracks, args.memory_tracks, args.repeats = "small", "5", "5,15", 1
-        args.memory_windows = str(DEFAULT_WINDOW)
+        args.memory_windows = str(DEFAULT_IN_FLIGHT)
     tracks, memory_tracks = _seconds_list(args.tracks), _seconds_list(args.memory_tracks)
     windows = [int(item) for item in args.memory_windows.split(",") if item]
     paths = [item.strip() for item in args.paths.split(",") if item.strip()]

@@ -3,7 +3,7 @@
 Two measurements, each against real tritonservers on loopback ports:
 
 - ``scaling``: throughput (audio seconds separated per second) of one client separating a
-  batch of tracks, the CLI's way (:func:`stemserve.client.api.separate_files`, two tracks
+  batch of tracks, the CLI's way (:meth:`stemserve.client.Separator.separate_files`, two tracks
   in flight per server), against 1, 2 and 3 servers, for the small test model and for a
   medium one (32 channels) where the network's compute dominates; several servers run once
   with ONNX Runtime on every core each (the template's default) and once with the cores
@@ -36,24 +36,21 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
-from google.protobuf import text_format
 
 from benchmarks.machine import command_line, describe, machine_name, now
 from benchmarks.models import export_random
 from benchmarks.timing import percentiles
-from stemserve import triton_server
-from stemserve.client.api import TrackResult, separate_array, separate_files
-from stemserve.client.fleet import FleetBackend
-from stemserve.client.triton import TritonBackend
+from stemserve.client import Separator, TrackResult
+from stemserve.client.backends.fleet import FleetBackend
+from stemserve.client.backends.triton import TritonBackend
 from stemserve.errors import StemserveError
-from stemserve.model_repository.writer import fill_repository, load_config
-from stemserve.triton_server import TritonServer, free_ports
+from stemserve.model_repository.local import local_servers
+from stemserve.model_repository.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -75,50 +72,6 @@ MATCH_TOLERANCE = 1e-5
 def export_model(name: str, root: Path = WORK_DIR) -> Path:
     """An ONNX export of the random-weight model ``name`` (cached: exporting needs torch)."""
     return export_random(MODELS[name], 1234, root / f"export-{name}")
-
-
-def start_servers(repository: Path, count: int, logs: Path) -> list[TritonServer]:
-    """``count`` tritonservers of ``repository`` on free loopback ports, started together."""
-    servers = []
-    for index in range(count):
-        http_port, grpc_port, metrics_port = free_ports(3)
-        servers.append(TritonServer(repository, http_port=http_port, grpc_port=grpc_port,
-                                    metrics_port=metrics_port,
-                                    log_file=logs / f"server-{index}.log"))
-    with ThreadPoolExecutor(count) as pool:
-        started = [pool.submit(server.start) for server in servers]
-    try:
-        for future in started:
-            future.result()
-    except BaseException:
-        stop_servers(servers)
-        raise
-    return servers
-
-
-def stop_servers(servers: Sequence[TritonServer]) -> None:
-    with ThreadPoolExecutor(len(servers)) as pool:
-        list(pool.map(lambda server: server.stop(), servers))
-
-
-def restart(server: TritonServer, port_wait: float = 120.0) -> None:
-    """Stop ``server`` the way an operator would (SIGINT) and start it on the same ports.
-
-    ``TritonServer.start`` refuses a port that a plain bind() cannot take: a server stopped
-    with clients connected leaves its port in TIME_WAIT for a minute. Wait for the ports.
-    """
-    server.stop()
-    deadline = time.monotonic() + port_wait
-    for what, port in server.ports.items():
-        while True:
-            try:
-                triton_server.check_port_free(server.host, port, what)
-                break
-            except StemserveError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-    server.start()
 
 
 def generated_track(seconds: float, seed: int) -> np.ndarray:
@@ -183,17 +136,6 @@ def wait_until_quiet(servers: Sequence[TritonServer], limit: float = 900.0) -> f
 # ---------------------------------------------------------------------------------------------
 # Scaling
 
-def fill_cpu_repository(export: Path, repository: Path, threads: int) -> Path:
-    """The CPU repository of ``export`` with ``threads`` ONNX Runtime threads per server
-    (0: one per core, the template's default)."""
-    fill_repository(export, repository, "cpu")
-    (path,) = repository.glob("*/config.pbtxt")
-    config = load_config(path)
-    config.parameters["intra_op_threads"].string_value = str(threads)
-    path.write_text(text_format.MessageToString(config))
-    return repository
-
-
 def scaling(models: Sequence[str], counts: Sequence[int], repeats: int,
             workload: tuple[int, float] | None = None) -> list[dict]:
     """Throughput of one client over 1..N servers, per model; one row per configuration.
@@ -214,15 +156,11 @@ def scaling(models: Sequence[str], counts: Sequence[int], repeats: int,
                 paths.append(work / f"track-{index}.wav")
                 sf.write(str(paths[-1]), generated_track(seconds, index).T, RATE,
                          subtype="FLOAT")
-            repositories: dict[int, Path] = {}
             baseline = 1.0
             for count in counts:
                 for threads in dict.fromkeys([0] if count == 1 else [0, max(1, cores // count)]):
-                    if threads not in repositories:
-                        repositories[threads] = fill_cpu_repository(
-                            export, work / f"repository-{threads}", threads)
-                    servers = start_servers(repositories[threads], count, work)
-                    try:
+                    with local_servers(export, count, root=work, logs=work,
+                                       intra_op_threads=threads) as servers:
                         for kind in ["triton", "fleet"] if count == 1 else ["fleet"]:
                             row = _throughput(kind, servers, paths, work / "out", repeats)
                             if kind == "triton":
@@ -232,8 +170,6 @@ def scaling(models: Sequence[str], counts: Sequence[int], repeats: int,
                                        speedup=row["throughput"] / baseline)
                             rows.append(row)
                             print(json.dumps(row), flush=True)
-                    finally:
-                        stop_servers(servers)
     return rows
 
 
@@ -248,12 +184,13 @@ def _throughput(kind: str, servers: list[TritonServer], paths: list[Path], out: 
     audio = sum(sf.info(str(path)).duration for path in paths)
     walls, busy, others = [], [], []
     with open_backend() as backend:
-        _check_all(separate_files(paths[:1], out, backend=backend))
+        separator = Separator(backend)
+        _check_all(separator.separate_files(paths[:1], out))
         for _ in range(repeats):
             wait_until_quiet(servers)
             start = time.perf_counter()
             with CpuShare(servers) as cpu:
-                _check_all(separate_files(paths, out, backend=backend, jobs=jobs))
+                _check_all(separator.separate_files(paths, out, jobs=jobs))
             walls.append(time.perf_counter() - start)
             busy.append(cpu.busy)
             others.append(cpu.others)
@@ -306,7 +243,7 @@ def soak(urls: Sequence[str], *, clients: int = 8, duration: float = 300.0,
     differ from the single-server stems of the same track."""
     mixes = [generated_track(track_seconds, seed) for seed in range(distinct_tracks)]
     with TritonBackend(urls[0]) as single:
-        references = [separate_array(mix, RATE, backend=single) for mix in mixes]
+        references = [Separator(single).separate_array(mix, RATE) for mix in mixes]
     result = SoakResult(clients, duration)
     lock = threading.Lock()
     start = time.monotonic()
@@ -314,13 +251,14 @@ def soak(urls: Sequence[str], *, clients: int = 8, duration: float = 300.0,
 
     def client(index: int) -> None:
         with FleetBackend(urls, backoff=backoff) as backend:
+            separator = Separator(backend)
             turn = index
             while time.monotonic() < deadline:
                 track = turn % len(mixes)
                 turn += 1
                 began = time.monotonic()
                 try:
-                    stems = separate_array(mixes[track], RATE, backend=backend)
+                    stems = separator.separate_array(mixes[track], RATE)
                     error = max(float(np.abs(stems[name] - references[track][name]).max())
                                 for name in stems)
                     problem = (None if error < MATCH_TOLERANCE
@@ -362,16 +300,12 @@ def run_soak(clients: int, duration: float, track_seconds: float) -> dict:
     export = export_model("small")
     with tempfile.TemporaryDirectory(dir=_work_dir()) as folder:
         work = Path(folder)
-        fill_repository(export, work / "repository", "cpu")
-        servers = start_servers(work / "repository", 2, work)
-        try:
+        with local_servers(export, 2, root=work, logs=work) as servers:
             wait_until_quiet(servers)
             with CpuShare(servers) as cpu:
                 result = soak([server.grpc_url for server in servers], clients=clients,
                               duration=duration, track_seconds=track_seconds,
-                              restart_server=lambda: restart(servers[1]))
-        finally:
-            stop_servers(servers)
+                              restart_server=servers[1].restart)
     summary = result.summary()
     summary.update(servers=2, model="small", track_seconds=track_seconds,
                    audio_s=round(result.completed * track_seconds, 1), cpu_busy=cpu.busy,

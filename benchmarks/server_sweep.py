@@ -188,20 +188,14 @@ def _serve_and_sweep(export_dir: Path, work: Path, batching: bool, spec, mix: np
                      args, log, while_up: Callable[[str, list[dict]], None] | None = None
                      ) -> tuple[list[dict], dict]:
     """Start a server, sweep it, then call ``while_up(grpc_url, rows)`` before stopping it."""
-    from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer, free_ports
+    from stemserve.model_repository.local import local_server
 
     series = "batching on" if batching else "batching off"
-    repo = work / ("repo-on" if batching else "repo-off")
-    fill_repository(export_dir, repo, "cpu", dynamic_batching=batching)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=work / f"server-{series[9:]}.log")
     rows = []
     began = time.perf_counter()
-    server.start(timeout=180)
-    info = {"series": series, "start_s": time.perf_counter() - began}
-    try:
+    with local_server(export_dir, root=work, logs=work, start_timeout=180,
+                      dynamic_batching=batching) as server:
+        info = {"series": series, "start_s": time.perf_counter() - began}
         for clients in args.concurrency:
             log(f"{series}: {clients} client(s)")
             row = {"series": series, "batching": batching, "concurrency": clients}
@@ -220,8 +214,6 @@ def _serve_and_sweep(export_dir: Path, work: Path, batching: bool, spec, mix: np
             rows.append(row)
         if while_up:
             while_up(server.grpc_url, rows)
-    finally:
-        server.stop()
     return rows, info
 
 

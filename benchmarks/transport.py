@@ -8,9 +8,9 @@ For each segment length a small random-weight Demucs (channels=4: little compute
 transport shows) is exported for that length and served by its own ``tritonserver`` on
 loopback (the CPU repository as shipped: ONNX Runtime in the python backend, dynamic
 batching). The same padded segment then goes through the client's
-:class:`~stemserve.client.triton.TritonBackend` with the tensors in the gRPC messages
+:class:`~stemserve.client.backends.triton.TritonBackend` with the tensors in the gRPC messages
 ("gRPC") and in system shared memory regions ("shared memory"), and through the in-process
-:class:`~stemserve.client.onnx_backend.OnnxBackend` on the same export ("in-process": the
+:class:`~stemserve.client.backends.onnx.OnnxBackend` on the same export ("in-process": the
 same graph with no transport, the floor).
 
 Two measurements per mode: one request at a time (latency; the three modes take turns
@@ -142,13 +142,11 @@ def _server_counters(url: str, model: str) -> dict:
 
 def _measure_segment(segment_s: float, work: Path, args, log) -> tuple[list[dict], dict]:
     """Export, serve and measure every mode at one segment length."""
-    from stemserve.client.onnx_backend import OnnxBackend
-    from stemserve.client.triton import TritonBackend
-    from stemserve.model_repository.writer import fill_repository
+    from stemserve.client.backends.onnx import OnnxBackend
+    from stemserve.client.backends.triton import TritonBackend
+    from stemserve.model_repository.local import local_server
 
-    from stemserve.triton_server import TritonServer, free_ports
-
-    export, repo = work / f"export-{segment_s:g}", work / f"repo-{segment_s:g}"
+    export = work / f"export-{segment_s:g}"
     began = time.perf_counter()
     spec = export_segments(MODEL, segment_s, export)
     info = {"segment_s": segment_s, "segment_samples": spec.segment_length,
@@ -164,62 +162,57 @@ def _measure_segment(segment_s: float, work: Path, args, log) -> tuple[list[dict
         rows.append(row)
         return row
 
-    fill_repository(export, repo, "cpu")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=work / f"server-{segment_s:g}.log")
     began = time.perf_counter()
-    server.start(timeout=180)
-    info["server_start_s"] = time.perf_counter() - began
-    window = f"window {args.window}"
-    backends: dict = {}
-    refused: dict[str, str] = {}
-    try:
-        for mode, shared in SERVED.items():
-            try:
-                backends[mode] = TritonBackend(server.grpc_url, timeout=WAIT_S,
-                                               shared_memory=shared, slots=args.window)
-            except Exception as err:  # noqa: BLE001 - e.g. shared memory refused: a row says so
-                refused[mode] = f"failed: {type(err).__name__}: {err}"
-        backends[IN_PROCESS] = OnnxBackend(export, max_batch=1, threads=usable_cpus())
-        log(f"{segment_s:g} s: {', '.join(backends)} in turn, {args.repeats} sequential "
-            "requests")
-        sequential = _sequential(backends, mix, repeats=args.repeats, warmup=args.warmup,
-                                 budget_s=args.budget)
-        backends.pop(IN_PROCESS).close()
-        reference = sequential[IN_PROCESS]["output"]
-        base["output_mb"] = reference.nbytes / MB
-        base["payload_mb"] = base["input_mb"] + base["output_mb"]
-        floor = sequential[IN_PROCESS]["wall"].median
-        for mode, got in sequential.items():
-            wall = got["wall"]
-            row = add(mode, SEQUENTIAL, status="ok", requests=wall.n,
-                      elapsed_s=sum(wall.samples), latency_ms=_latency_ms(wall),
-                      samples_ms=[value * 1e3 for value in wall.samples], spread=wall.spread,
-                      client_cpu_s_per_request=sum(got["cpu"].samples) / wall.n,
-                      max_abs_diff_vs_in_process=float(np.abs(got["output"] - reference).max()))
-            if mode != IN_PROCESS:
-                row["overhead_ms"] = (wall.median - floor) * 1e3
-                row["overhead_ms_per_mb"] = row["overhead_ms"] / base["payload_mb"]
-        for mode, status in refused.items():
-            for measurement in (SEQUENTIAL, window):
-                add(mode, measurement, status=status)
+    with local_server(export, root=work, logs=work, start_timeout=180) as server:
+        info["server_start_s"] = time.perf_counter() - began
+        window = f"window {args.window}"
+        backends: dict = {}
+        refused: dict[str, str] = {}
+        try:
+            for mode, shared in SERVED.items():
+                try:
+                    backends[mode] = TritonBackend(server.grpc_url, timeout=WAIT_S,
+                                                   shared_memory=shared, shm_slots=args.window)
+                except Exception as err:  # noqa: BLE001 - e.g. shared memory refused: a row says so
+                    refused[mode] = f"failed: {type(err).__name__}: {err}"
+            backends[IN_PROCESS] = OnnxBackend(export, max_batch=1, threads=usable_cpus())
+            log(f"{segment_s:g} s: {', '.join(backends)} in turn, {args.repeats} sequential "
+                "requests")
+            sequential = _sequential(backends, mix, repeats=args.repeats, warmup=args.warmup,
+                                     budget_s=args.budget)
+            backends.pop(IN_PROCESS).close()
+            reference = sequential[IN_PROCESS]["output"]
+            base["output_mb"] = reference.nbytes / MB
+            base["payload_mb"] = base["input_mb"] + base["output_mb"]
+            floor = sequential[IN_PROCESS]["wall"].median
+            for mode, got in sequential.items():
+                wall = got["wall"]
+                row = add(mode, SEQUENTIAL, status="ok", requests=wall.n,
+                          elapsed_s=sum(wall.samples), latency_ms=_latency_ms(wall),
+                          samples_ms=[value * 1e3 for value in wall.samples], spread=wall.spread,
+                          client_cpu_s_per_request=sum(got["cpu"].samples) / wall.n,
+                          max_abs_diff_vs_in_process=float(np.abs(got["output"] - reference).max()))
+                if mode != IN_PROCESS:
+                    row["overhead_ms"] = (wall.median - floor) * 1e3
+                    row["overhead_ms_per_mb"] = row["overhead_ms"] / base["payload_mb"]
+            for mode, status in refused.items():
+                for measurement in (SEQUENTIAL, window):
+                    add(mode, measurement, status=status)
 
-        for mode, backend in backends.items():
-            log(f"{segment_s:g} s: {mode}, {window}")
-            try:
-                before = _server_counters(server.grpc_url, spec.model_name)
-                got = _window(backend, mix, window=args.window, requests=args.window_requests,
-                              budget_s=args.budget)
-                delta = server_delta(before, _server_counters(server.grpc_url,
-                                                               spec.model_name))
-                add(mode, window, status="ok", **got, server=delta, avg_batch=delta["avg_batch"])
-            except Exception as err:  # noqa: BLE001
-                add(mode, window, status=f"failed: {type(err).__name__}: {err}")
-    finally:
-        for backend in backends.values():
-            backend.close()
-        server.stop()
+            for mode, backend in backends.items():
+                log(f"{segment_s:g} s: {mode}, {window}")
+                try:
+                    before = _server_counters(server.grpc_url, spec.model_name)
+                    got = _window(backend, mix, window=args.window, requests=args.window_requests,
+                                  budget_s=args.budget)
+                    delta = server_delta(before, _server_counters(server.grpc_url,
+                                                                   spec.model_name))
+                    add(mode, window, status="ok", **got, server=delta, avg_batch=delta["avg_batch"])
+                except Exception as err:  # noqa: BLE001
+                    add(mode, window, status=f"failed: {type(err).__name__}: {err}")
+        finally:
+            for backend in backends.values():
+                backend.close()
 
     # The in-process floor at the server's batch limit, as the served window can batch.
     log(f"{segment_s:g} s: {IN_PROCESS}, {window}")

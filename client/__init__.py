@@ -1,7 +1,18 @@
-"""The stemserve client: separate music through Triton or in-process, without torch."""
-from stemserve.audio import OutputFormat
-from stemserve.client.api import open_backend, separate_array, separate_file, separate_files
-from stemserve.client.fleet import FleetBackend, parse_endpoints
+"""The stemserve client: separate music through Triton or in-process, without torch.
 
-__all__ = ["FleetBackend", "OutputFormat", "open_backend", "parse_endpoints", "separate_array",
-           "separate_file", "separate_files"]
+- :class:`Separator` (with :class:`SeparationOptions` and :class:`OutputOptions`) and the
+  one-call :func:`separate_array`, :func:`separate_file`, :func:`separate_files`;
+- :func:`open_backend` for a Triton server, a fleet of them, or in-process ONNX Runtime or
+  PyTorch (:mod:`stemserve.client.backends`);
+- the ``stemserve`` command line (:mod:`stemserve.client.cli`), a thin layer over them.
+"""
+from stemserve.audio import OutputFormat
+from stemserve.client.backends import open_backend
+from stemserve.client.backends.fleet import FleetBackend, parse_endpoints
+from stemserve.client.separator import (OutputOptions, Separator, TrackResult, separate_array,
+                                        separate_file, separate_files)
+from stemserve.pipeline import SeparationOptions
+
+__all__ = ["FleetBackend", "OutputFormat", "OutputOptions", "SeparationOptions", "Separator",
+           "TrackResult", "open_backend", "parse_endpoints", "separate_array", "separate_file",
+           "separate_files"]

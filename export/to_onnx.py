@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +20,10 @@ import onnx
 import torch
 from torch import nn
 
+from stemserve.defaults import TRITON_MODEL
+from stemserve.files import atomic_path
 from stemserve.model import Demucs
-from stemserve.spec import ModelSpec, output_length
+from stemserve.spec import ModelSpec
 
 if TYPE_CHECKING:
     from stemserve.checkpoints import CheckpointInfo
@@ -30,28 +31,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-MODEL_NAME = "demucs"
 TRACE_LENGTH = 4096
 
 
 def build_spec(model: Demucs, info: CheckpointInfo, segment_length: int,
                precision: str = "fp32", onnx_file: str = "model.onnx") -> ModelSpec:
     """The sidecar for ``model`` served with segments of ``segment_length`` samples."""
-    padded = model.valid_length(segment_length)
-    return ModelSpec(
-        model_name=MODEL_NAME,
-        checkpoint=info.name,
-        checkpoint_sha256=info.sha256,
-        sample_rate=model.samplerate,
-        audio_channels=model.audio_channels,
-        sources=tuple(model.sources),
-        segment_length=segment_length,
-        padded_length=padded,
-        output_length=output_length(padded, **model.valid_length_params),
-        valid_length_params=model.valid_length_params,
-        precision=precision,
-        onnx_file=onnx_file,
-    )
+    return ModelSpec.for_model(model, checkpoint=info.name, checkpoint_sha256=info.sha256,
+                               segment_length=segment_length, model_name=TRITON_MODEL,
+                               precision=precision, onnx_file=onnx_file)
 
 
 class HalfPrecision(nn.Module):
@@ -95,28 +83,23 @@ def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int)
     way, so an interrupted export never leaves a pair that looks complete.
     """
     onnx_path = out_dir / spec.onnx_file
-    tmp = onnx_path.with_suffix(".onnx.tmp")
     # Both axes are dynamic, so a short example traces the same graph at a fraction of the
     # cost (tracing runs one forward pass; fp16 on a CPU is slow).
     example = torch.zeros(1, spec.audio_channels, spec.valid_length(TRACE_LENGTH))
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(onnx_path) as graph, warnings.catch_warnings(), torch.no_grad():
         # The tracer warns about Python ints taken from shapes in julius and center_trim;
         # they are exported as shape ops, which the parity tests at other lengths check.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(tmp),
+            module, (example,), str(graph),
             input_names=[spec.input_name], output_names=[spec.output_name],
             dynamic_axes={spec.input_name: {0: "batch", 2: "time"},
                           spec.output_name: {0: "batch", 3: "out_time"}},
             opset_version=opset, dynamo=False)
-    _fix_output_dims(tmp, spec)
-    onnx.checker.check_model(str(tmp))
-    os.replace(tmp, onnx_path)
-    sidecar = out_dir / Path(spec.onnx_file).with_suffix(".json").name
-    sidecar_tmp = sidecar.with_suffix(".json.tmp")
-    spec.save(sidecar_tmp)
-    os.replace(sidecar_tmp, sidecar)
+        _fix_output_dims(graph, spec)
+        onnx.checker.check_model(str(graph))
+    spec.save(out_dir / Path(spec.onnx_file).with_suffix(".json").name)
     logger.debug("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
 
 

@@ -11,41 +11,32 @@ sidecar it was filled with. :func:`check_repository` compares the graph's tensor
 sidecar and the files with those hashes, so a model file swapped or re-exported behind the
 sidecar's back is refused before any server starts.
 
-Usage: ``python -m stemserve.model_repository.writer EXPORT_DIR REPO_DIR --variant gpu``.
+Usage: ``stemserve repository fill EXPORT_DIR REPO_DIR --variant gpu``, ``stemserve
+repository check REPO_DIR``.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from stemserve.errors import StemserveError
+from stemserve.errors import RepositoryError
+from stemserve.export.tensorrt import PLAN_FILE
+from stemserve.files import atomic_write, file_sha256
 from stemserve.spec import SPEC_PARAMETER, ModelSpec
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
 SIDECAR = "model.json"
 FILL_RECORD = "fill.json"
-PLAN_FILE = "model.plan"
 # Initializers up to this size may be shape constants that shape inference must read.
 SHAPE_CONSTANT_BYTES = 1024
 HEADER = ("# Written by stemserve.model_repository.writer from {template}\n"
           "# and {sidecar}: edit the template, then fill the repository again.\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_config(path: Path) -> mc.ModelConfig:
@@ -53,44 +44,48 @@ def load_config(path: Path) -> mc.ModelConfig:
     try:
         return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
     except (OSError, text_format.ParseError) as err:
-        raise StemserveError(f"{path}: not a valid Triton model configuration: {err}") from err
+        raise RepositoryError(f"{path}: not a valid Triton model configuration: {err}") from err
 
 
 def _template_dir(variant: str) -> Path:
     if variant not in VARIANTS:
-        raise StemserveError(f"unknown repository variant {variant!r}; "
+        raise RepositoryError(f"unknown repository variant {variant!r}; "
                              f"choose one of {', '.join(VARIANTS)}")
     return TEMPLATES / variant / "demucs"
 
 
 def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = True,
-                  max_batch_size: int | None = None,
-                  dynamic_batching: bool = True) -> mc.ModelConfig:
+                  max_batch_size: int | None = None, dynamic_batching: bool = True,
+                  intra_op_threads: int | None = None) -> mc.ModelConfig:
     """The variant's template with every model-dependent field taken from ``spec``.
 
     ``tensorrt`` only matters for ``gpu`` (ONNX Runtime's TensorRT provider on or off);
-    ``dynamic_batching=False`` serves each request alone (the benchmark's baseline).
+    ``dynamic_batching=False`` serves each request alone (the benchmark's baseline);
+    ``intra_op_threads`` sets the CPU model's ONNX Runtime threads (0: one per core).
     """
     config = load_config(_template_dir(variant) / "config.pbtxt")
+    if intra_op_threads is not None:
+        if variant != "cpu":
+            raise RepositoryError("intra_op_threads applies to the cpu variant only")
+        config.parameters["intra_op_threads"].string_value = str(intra_op_threads)
     config.name = spec.model_name
     # Clients read the sidecar from the server's model config: they need nothing local.
     config.parameters[SPEC_PARAMETER].string_value = spec.to_json()
     if max_batch_size is not None:
         if max_batch_size < 1:
-            raise StemserveError(f"max_batch_size must be at least 1, got {max_batch_size}")
+            raise RepositoryError(f"max_batch_size must be at least 1, got {max_batch_size}")
         config.max_batch_size = max_batch_size
     batch = config.max_batch_size
     if variant == "gpu":
         config.default_model_filename = spec.onnx_file
     (tensor_in,), (tensor_out,) = config.input, config.output
     tensor_in.name, tensor_out.name = spec.input_name, spec.output_name
-    tensor_in.dims[:] = [spec.audio_channels, -1]
-    tensor_out.dims[:] = [len(spec.sources), spec.audio_channels, -1]
+    tensor_in.dims[:], tensor_out.dims[:] = tensor_dims(spec)
     for warmup in config.model_warmup:
         (template_input,) = warmup.inputs.values()
         warmup.inputs.clear()
         warmup.inputs[spec.input_name].CopyFrom(template_input)
-        warmup.inputs[spec.input_name].dims[:] = [spec.audio_channels, spec.padded_length]
+        warmup.inputs[spec.input_name].dims[:] = [spec.audio_channels, spec.opt_request_length]
 
     if not dynamic_batching:
         config.ClearField("dynamic_batching")
@@ -102,18 +97,23 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
     if variant == "gpu":
         if tensorrt:
             (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
-            shape = f"{spec.audio_channels}x{spec.padded_length}"
             accelerator.parameters.update({
-                "trt_profile_min_shapes":
-                    f"{spec.input_name}:1x{spec.audio_channels}x{spec.valid_length(1)}",
-                "trt_profile_opt_shapes": f"{spec.input_name}:{batch}x{shape}",
-                "trt_profile_max_shapes": f"{spec.input_name}:{batch}x{shape}",
-            })
+                f"trt_profile_{bound}_shapes": f"{spec.input_name}:{shape}"
+                for bound, shape in spec.tensorrt_profile(batch).items()})
         else:
             config.optimization.ClearField("execution_accelerators")
             if not config.optimization.ListFields():
                 config.ClearField("optimization")
     return config
+
+
+def tensor_dims(spec: ModelSpec) -> tuple[list[int], list[int]]:
+    """The config's dims of ``mix`` and ``stems`` (batch implicit): time is -1 for a network
+    that takes many lengths, the fixed length for one that takes one."""
+    time = spec.fixed_length or -1
+    return ([spec.audio_channels, time],
+            [len(spec.sources), spec.audio_channels, time if time < 0
+             else spec.request_output_length(time)])
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -129,14 +129,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as file:
+        file.write(text)
 
 
 def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
                     tensorrt: bool = True, version: int = 1, max_batch_size: int | None = None,
-                    dynamic_batching: bool = True) -> Path:
+                    dynamic_batching: bool = True, intra_op_threads: int | None = None) -> Path:
     """Fill ``repo_dir`` (a Triton model repository) from ``export_dir``; returns the model dir.
 
     ``export_dir`` holds ``model.json`` and the graph it names (``model.plan``, built by the
@@ -145,15 +144,16 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     sidecar = export_dir / SIDECAR
-    spec = _load_spec(sidecar)
+    spec = ModelSpec.load(sidecar)
     template = _template_dir(variant)
     config = render_config(spec, variant, tensorrt=tensorrt, max_batch_size=max_batch_size,
-                           dynamic_batching=dynamic_batching)
+                           dynamic_batching=dynamic_batching,
+                           intra_op_threads=intra_op_threads)
     model_file = export_dir / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
     if not model_file.is_file():
         hint = ("build it on the serving GPU with the export's TensorRT script"
                 if variant == "gpu-trt" else "run `stemserve export` first")
-        raise StemserveError(f"{model_file} is missing: {hint}")
+        raise RepositoryError(f"{model_file} is missing: {hint}")
 
     model_dir = repo_dir / spec.model_name
     version_dir = model_dir / str(version)
@@ -166,7 +166,7 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     _link_or_copy(model_file, version_dir / model_file.name)
     shutil.copy2(sidecar, version_dir / SIDECAR)
     record = {"variant": variant, "model_file": model_file.name,
-              "model_sha256": _sha256(model_file), "sidecar_sha256": _sha256(sidecar),
+              "model_sha256": file_sha256(model_file), "sidecar_sha256": file_sha256(sidecar),
               "checkpoint_sha256": spec.checkpoint_sha256, "export_dir": str(export_dir)}
     _write_atomic(version_dir / FILL_RECORD, json.dumps(record, indent=2) + "\n")
     header = HEADER.format(template=template / "config.pbtxt", sidecar=sidecar)
@@ -176,32 +176,22 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     return model_dir
 
 
-def _load_spec(sidecar: Path) -> ModelSpec:
-    try:
-        return ModelSpec.load(sidecar)
-    except ValueError as err:
-        raise StemserveError(str(err)) from err
-
-
 def _config_spec(config: mc.ModelConfig, where: Path) -> ModelSpec | None:
     """The sidecar the config carries for clients, which read it from the server."""
     if SPEC_PARAMETER not in config.parameters:
         return None
-    try:
-        return ModelSpec.from_json(config.parameters[SPEC_PARAMETER].string_value,
-                                   where=f"{where}: parameter {SPEC_PARAMETER!r}")
-    except ValueError as err:
-        raise StemserveError(str(err)) from None
+    return ModelSpec.from_json(config.parameters[SPEC_PARAMETER].string_value,
+                               where=f"{where}: parameter {SPEC_PARAMETER!r}")
 
 
 def _check_config(config: mc.ModelConfig, spec: ModelSpec, where: Path) -> None:
     """The config's name, tensors and warm-up shape must be the sidecar's."""
     expected = {
         "name": spec.model_name,
-        "input": [(spec.input_name, mc.TYPE_FP32, [spec.audio_channels, -1])],
-        "output": [(spec.output_name, mc.TYPE_FP32,
-                    [len(spec.sources), spec.audio_channels, -1])],
-        "warm-up dims": [[spec.audio_channels, spec.padded_length]] * len(config.model_warmup),
+        "input": [(spec.input_name, mc.TYPE_FP32, tensor_dims(spec)[0])],
+        "output": [(spec.output_name, mc.TYPE_FP32, tensor_dims(spec)[1])],
+        "warm-up dims": [[spec.audio_channels, spec.opt_request_length]]
+        * len(config.model_warmup),
     }
     found = {
         "name": config.name,
@@ -211,10 +201,10 @@ def _check_config(config: mc.ModelConfig, spec: ModelSpec, where: Path) -> None:
     }
     for key, value in expected.items():
         if found[key] != value:
-            raise StemserveError(f"{where} and its sidecar disagree on the {key}: "
+            raise RepositoryError(f"{where} and its sidecar disagree on the {key}: "
                                  f"{found[key]} in config.pbtxt, {value} expected")
     if config.max_batch_size < 1:
-        raise StemserveError(f"{where}: max_batch_size must be at least 1 (the batch "
+        raise RepositoryError(f"{where}: max_batch_size must be at least 1 (the batch "
                              "dimension is implicit in dims)")
 
 
@@ -243,7 +233,7 @@ def _check_onnx(path: Path, spec: ModelSpec, sidecar: Path) -> None:
                    for d in v.type.tensor_type.shape.dim])
                  for v in values if v.name not in initializers]
         if not _tensors_agree(found, expected[key]):
-            raise StemserveError(
+            raise RepositoryError(
                 f"{path} and {sidecar} disagree on the {key} (name, type, dims; None is "
                 f"dynamic): {found} in the graph, {expected[key]} in the sidecar")
 
@@ -265,75 +255,47 @@ def check_repository(repo_dir: Path) -> ModelSpec:
     repo_dir = Path(repo_dir)
     model_dirs = sorted(p.parent for p in repo_dir.glob("*/config.pbtxt"))
     if len(model_dirs) != 1:
-        raise StemserveError(f"{repo_dir}: expected one model folder with a config.pbtxt, "
+        raise RepositoryError(f"{repo_dir}: expected one model folder with a config.pbtxt, "
                              f"found {[p.name for p in model_dirs]}; fill it with "
                              "stemserve.model_repository.writer")
     model_dir = model_dirs[0]
     config = load_config(model_dir / "config.pbtxt")
     versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
-        raise StemserveError(f"{model_dir}: no version folder (1/, 2/, ...)")
+        raise RepositoryError(f"{model_dir}: no version folder (1/, 2/, ...)")
     for version_dir in versions:
         sidecar = version_dir / SIDECAR
-        spec = _load_spec(sidecar)
+        spec = ModelSpec.load(sidecar)
         if spec.model_name != model_dir.name:
-            raise StemserveError(f"{sidecar} describes model {spec.model_name!r}, but it "
+            raise RepositoryError(f"{sidecar} describes model {spec.model_name!r}, but it "
                                  f"lies in {model_dir}")
         _check_config(config, spec, model_dir / "config.pbtxt")
         try:
             record = json.loads((version_dir / FILL_RECORD).read_text())
         except (OSError, ValueError) as err:
-            raise StemserveError(f"{version_dir / FILL_RECORD} is missing or unreadable "
+            raise RepositoryError(f"{version_dir / FILL_RECORD} is missing or unreadable "
                                  f"({err}): fill the repository with fill_repository") from err
         model_file = version_dir / record["model_file"]
         if not model_file.is_file():
-            raise StemserveError(f"{model_file} is missing (named by {FILL_RECORD})")
+            raise RepositoryError(f"{model_file} is missing (named by {FILL_RECORD})")
         if spec.checkpoint_sha256 != record["checkpoint_sha256"] or \
-                _sha256(sidecar) != record["sidecar_sha256"]:
-            raise StemserveError(
+                file_sha256(sidecar) != record["sidecar_sha256"]:
+            raise RepositoryError(
                 f"{sidecar} is not the sidecar {model_file} was filled with (checkpoint "
                 f"sha256 {spec.checkpoint_sha256[:12]}, {FILL_RECORD} recorded "
                 f"{record['checkpoint_sha256'][:12]}); fill the repository again")
-        if _sha256(model_file) != record["model_sha256"]:
-            raise StemserveError(
+        if file_sha256(model_file) != record["model_sha256"]:
+            raise RepositoryError(
                 f"{model_file} changed since it was filled with {sidecar} (sha256 differs "
                 f"from {FILL_RECORD}); fill the repository again from the export")
         served = _config_spec(config, model_dir / "config.pbtxt")
         if served is not None and served != spec:
-            raise StemserveError(
+            raise RepositoryError(
                 f"the {SPEC_PARAMETER!r} parameter of {model_dir / 'config.pbtxt'} is not "
                 f"{sidecar} (checkpoint {served.checkpoint} vs {spec.checkpoint}); clients "
                 "would cut segments wrongly: fill the repository again")
         if model_file.suffix == ".onnx":
             _check_onnx(model_file, spec, sidecar)
         if config.backend == "python" and not (version_dir / "model.py").is_file():
-            raise StemserveError(f"{version_dir / 'model.py'} is missing (python backend)")
+            raise RepositoryError(f"{version_dir / 'model.py'} is missing (python backend)")
     return spec
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stemserve.model_repository.writer",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", type=Path, help="folder with model.json and its graph")
-    parser.add_argument("repo_dir", type=Path, help="Triton model repository to fill")
-    parser.add_argument("--variant", choices=VARIANTS, default="cpu")
-    parser.add_argument("--no-tensorrt", action="store_true",
-                        help="gpu variant: ONNX Runtime's CUDA provider without TensorRT")
-    parser.add_argument("--version", type=int, default=1, help="version folder to fill")
-    parser.add_argument("--max-batch-size", type=int, default=None)
-    parser.add_argument("--no-batching", action="store_true", help="no dynamic batching")
-    args = parser.parse_args(argv)
-    try:
-        model_dir = fill_repository(args.export_dir, args.repo_dir, args.variant,
-                                    tensorrt=not args.no_tensorrt, version=args.version,
-                                    max_batch_size=args.max_batch_size,
-                                    dynamic_batching=not args.no_batching)
-    except StemserveError as err:
-        print(f"stemserve: error: {err}", file=sys.stderr)
-        return 1
-    print(f"filled {model_dir} ({args.variant})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from stemserve.errors import StemserveError
+from stemserve.errors import InputError, OutputError
 from stemserve.files import collect_stale_parts, commit_all, temporary_name
 
 BLOCK_FRAMES = 1 << 16
@@ -55,24 +55,25 @@ def probe(path: Path, *, downmix: bool = False) -> AudioInfo:
     """Check that ``path`` is audio this client can separate; every refusal names the file."""
     path = Path(path)
     if not path.exists():
-        raise StemserveError(f"{path}: no such file")
+        raise InputError("no such file", where=str(path))
     if not path.is_file():
-        raise StemserveError(f"{path}: not a file")
+        raise InputError("not a file", where=str(path))
     if not os.access(path, os.R_OK):
-        raise StemserveError(f"{path}: not readable (permission denied)")
+        raise InputError("not readable (permission denied)", where=str(path))
     if path.stat().st_size == 0:
-        raise StemserveError(f"{path}: empty file")
+        raise InputError("empty file", where=str(path))
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError) as err:
-        raise StemserveError(f"{path}: not audio that libsndfile can read ({err}); "
-                             f"readable formats: {', '.join(sorted(sf.available_formats()))}"
-                             ) from None
+        raise InputError(f"not audio that libsndfile can read ({err}); readable formats: "
+                         f"{', '.join(sorted(sf.available_formats()))}", where=str(path)) \
+            from None
     audio = AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames))
     check_sample_rate(audio.sample_rate, str(path))
     if audio.frames <= 0 or audio.seconds < MIN_SECONDS:
-        raise StemserveError(f"{path}: too short to separate ({audio.frames} samples, "
-                             f"{audio.seconds:.3f} s; at least {MIN_SECONDS} s needed)")
+        raise InputError(f"too short to separate ({audio.frames} samples, "
+                         f"{audio.seconds:.3f} s; at least {MIN_SECONDS} s needed)",
+                         where=str(path))
     check_channels(audio.channels, downmix, str(path))
     return audio
 
@@ -80,17 +81,17 @@ def probe(path: Path, *, downmix: bool = False) -> AudioInfo:
 def check_sample_rate(rate: int, what: str) -> None:
     """Refuse rates outside [:data:`MIN_SAMPLE_RATE`, :data:`MAX_SAMPLE_RATE`]."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise StemserveError(f"{what}: sample rate {rate} Hz is outside what stemserve "
-                             f"separates ({MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)")
+        raise InputError(f"sample rate {rate} Hz is outside what stemserve separates "
+                         f"({MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)", where=what)
 
 
 def check_channels(channels: int, downmix: bool, what: str) -> None:
     """Mono and stereo are fine; more channels only with an explicit ``downmix``."""
     if channels < 1:
-        raise StemserveError(f"{what}: no audio channels")
+        raise InputError("no audio channels", where=what)
     if channels > 2 and not downmix:
-        raise StemserveError(f"{what}: {channels} channels; the model separates stereo. "
-                             "Pass --downmix (downmix=True) to mix all channels down")
+        raise InputError(f"{channels} channels; the model separates stereo. Pass --downmix "
+                         "(downmix=True) to mix all channels down", where=what)
 
 
 def to_stereo(block: np.ndarray, downmix: bool = False) -> np.ndarray:
@@ -117,7 +118,7 @@ def read_blocks(path: Path, *, downmix: bool = False,
             for block in handle.blocks(block_frames, dtype="float32", always_2d=True):
                 yield to_stereo(block.T, downmix)
     except (sf.LibsndfileError, RuntimeError) as err:
-        raise StemserveError(f"{path}: cannot decode audio ({err})") from None
+        raise InputError(f"cannot decode audio ({err})", where=str(path)) from None
 
 
 def array_blocks(mix: np.ndarray, *, downmix: bool = False,
@@ -189,9 +190,9 @@ class OutputFormat:
 
     def __post_init__(self) -> None:
         if self.container == "flac" and self.encoding == "float32":
-            raise StemserveError("FLAC stores integers only: choose 16 or 24 bits for --flac")
+            raise OutputError("FLAC stores integers only: choose 16 or 24 bits for --flac")
         if self.container == "mp3" and self.encoding != "int16":
-            raise StemserveError("MP3 is encoded from 16-bit samples: drop --int24/--float32")
+            raise OutputError("MP3 is encoded from 16-bit samples: drop --int24/--float32")
 
     @property
     def ext(self) -> str:
@@ -232,7 +233,7 @@ def mp3_compression_level(bitrate: int, sample_rate: int) -> float:
     allowed = [rate for rate in MP3_BITRATES[1 if sample_rate >= 32000 else 2]
                if bottom <= rate <= top]
     if bitrate not in allowed:
-        raise StemserveError(f"MP3 at {sample_rate} Hz stores {', '.join(map(str, allowed))} "
+        raise OutputError(f"MP3 at {sample_rate} Hz stores {', '.join(map(str, allowed))} "
                              f"kb/s, not {bitrate}")
     return min((top - bitrate) / (top - bottom), 0.999)
 
@@ -291,9 +292,9 @@ class StemWriter:
     def __init__(self, targets: dict[str, Path], sample_rate: int, channels: int,
                  fmt: OutputFormat, clip_mode: ClipMode):
         if clip_mode not in CLIP_MODES:
-            raise StemserveError(f"unknown clip mode {clip_mode!r}; use one of {CLIP_MODES}")
+            raise OutputError(f"unknown clip mode {clip_mode!r}; use one of {CLIP_MODES}")
         if fmt.container == "mp3" and sample_rate not in MP3_RATES:
-            raise StemserveError(f"MP3 cannot store {sample_rate} Hz (only "
+            raise OutputError(f"MP3 cannot store {sample_rate} Hz (only "
                                  f"{', '.join(map(str, MP3_RATES))}); write WAV or FLAC, "
                                  "or keep the model's sample rate")
         if fmt.container == "mp3":

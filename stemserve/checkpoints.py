@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import threading
 import urllib.parse
 import urllib.request
@@ -40,14 +39,16 @@ from typing import Any, NamedTuple, NoReturn
 import torch
 import tqdm
 
-from stemserve.errors import StemserveError
+from stemserve.defaults import CHECKPOINT_URL_ENV
+from stemserve.errors import CheckpointError
+from stemserve.files import atomic_write, file_sha256
 from stemserve.model import SOURCES, Demucs
 from stemserve.spec import valid_length
 
 logger = logging.getLogger(__name__)
 
 ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/v3.0/"
-URL_ENV = "STEMSERVE_CHECKPOINT_URL"
+URL_ENV = CHECKPOINT_URL_ENV
 """Environment variable that replaces :data:`ROOT_URL`: an http(s) or file:// URL, or a folder
 (mirrors, air-gapped hosts, tests)."""
 
@@ -161,10 +162,6 @@ _SAFE_GLOBALS: list[Any] = [
 ]
 # torch keeps the allowlist in one process-wide set; serialise our additions to it.
 _SAFE_GLOBALS_LOCK = threading.Lock()
-
-
-class CheckpointError(StemserveError):
-    """A checkpoint could not be resolved, downloaded, verified or loaded."""
 
 
 @dataclass
@@ -310,21 +307,13 @@ def _move_aside(path: Path, sha256: str) -> Path | None:
 def _download(url: str, path: Path, signature: str, progress: bool) -> str:
     """Stream ``url`` (http(s) or file) next to ``path``, verify it, move it into place.
 
-    The partial file never carries the final name, so an interrupted or corrupt download
-    can never be mistaken for a cached checkpoint.
+    The partial file never carries the final name (:func:`~stemserve.files.atomic_write`),
+    so an interrupted or corrupt download can never be mistaken for a cached checkpoint.
     """
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    digest, received, expected = hashlib.sha256(), 0, None
     try:
-        digest, received, expected = hashlib.sha256(), 0, None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # "xb" rather than mkstemp: the cached file gets the usual umask permissions.
-            out = open(partial, "xb")
-        except OSError as exc:
-            raise CheckpointError(f"cannot write into the checkpoint cache {path.parent} "
-                                  f"({exc}); choose another with $TORCH_HOME or cache_dir=") \
-                from exc
-        with out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as out:
             try:
                 with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
                     length = response.headers.get("Content-Length")
@@ -338,17 +327,18 @@ def _download(url: str, path: Path, signature: str, progress: bool) -> str:
                             bar.update(len(chunk))
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise CheckpointError(_unavailable(url, exc, path)) from exc
-        if expected is not None and received != expected:
-            raise CheckpointError(f"download of {url} was cut short ({received} of "
-                                  f"{expected} bytes); nothing was kept, try again")
-        sha256 = digest.hexdigest()
-        if not sha256.startswith(signature):
-            raise CheckpointError(f"checksum mismatch for {url}: sha256 starts with "
-                                  f"{sha256[:8]}, the file name says {signature}; "
-                                  f"the download was discarded")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+            if expected is not None and received != expected:
+                raise CheckpointError(f"download of {url} was cut short ({received} of "
+                                      f"{expected} bytes); nothing was kept, try again")
+            sha256 = digest.hexdigest()
+            if not sha256.startswith(signature):
+                raise CheckpointError(f"checksum mismatch for {url}: sha256 starts with "
+                                      f"{sha256[:8]}, the file name says {signature}; "
+                                      f"the download was discarded")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into the checkpoint cache {path.parent} "
+                              f"({exc}); choose another with $TORCH_HOME or cache_dir=") \
+            from exc
     return sha256
 
 
@@ -372,14 +362,10 @@ def _mirror_problem(url: str, exc: Exception) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
-            while chunk := file.read(_CHUNK):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    return digest.hexdigest()
 
 
 def _check_zip_crcs(path: Path) -> None:

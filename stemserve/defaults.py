@@ -6,6 +6,7 @@ else in stemserve imports these from here, so a default is stated once.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -35,3 +36,47 @@ def export_root() -> Path:
 def repository_root() -> Path:
     """Where ``stemserve serve`` fills its Triton model repositories by default."""
     return cache_root() / "model_repository"
+
+
+SOURCES = ("drums", "bass", "other", "vocals")
+"""What every Demucs v2 release separates, in its output order."""
+TRITON_MODEL = "demucs"
+"""The model's name in every Triton model repository stemserve fills."""
+DEFAULT_URL = "127.0.0.1:8001"
+"""Triton's gRPC address when none is given: a `stemserve serve` on this host."""
+DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
+"""Where a track's stems go under the output folder, as demucs lays them out."""
+DEFAULT_IN_FLIGHT = 8
+"""Segment requests in flight per track (and per Triton server): twice the CPU server's
+max_batch_size (one batch runs while the next forms) and the GPU server's, so a full batch
+can form. Measured against the CPU Triton server with the small test model on 2 cores:
+windows of 1 to 16 all ran at 19 to 21x real time (compute-bound); at 8 the dynamic batcher
+formed batches of 4 on average, and 16 only added client memory."""
+REQUEST_TIMEOUT = 600.0
+"""Seconds one segment request to a server may take. A CPU server runs the full model at
+about half real time, so a 40-second segment queued behind a batch of four waits minutes; a
+shorter limit would re-send healthy requests and only add load. A dead server is reported
+by gRPC at once, and a frozen one by the client's health probes, not by this limit."""
+
+TRITON_URL_ENV = "STEMSERVE_TRITON_URL"
+"""Triton gRPC address(es) for `separate` and `web`: ``host:port``, several comma-separated,
+or ``@file``."""
+OLD_TRITON_URLS_ENV = "STEMSERVE_TRITON_URLS"
+"""The name `separate` read before 0.2; still read, with a deprecation warning."""
+CHECKPOINT_URL_ENV = "STEMSERVE_CHECKPOINT_URL"
+"""Replaces the official download root: an http(s) or file:// URL, or a folder (mirrors)."""
+WEB_TOKEN_ENV = "STEMSERVE_WEB_TOKEN"
+"""The bearer token `stemserve web` requires, when set (kept out of the process list)."""
+
+
+def triton_url_from_env() -> str | None:
+    """The Triton address(es) the environment names, if any: :data:`TRITON_URL_ENV`, else
+    the deprecated :data:`OLD_TRITON_URLS_ENV` (with a warning)."""
+    if os.environ.get(TRITON_URL_ENV):
+        return os.environ[TRITON_URL_ENV]
+    if os.environ.get(OLD_TRITON_URLS_ENV):
+        logging.getLogger(__name__).warning(
+            "$%s is deprecated: set $%s (it takes several addresses too)", OLD_TRITON_URLS_ENV,
+            TRITON_URL_ENV)
+        return os.environ[OLD_TRITON_URLS_ENV]
+    return None

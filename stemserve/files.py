@@ -18,6 +18,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 
+from stemserve.errors import StemserveError
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -41,19 +43,25 @@ def temporary_name(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(target: str | Path, mode: str = "wb", **open_args) -> Iterator[IO]:
-    """Open a temporary file beside ``target``; on a clean exit it replaces ``target``.
-
-    On an exception the temporary file is removed and ``target`` is left as it was.
-    """
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``target``, for writers that open files themselves (ONNX,
+    zip); on a clean exit it replaces ``target``, on an exception it is removed and
+    ``target`` is left as it was."""
     target = Path(target)
     temporary = temporary_name(target)
     try:
-        with open(temporary, mode.replace("w", "x"), **open_args) as file:
-            yield file
+        yield temporary
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | Path, mode: str = "wb", **open_args) -> Iterator[IO]:
+    """:func:`atomic_path` with the temporary file opened in ``mode``."""
+    with atomic_path(target) as temporary, \
+            open(temporary, mode.replace("w", "x"), **open_args) as file:
+        yield file
 
 
 def commit_all(moves: Mapping[Path, Path]) -> None:
@@ -124,3 +132,14 @@ def collect_stale_parts(folder: Path) -> list[Path]:
         logger.info("removed %d temporary file(s) left in %s by an interrupted run",
                     len(removed), folder)
     return removed
+
+
+def read_list(path: Path) -> list[str]:
+    """The lines of a list file (Triton endpoints, or tracks for ``separate``), stripped,
+    less blank lines and ``#`` comment lines."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise StemserveError(f"cannot read the list: {err}", where=str(path)) from None
+    return [line for line in map(str.strip, text.splitlines())
+            if line and not line.startswith("#")]

@@ -14,40 +14,54 @@ What it reproduces, step for step (``demucs/separate.py`` and ``demucs/utils.py`
 - segment outputs are weighted by the triangular transition window raised to
   ``transition_power`` and divided by the summed weights.
 
-Unlike demucs it keeps up to ``window`` segment requests in flight through a
+Unlike demucs it keeps up to ``in_flight`` segment requests in flight through a
 :class:`Backend`, adds results as they arrive in any order, and hands every finished stretch
 of output (one that no pending segment can still touch) to a sink. Memory therefore grows
-with the window, never with the track. No torch here.
+with that window, never with the track. No torch here.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import random
-import threading
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from stemserve.defaults import DEFAULT_IN_FLIGHT
 from stemserve.errors import StemserveError
 from stemserve.spec import ModelSpec
 
-MAX_SHIFT_SECONDS = 0.5
-DEFAULT_WINDOW = 8
-"""Segment requests in flight: twice the CPU server's max_batch_size (one batch runs while
-the next forms) and the GPU server's, so a full batch can form.
 
-Measured against the CPU Triton server with the small test model on 2 cores: windows 1 to
-16 all ran at 19 to 21x real time (compute-bound); at 8 the dynamic batcher formed batches
-of 4 on average, and 16 only added client memory. Segments of the real model cost seconds
-each, where batching is what pays (see the performance baseline notes).
-"""
-REQUEST_TIMEOUT = 600.0
-"""Seconds one segment request to a server may take. A CPU server runs the full model at
-about half real time, so a 40-second segment queued behind a batch of four waits minutes; a
-shorter limit would re-send healthy requests and only add load. A dead server is reported by
-gRPC at once, not by this limit."""
+
+@dataclasses.dataclass(frozen=True)
+class SeparationOptions:
+    """How a track is cut, sent and put back together: demucs' ``apply_model`` arguments,
+    plus how many requests one track keeps in flight."""
+
+    overlap: float = dataclasses.field(default=0.25, metadata={
+        "help": "overlap between segments"})
+    shifts: int = dataclasses.field(default=0, metadata={
+        "help": "average this many random shifts of up to 0.5 s (demucs' shift trick)"})
+    seed: int | None = dataclasses.field(default=None, metadata={
+        "help": "seed of the random shifts, for reproducible output"})
+    transition_power: float = dataclasses.field(default=1.0, metadata={
+        "help": "sharpness of the transition between segments (demucs' transition_power)"})
+    in_flight: int = dataclasses.field(default=DEFAULT_IN_FLIGHT, metadata={
+        "help": "segment requests one track keeps in flight"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise StemserveError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.shifts < 0:
+            raise StemserveError(f"shifts must be >= 0, got {self.shifts}")
+        if self.transition_power < 1:
+            raise StemserveError("transition_power < 1 gives weird transitions (demucs "
+                                 "refuses it)")
+        if self.in_flight < 1:
+            raise StemserveError(f"in_flight must be >= 1, got {self.in_flight}")
+
 
 BlockSource = Callable[[], Iterable[np.ndarray]]
 """Returns a fresh iterable of stereo [2, n] float32 blocks of the mix at the model's rate.
@@ -140,9 +154,8 @@ class _Request:
 
 
 def transition_window(segment_length: int, transition_power: float) -> np.ndarray:
-    """demucs' triangle, maximal in the middle, normalised and raised to ``transition_power``."""
-    if transition_power < 1:
-        raise StemserveError("transition_power < 1 gives weird transitions (demucs refuses it)")
+    """demucs' triangle, maximal in the middle, normalised and raised to ``transition_power``
+    (checked by :class:`SeparationOptions`)."""
     half = segment_length // 2
     weight = np.concatenate([np.arange(1, half + 1),
                              np.arange(segment_length - half, 0, -1)]).astype(np.float32)
@@ -152,20 +165,16 @@ def transition_window(segment_length: int, transition_power: float) -> np.ndarra
 class _Planner:
     """Lays out segments and their requests in demucs' order, drawing shifts as it does."""
 
-    def __init__(self, spec: ModelSpec, length: int, overlap: float, shifts: int,
-                 seed: int | None):
-        if not 0 <= overlap < 1:
-            raise StemserveError(f"overlap must be in [0, 1), got {overlap}")
-        if shifts < 0:
-            raise StemserveError(f"shifts must be >= 0, got {shifts}")
+    def __init__(self, spec: ModelSpec, length: int, options: SeparationOptions):
         self.spec = spec
         self.length = length
-        self.stride = int((1 - overlap) * spec.segment_length)
+        self.stride = int((1 - options.overlap) * spec.segment_length)
         if self.stride < 1:
-            raise StemserveError(f"overlap {overlap} leaves no stride between segments")
-        self.shifts = shifts
-        self.max_shift = int(MAX_SHIFT_SECONDS * spec.sample_rate)
-        self.rng = random.Random(seed)
+            raise StemserveError(f"overlap {options.overlap} leaves no stride between "
+                                 "segments")
+        self.shifts = options.shifts
+        self.max_shift = spec.max_shift
+        self.rng = random.Random(options.seed)
 
     def segments(self) -> list[_Segment]:
         return [_Segment(offset, min(self.spec.segment_length, self.length - offset))
@@ -312,9 +321,8 @@ class _OverlapAdd:
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
-def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
-                    overlap: float = 0.25, shifts: int = 0, seed: int | None = None,
-                    transition_power: float = 1.0, window: int = DEFAULT_WINDOW,
+def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
+                    options: SeparationOptions = SeparationOptions(), *,
                     on_progress: Callable[[float], None] | None = None) -> MixStats:
     """Separate the mix that ``source`` yields, handing de-normalised stems to ``sink``.
 
@@ -324,13 +332,11 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
     of output is finished. Returns the statistics used for normalisation (its ``length`` is
     the output length).
     """
-    if window < 1:
-        raise StemserveError(f"window must be >= 1, got {window}")
-    spec = backend.spec
+    spec, shifts, window = backend.spec, options.shifts, options.in_flight
     stats = mix_stats(source())
     mean, std = np.float32(stats.mean), np.float32(stats.std)
-    planner = _Planner(spec, stats.length, overlap, shifts, seed)
-    weight = transition_window(spec.segment_length, transition_power)
+    planner = _Planner(spec, stats.length, options)
+    weight = transition_window(spec.segment_length, options.transition_power)
     scale = np.float32(1 / max(shifts, 1))
     inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
     output = _OverlapAdd(len(spec.sources), spec.audio_channels,
@@ -384,81 +390,3 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink, *,
             future.cancel()
         raise
     return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# A batching worker for in-process backends
-
-class LocalBackend:
-    """Runs ``run_batch`` in one worker thread on batches of queued segments of equal shape.
-
-    The ONNX Runtime and PyTorch backends share it: whatever is queued when the worker comes
-    round is batched (up to ``max_batch``), which is where a CPU gains most per segment.
-    """
-
-    def __init__(self, spec: ModelSpec, run_batch: Callable[[np.ndarray], np.ndarray],
-                 max_batch: int = 2, name: str = "stemserve-local"):
-        self.spec = spec
-        self._run_batch = run_batch
-        self._max_batch = max(1, max_batch)
-        self._queue: collections.deque[tuple[np.ndarray, Future]] = collections.deque()
-        self._ready = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, mix: np.ndarray) -> Future:
-        future: Future = Future()
-        with self._ready:
-            if self._closed:
-                raise StemserveError("the backend is closed")
-            self._queue.append((mix, future))
-            self._ready.notify()
-        return future
-
-    def _next_batch(self) -> list[tuple[np.ndarray, Future]] | None:
-        with self._ready:
-            while not self._queue and not self._closed:
-                self._ready.wait()
-            if self._closed:
-                return None
-            batch = [self._queue.popleft()]
-            rest: collections.deque[tuple[np.ndarray, Future]] = collections.deque()
-            for item in self._queue:
-                if len(batch) < self._max_batch and item[0].shape == batch[0][0].shape:
-                    batch.append(item)
-                else:
-                    rest.append(item)
-            self._queue = rest
-        return batch
-
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [(mix, future) for mix, future in batch
-                     if future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            try:
-                outputs = self._run_batch(np.stack([mix for mix, _ in batch]))
-            except Exception as err:  # handed to the waiting pipeline, which re-raises
-                for _, future in batch:
-                    future.set_exception(err)
-            else:
-                for (_, future), output in zip(batch, outputs):
-                    future.set_result(output)
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            leftover = list(self._queue)
-            self._queue.clear()
-            self._ready.notify_all()
-        for _, future in leftover:
-            future.cancel()
-        self._thread.join()
-
-    def __enter__(self) -> "LocalBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

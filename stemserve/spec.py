@@ -1,30 +1,47 @@
-"""The sidecar that travels with every exported model, so client and server never guess.
+"""The shape contract between a served model and everything around it: the sidecar.
 
 It is written next to the ONNX file by ``stemserve export``, copied into the Triton model
-repository, and read by the client to know the sample rate, the sources, how long a segment
-is and how much real context to pad it with. It needs no torch.
+repository (and carried in its config as the ``stemserve_spec`` parameter), and read by the
+client. It says the sample rate, the sources, the segment, and the lengths a server must
+accept: the shortest request (the last segment of a track, as short as one sample), the
+one every full segment is sent at, and the longest (a full segment with a shift). The
+TensorRT profile, the GPU and CPU repository configs, the python model's checks and the
+client's shared-memory regions all derive from it, so no length is computed twice.
+
+Two kinds of network are described without special cases: Demucs v2, whose input is any
+"valid length" of its convolutions (``valid_length_params``), and networks that always
+take one fixed length (``valid_length_params`` None: every request is ``segment_length``).
+No torch here.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
+
+from stemserve.errors import SpecError
+from stemserve.files import atomic_write
 
 SPEC_VERSION = 1
 SPEC_PARAMETER = "stemserve_spec"
 """The config.pbtxt parameter whose string value is the sidecar, for clients of a server."""
+MAX_SHIFT_SECONDS = 0.5
+"""demucs' random shifts move a segment by up to this much: the longest request is a full
+segment plus this much context."""
+_OPTIONAL = {"precision", "onnx_file", "input_name", "output_name", "family"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a served Demucs model expects and returns.
+    """What a served model expects and returns.
 
     The ONNX graph maps ``mix`` [batch, audio_channels, time] to
-    ``stems`` [batch, len(sources), audio_channels, time'] for any ``time`` that is a valid
-    length of the network. The batched hot path uses ``time = padded_length``: a segment of
-    ``segment_length`` samples with ``(padded_length - segment_length) // 2`` samples of real
-    context on its left, the rest on its right. The network output is center-trimmed by the
-    caller to the segment's length, exactly like demucs' ``apply_model``.
+    ``stems`` [batch, len(sources), audio_channels, time'] for any ``time`` that
+    :meth:`valid_length` gives. The batched hot path uses ``time = padded_length``: a
+    segment of ``segment_length`` samples with ``(padded_length - segment_length) // 2``
+    samples of real context on its left, the rest on its right. The output is center-trimmed
+    by the caller to the segment's length, exactly like demucs' ``apply_model``.
     """
 
     model_name: str
@@ -36,20 +53,90 @@ class ModelSpec:
     segment_length: int
     padded_length: int
     output_length: int
-    valid_length_params: dict
+    valid_length_params: dict[str, Any] | None
     precision: str = "fp32"
     onnx_file: str = "model.onnx"
     input_name: str = "mix"
     output_name: str = "stems"
     spec_version: int = SPEC_VERSION
+    family: str = "demucs"
+    """The network's family: ``demucs`` (v2); other families state it too."""
+
+    @classmethod
+    def for_model(cls, model: Any, *, checkpoint: str, checkpoint_sha256: str,
+                  segment_length: int, model_name: str, **fields: Any) -> "ModelSpec":
+        """The spec of ``model`` (a network with ``samplerate``, ``audio_channels``,
+        ``sources`` and ``valid_length_params``: None for a fixed-length network) served
+        with segments of ``segment_length`` samples."""
+        params = model.valid_length_params
+        spec = cls(model_name=model_name, checkpoint=checkpoint,
+                   checkpoint_sha256=checkpoint_sha256, sample_rate=int(model.samplerate),
+                   audio_channels=int(model.audio_channels), sources=tuple(model.sources),
+                   segment_length=int(segment_length), padded_length=0, output_length=0,
+                   valid_length_params=params, **fields)
+        padded = spec.valid_length(spec.segment_length)
+        return dataclasses.replace(spec, padded_length=padded,
+                                   output_length=spec.request_output_length(padded))
+
+    # -- the shape contract ------------------------------------------------------------------
+
+    @property
+    def fixed_length(self) -> int | None:
+        """The one input length of a fixed-length network; None when it takes many."""
+        return None if self.valid_length_params is not None else self.segment_length
 
     def valid_length(self, length: int) -> int:
-        """The network's valid input length for ``length`` samples (demucs' formula)."""
+        """The input length the network takes for ``length`` samples of audio: demucs'
+        formula, or the fixed length (which must hold them)."""
+        if self.valid_length_params is None:
+            if length > self.segment_length:
+                raise SpecError(f"{length} samples do not fit the model's fixed input of "
+                                f"{self.segment_length}")
+            return self.segment_length
         return valid_length(length, **self.valid_length_params)
+
+    def request_output_length(self, length: int) -> int:
+        """Samples the network returns for an input of ``length`` (a valid length)."""
+        if self.valid_length_params is None:
+            return length
+        return output_length(length, **self.valid_length_params)
+
+    @property
+    def max_shift(self) -> int:
+        """The largest random shift, in samples."""
+        return int(MAX_SHIFT_SECONDS * self.sample_rate)
+
+    @property
+    def min_request_length(self) -> int:
+        """The shortest request a client sends: a track's last segment of one sample."""
+        return self.valid_length(1)
+
+    @property
+    def opt_request_length(self) -> int:
+        """The length of every full segment: what batches, and what engines are tuned for."""
+        return self.padded_length
+
+    @property
+    def max_request_length(self) -> int:
+        """The longest request a client sends: a full segment with a shift's context."""
+        if self.valid_length_params is None:
+            return self.segment_length
+        return self.valid_length(self.segment_length + self.max_shift)
+
+    def tensorrt_profile(self, max_batch: int, opt_batch: int | None = None) -> dict[str, str]:
+        """TensorRT's min/opt/max shapes of the input (``BxCxT``): the shortest request at
+        batch 1, full segments at ``opt_batch`` (default: a full batch), the longest
+        request at ``max_batch``. The GPU config and the trtexec script both use it."""
+        channels = self.audio_channels
+        return {"min": f"1x{channels}x{self.min_request_length}",
+                "opt": f"{opt_batch or max_batch}x{channels}x{self.opt_request_length}",
+                "max": f"{max_batch}x{channels}x{self.max_request_length}"}
 
     @property
     def segment_seconds(self) -> float:
         return self.segment_length / self.sample_rate
+
+    # -- the sidecar file ----------------------------------------------------------------------
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -57,7 +144,8 @@ class ModelSpec:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(self.to_json())
+        with atomic_write(path, "w") as file:
+            file.write(self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "ModelSpec":
@@ -66,7 +154,7 @@ class ModelSpec:
         try:
             text = path.read_text()
         except OSError as err:
-            raise ValueError(f"{path}: cannot read model sidecar: {err}") from err
+            raise SpecError(f"cannot read model sidecar: {err}", where=str(path)) from err
         return cls.from_json(text, where=str(path))
 
     @classmethod
@@ -75,17 +163,27 @@ class ModelSpec:
         try:
             data = json.loads(text)
         except ValueError as err:
-            raise ValueError(f"{where}: not JSON: {err}") from err
+            raise SpecError(f"not JSON: {err}", where=where) from err
         if not isinstance(data, dict) or data.get("spec_version") != SPEC_VERSION:
             version = data.get("spec_version") if isinstance(data, dict) else None
-            raise ValueError(f"{where}: sidecar version {version!r}, expected {SPEC_VERSION}")
+            raise SpecError(f"sidecar version {version!r}, expected {SPEC_VERSION}",
+                            where=where)
         fields = {field.name for field in dataclasses.fields(cls)}
-        missing = fields - set(data) - {"precision", "onnx_file", "input_name", "output_name"}
+        missing = fields - set(data) - _OPTIONAL
         if missing:
-            raise ValueError(f"{where}: sidecar lacks {sorted(missing)}")
+            raise SpecError(f"sidecar lacks {sorted(missing)}", where=where)
         data = {key: value for key, value in data.items() if key in fields}
         data["sources"] = tuple(data["sources"])
         return cls(**data)
+
+
+def load_export_spec(export_dir: Path) -> ModelSpec:
+    """The sidecar of an export folder, with an error that names the folder."""
+    try:
+        return ModelSpec.load(Path(export_dir) / "model.json")
+    except SpecError as err:
+        raise SpecError(f"not a stemserve export: {err.message}", where=str(export_dir)) \
+            from None
 
 
 def valid_length(length: int, *, resample: bool, depth: int, kernel_size: int, stride: int,
@@ -106,10 +204,7 @@ def valid_length(length: int, *, resample: bool, depth: int, kernel_size: int, s
 
 def output_length(length: int, *, resample: bool, depth: int, kernel_size: int, stride: int,
                   context: int) -> int:
-    """Length of the network's output for an input of ``length`` samples.
-
-    Clients size shared-memory output regions with it before any inference has run.
-    """
+    """Length of Demucs v2's output for an input of ``length`` samples."""
     if resample:
         length *= 2
     for _ in range(depth):

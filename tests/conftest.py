@@ -8,6 +8,19 @@ from pathlib import Path
 import pytest
 
 SMALL_CONFIG = dict(channels=4, segment_length=44100)
+SERVER_FIXTURES = {"triton_server"}
+ORACLE_FIXTURES = {"oracle", "oracle_model", "demucs_oracle"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers by what a test needs: a test on the session's tritonserver is a ``server``
+    test, one on the official demucs an ``oracle`` test (modules mark the rest)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+        if names & ORACLE_FIXTURES:
+            item.add_marker(pytest.mark.oracle)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,25 +69,20 @@ def small_export(small_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def free_ports():
     """Returns free TCP ports on request, so parallel runs never fight over 8000-8002."""
-    from stemserve.triton_server import free_ports as ports
+    from stemserve.model_repository.ports import free_ports as ports
 
     return ports
 
 
 @pytest.fixture(scope="session")
 def triton_server(small_export, tmp_path_factory):
-    """A real tritonserver serving :func:`small_export` on the CPU, started once per session.
+    """A real tritonserver serving :func:`small_export` on the CPU, started once per session
+    by the same context manager as `stemserve separate --serve`.
 
-    Its log goes to ``server.log`` in the fixture's folder; a failed start shows its tail.
+    Its log goes to ``server-0.log`` in the fixture's folder; a failed start shows its tail.
     """
-    from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer, free_ports
+    from stemserve.model_repository.local import local_server
 
     root = tmp_path_factory.mktemp("triton")
-    fill_repository(small_export, root / "repository", "cpu")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(root / "repository", http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=root / "server.log")
-    server.start(timeout=120)
-    yield server
-    server.stop()
+    with local_server(small_export, root=root, logs=root) as server:
+        yield server

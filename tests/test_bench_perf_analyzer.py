@@ -18,6 +18,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an inst
 
 from benchmarks import perf_analyzer  # noqa: E402
 
+pytestmark = pytest.mark.bench
+
 # Captured from perf_analyzer 2.60.0 (through trixie's loader) against the batching-on
 # tritonserver 2.51 serving the sweep's "medium" model on 2 s segments, with run()'s options:
 #   -i grpc --shape mix:2,94890 --input-data DIR --concurrency-range 2:2:1

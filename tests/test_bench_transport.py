@@ -17,6 +17,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an inst
 
 from benchmarks import results  # noqa: E402
 
+pytestmark = pytest.mark.bench
+
 MACHINE = "test-box"
 MODES = {"gRPC", "shared memory", "in-process"}
 

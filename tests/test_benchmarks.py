@@ -23,6 +23,8 @@ from benchmarks.flops import demucs_flops  # noqa: E402
 from benchmarks.run_all import SCRIPTS  # noqa: E402
 from benchmarks.timing import Stats, measure, percentiles  # noqa: E402
 
+pytestmark = pytest.mark.bench
+
 MACHINE = "test-box"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

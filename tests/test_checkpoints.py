@@ -35,6 +35,7 @@ from stemserve.checkpoints import (KNOWN_MODELS, ROOT_URL, CheckpointError, Chec
                                    Release, checkpoint_cache_dir, checkpoint_url,
                                    download_checkpoint, load_model)
 from stemserve.model import SOURCES, Demucs
+from oracle_v2 import demucs2
 
 OFFICIAL_URLS = {
     "demucs": "https://dl.fbaipublicfiles.com/demucs/v3.0/demucs-e07c671f.th",
@@ -166,8 +167,7 @@ def _demucs_own_loads(monkeypatch):
 @pytest.fixture
 def demucs_oracle():
     pytest.importorskip("diffq")
-    return (pytest.importorskip("demucs.model"), pytest.importorskip("demucs.utils"),
-            pytest.importorskip("demucs.pretrained"))
+    return demucs2("demucs.model"), demucs2("demucs.utils"), demucs2("demucs.pretrained")
 
 
 # --------------------------------------------------------------------------- names, URLs
@@ -717,6 +717,7 @@ BOMBS = {
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("bomb", BOMBS)
+@pytest.mark.slow
 def test_resource_bomb_is_refused_without_allocating(tmp_path, demucs_class, bomb):
     make, config, expected = BOMBS[bomb]
     path = tmp_path / f"{bomb}.th"
@@ -792,7 +793,7 @@ def test_training_package_drops_unknown_kwargs(demucs_oracle, tmp_path):
 
 
 def test_package_of_another_class_is_refused(demucs_oracle, tmp_path):
-    tasnet = pytest.importorskip("demucs.tasnet")
+    tasnet = demucs2("demucs.tasnet")
     path = tmp_path / "tasnet.th"
     torch.save({"klass": tasnet.ConvTasNet, "args": (), "kwargs": {}, "state": {},
                 "training_args": argparse.Namespace(diffq=0, qat=None)}, path)

@@ -23,17 +23,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from stemserve.client import separate_array
-from stemserve.client.triton import CONTROL_TIMEOUT, TritonBackend
+from stemserve.client.backends.triton import CONTROL_TIMEOUT, TritonBackend
 from stemserve.errors import StemserveError
-from stemserve.model_repository.writer import fill_repository
-from stemserve.triton_server import TritonServer, free_ports
+from stemserve.model_repository.local import local_server
+from stemserve.model_repository.ports import free_ports
+from stemserve.model_repository.server import TritonServer
 from test_separate_cli import RATE, song, write_song
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.fleet import restart  # noqa: E402
+pytestmark = pytest.mark.server
 
 LONG = 60.0
 """Seconds of audio that keep a client busy for a few seconds with the small model."""
@@ -42,13 +39,8 @@ LONG = 60.0
 @pytest.fixture(scope="module")
 def server(small_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    fill_repository(small_export, root / "repository", "cpu")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(root / "repository", http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=root / "server.log")
-    server.start()
-    yield server
-    server.stop()
+    with local_server(small_export, root=root, logs=root) as server:
+        yield server
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ def running(server):
     """The module's server, started again if a test before stopped it (or if it did not
     survive being frozen: its python backend may crash on waking)."""
     if not server.running:
-        restart(server)
+        server.restart()
     yield server
 
 
@@ -197,7 +189,8 @@ def _serve(export: Path) -> tuple[subprocess.Popen, list[int]]:
     else:
         pytest.fail("stemserve serve did not start:\n" + "".join(lines))
     # What every host without a GPU logs is left out of the forwarded log.
-    assert not [line for line in lines if "CudaDriverHelper" in line or "pinned" in line]
+    assert not [line for line in lines
+                if "CudaDriverHelper" in line or "pinned system memory" in line]
     threading.Thread(target=shell.stdout.read, daemon=True).start()  # keep the pipe drained
     return shell, ports
 
@@ -273,7 +266,7 @@ def test_a_restarted_server_is_used_again_within_seconds(running):
         with pytest.raises(StemserveError):
             separate_array(mix, RATE, backend=backend)
         time.sleep(3)  # failed reconnects meanwhile grow gRPC's backoff
-        restart(running)
+        running.restart()
         ready = time.monotonic()
         while True:
             try:

@@ -22,22 +22,27 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from stemserve.cli import main
-from stemserve.client import api, open_backend, separate_array, separate_file
-from stemserve.client.api import expand_tracks, separate_files
-from stemserve.client.fleet import (URLS_ENV, FleetBackend, check_agreement,
-                                    parse_endpoints)
-from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
-from stemserve.client.triton import DEFAULT_MODEL, TritonBackend
+from stemserve.client import (Separator, open_backend, separate_array, separate_file,
+                              separate_files)
+from stemserve.client.backends.fleet import FleetBackend, check_agreement, parse_endpoints
+from stemserve.client.backends.onnx import OnnxBackend
+from stemserve.client.backends.triton import TritonBackend
+from stemserve.client.cli import main
+from stemserve.client.tracks import expand_tracks
+from stemserve.defaults import TRITON_MODEL, TRITON_URL_ENV
 from stemserve.errors import StemserveError
-from stemserve.model_repository.writer import fill_repository
+from stemserve.model_repository.local import local_servers
+from stemserve.model_repository.server import TritonServer
+from stemserve.spec import load_export_spec
 from test_separate_cli import RATE, all_files, python_backend_regions, song, write_song
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fleet import restart, soak, start_servers, stop_servers  # noqa: E402
+from benchmarks.fleet import soak  # noqa: E402
+
+pytestmark = pytest.mark.server
 
 MIX = song(seconds=20)
 """27 segments of the small model: long enough to kill a server in the middle."""
@@ -48,10 +53,8 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def servers(small_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
-    fill_repository(small_export, root / "repository", "cpu")
-    servers = start_servers(root / "repository", 3, root)
-    yield servers
-    stop_servers(servers)
+    with local_servers(small_export, 3, root=root, logs=root) as servers:
+        yield servers
 
 
 @pytest.fixture
@@ -61,7 +64,7 @@ def fleet_servers(servers):
     dead = [server for server in servers if not server.running]
     if dead:
         with ThreadPoolExecutor(len(dead)) as pool:
-            list(pool.map(restart, dead))
+            list(pool.map(TritonServer.restart, dead))
     return servers
 
 
@@ -85,7 +88,7 @@ def inferences(server) -> int:
     """Requests the server has run (Triton's own statistics)."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        stats = client.get_inference_statistics(DEFAULT_MODEL, as_json=True)
+        stats = client.get_inference_statistics(TRITON_MODEL, as_json=True)
     finally:
         client.close()
     return sum(int(model.get("inference_count", 0)) for model in stats["model_stats"])
@@ -255,7 +258,7 @@ def test_stopped_server_is_taken_back_once_ready(fleet_servers, reference):
         # Restarted behind the fleet's back: the server forgot this client's shared-memory
         # regions; the fleet notices on the first answer, re-sends, and takes it back.
         retried = fleet.retried
-        restart(victim)
+        victim.restart()
         assert max_error(separate_array(MIX, RATE, backend=fleet), reference) < TOLERANCE
         assert fleet.retried > retried
         wait_until(lambda: fleet.status()[2].healthy, 20, "taken back after the restart")
@@ -274,9 +277,9 @@ def test_cli_separates_a_folder_over_two_servers_under_one_bar(fleet_servers, tm
     (album / "cover.txt").write_text("not audio")
     listing = tmp_path / "servers.txt"
     listing.write_text("# two of the three\n" + "\n".join(urls(fleet_servers)[:2]) + "\n")
-    monkeypatch.setenv(URLS_ENV, f"@{listing}")
+    monkeypatch.setenv(TRITON_URL_ENV, f"@{listing}")
     running, peak, lock = 0, 0, threading.Lock()
-    real = api.separate_file
+    real = Separator.separate_file
 
     def counting(*args, **kwargs):
         nonlocal running, peak
@@ -289,7 +292,7 @@ def test_cli_separates_a_folder_over_two_servers_under_one_bar(fleet_servers, tm
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(api, "separate_file", counting)
+    monkeypatch.setattr(Separator, "separate_file", counting)
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["separate", str(album), "-o", str(tmp_path / "out"), "--float32",
@@ -308,7 +311,7 @@ def test_cli_separates_a_folder_over_two_servers_under_one_bar(fleet_servers, tm
 def test_short_soak_with_a_restart_fails_no_track(fleet_servers):
     """Eight clients against two servers, one restarted half way: the 5-minute soak's code."""
     result = soak(urls(fleet_servers)[:2], clients=8, duration=20, track_seconds=3,
-                  restart_server=lambda: restart(fleet_servers[1]), backoff=0.1)
+                  restart_server=fleet_servers[1].restart, backoff=0.1)
     print(result.summary())
     assert result.failed == 0, result.errors
     assert result.completed >= 8 and result.retried > 0
@@ -320,7 +323,7 @@ def test_every_server_down_fails_the_track_whole_and_names_them(fleet_servers, t
     with FleetBackend(urls(fleet_servers), retries=2, backoff=0.1) as fleet:
         start = time.monotonic()
         with pytest.raises(StemserveError) as raised:
-            separate_file(track, tmp_path / "out", window=4,
+            separate_file(track, tmp_path / "out", in_flight=4,
                           backend=KillWhenBusy(fleet, [0, 1, 2], fleet_servers))
         elapsed = time.monotonic() - start
     message = str(raised.value)

@@ -218,8 +218,7 @@ def test_init_container_fills_the_repository_triton_serves(docs):
     assert export["command"][:2] == ["sh", "-ec"]
     subprocess.run(["sh", "-n", "-c", script], check=True)  # shell syntax
     assert "stemserve export" in script
-    writer = re.search(r"python -m stemserve\.model_repository\.writer (\S+) (\S+) --variant (\S+)",
-                       script)
+    writer = re.search(r"stemserve repository fill (\S+) (\S+) --variant (\S+)", script)
     assert writer, "the init container does not run the repository writer"
     repository, variant = writer.group(2), writer.group(3)
     assert variant == "gpu"
@@ -247,8 +246,8 @@ def test_init_container_fills_the_repository_triton_serves(docs):
 def test_init_script_exports_once_when_pods_start_together(docs, tmp_path):
     """Two pods run the init script at once on one cache: one export is kept, none is torn.
 
-    ``stemserve`` and ``python`` are stand-ins that record their calls; the script's
-    absolute paths are moved under tmp_path.
+    ``stemserve`` is a stand-in that records its calls (and writes an export slowly); the
+    script's absolute paths are moved under tmp_path.
     """
     export = _container(_one(docs, "Deployment", "stemserve-triton"), "export", init=True)
     script = (export["command"][-1].replace("/cache/export", str(tmp_path / "export"))
@@ -259,9 +258,9 @@ def test_init_script_exports_once_when_pods_start_together(docs, tmp_path):
     log = tmp_path / "calls.log"
     (bin_dir / "stemserve").write_text(
         "#!/bin/sh\n"  # stemserve export -n MODEL -o OUT: writes slowly, sidecar last
-        f'echo "stemserve $*" >> {log}\nout="$5"\nmkdir -p "$out"\n'
-        'echo graph > "$out/model.onnx"\nsleep 0.5\necho "$HOSTNAME" > "$out/model.json"\n')
-    (bin_dir / "python").write_text(f'#!/bin/sh\necho "python $*" >> {log}\n')
+        f'echo "stemserve $*" >> {log}\n[ "$1" = export ] || exit 0\nout="$5"\n'
+        'mkdir -p "$out"\necho graph > "$out/model.onnx"\nsleep 0.5\n'
+        'echo "$HOSTNAME" > "$out/model.json"\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STEMSERVE_MODEL": "demucs_quantized"}
@@ -278,8 +277,7 @@ def test_init_script_exports_once_when_pods_start_together(docs, tmp_path):
     assert kept.joinpath("model.json").read_text().strip() in {"pod-0", "pod-1"}
     calls = log.read_text().splitlines()
     assert sum(call.startswith("stemserve export -n demucs_quantized -o ") for call in calls) == 2
-    fill = (f"python -m stemserve.model_repository.writer {kept} "
-            f"{tmp_path / 'models' / 'gpu'} --variant gpu")
+    fill = f"stemserve repository fill {kept} {tmp_path / 'models' / 'gpu'} --variant gpu"
     assert calls.count(fill) == 3
 
 
@@ -294,7 +292,7 @@ def test_trt_cache_mount_is_the_path_of_the_gpu_config(docs):
 
 
 def test_stemserve_cli_accepts_the_commands_the_pods_run(docs):
-    from stemserve.cli import build_parser
+    from stemserve.client.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["export", "-n", "demucs_quantized", "-o", "/cache/export/x"])

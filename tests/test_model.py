@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from stemserve.model import SOURCES, Demucs
+from oracle_v2 import demucs2
 
-demucs_model = pytest.importorskip("demucs.model", reason="the official demucs 2.0.3 is the oracle")
+pytestmark = pytest.mark.oracle
+demucs_model = demucs2("demucs.model", module_level=True)
 
 CONFIGS = {
     "default": {},

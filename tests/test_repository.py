@@ -13,10 +13,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from stemserve.errors import StemserveError
+from stemserve.export.tensorrt import trtexec_command
 from stemserve.model_repository.writer import (FILL_RECORD, TEMPLATES, VARIANTS,
                                                check_repository, fill_repository,
                                                load_config, render_config)
-from stemserve.spec import ModelSpec
+from stemserve.spec import ModelSpec, load_export_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keys the onnxruntime backend of Triton 24.10 accepts for the TensorRT accelerator; any
@@ -96,10 +97,13 @@ def test_written_config_parses_and_matches_the_sidecar(case, small_export, expor
         (tensorrt,) = accelerators
         assert tensorrt.name == "tensorrt" and set(tensorrt.parameters) <= TENSORRT_KEYS
         assert tensorrt.parameters["precision_mode"] == "FP16"
-        batch, shape = config.max_batch_size, f"{spec.audio_channels}x{spec.padded_length}"
-        assert tensorrt.parameters["trt_profile_max_shapes"] == f"mix:{batch}x{shape}"
+        batch, channels = config.max_batch_size, spec.audio_channels
+        assert tensorrt.parameters["trt_profile_max_shapes"] == \
+            f"mix:{batch}x{channels}x{spec.max_request_length}"
+        assert tensorrt.parameters["trt_profile_opt_shapes"] == \
+            f"mix:{batch}x{channels}x{spec.padded_length}"
         assert tensorrt.parameters["trt_profile_min_shapes"] == \
-            f"mix:1x{spec.audio_channels}x{spec.valid_length(1)}"
+            f"mix:1x{channels}x{spec.valid_length(1)}"
     else:
         assert not accelerators
     expected = {"cpu": ("python", ""), "gpu": ("", "onnxruntime_onnx"),
@@ -268,3 +272,31 @@ def test_config_carries_the_sidecar_for_clients(filled, spec):
     config_path.write_text(text_format.MessageToString(config))
     with pytest.raises(StemserveError, match="stemserve_spec"):
         check_repository(filled.parents[1])
+
+
+def _time_range(shapes: str, name: str = "mix") -> tuple[int, int]:
+    """(batch, time) of a ``mix:BxCxT`` shape string."""
+    batch, _, time = shapes.removeprefix(f"{name}:").split("x")
+    return int(batch), int(time)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_admits_a_one_sample_tail_and_a_shifted_segment(small_export, variant):
+    """The shape contract: the shortest request a track can end with (its last segment of one
+    sample) and the longest one (a full segment with a shift's context) fit every variant."""
+    spec = load_export_spec(small_export)
+    shortest, longest = spec.valid_length(1), spec.valid_length(spec.segment_length
+                                                                 + spec.max_shift)
+    assert (spec.min_request_length, spec.max_request_length) == (shortest, longest)
+    config = render_config(spec, variant)
+    assert list(config.input[0].dims) == [spec.audio_channels, -1]  # any length in between
+    if variant == "gpu":
+        (tensorrt,) = _accelerators(config)
+        low = _time_range(tensorrt.parameters["trt_profile_min_shapes"])
+        high = _time_range(tensorrt.parameters["trt_profile_max_shapes"])
+        assert low[1] <= shortest and high[1] >= longest and low[0] == 1
+    if variant == "gpu-trt":  # the engine's profile, which its config must not exceed
+        command = trtexec_command(small_export, max_batch=config.max_batch_size)
+        shapes = dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--m"))
+        assert _time_range(shapes["minShapes"])[1] <= shortest
+        assert _time_range(shapes["maxShapes"]) == (config.max_batch_size, longest)

@@ -15,12 +15,14 @@ import pytest
 import soundfile as sf
 
 from stemserve.audio import OutputFormat, to_pcm
-from stemserve.cli import build_parser, main
+from stemserve.client.cli import build_parser, main
 from stemserve.client import separate_array, separate_file
-from stemserve.client.onnx_backend import OnnxBackend, load_export_spec
-from stemserve.client.triton import TritonBackend
+from stemserve.client.backends.onnx import OnnxBackend
+from stemserve.spec import load_export_spec
+from stemserve.client.backends.triton import TritonBackend
 from stemserve.errors import StemserveError
-from stemserve.pipeline import LocalBackend
+from stemserve.client.backends.local import LocalBackend
+from oracle_v2 import demucs2
 
 RATE = 44100
 SOURCES = ("drums", "bass", "other", "vocals")
@@ -95,12 +97,13 @@ def test_cli_formats_template_two_stems_and_rate(tmp_path, small_export):
     assert sf.info(str(tmp_path / "small" / "in" / "bass.wav")).subtype == "FLOAT"
 
 
+@pytest.mark.oracle
 def test_cli_torch_backend_on_a_checkpoint_file(tmp_path, small_model, onnx_backend):
     """A demucs 2.x training package, loaded by stemserve.checkpoints, run by PyTorch."""
     import argparse
 
-    demucs_model = pytest.importorskip("demucs.model")
-    demucs_utils = pytest.importorskip("demucs.utils")
+    demucs_model = demucs2("demucs.model")
+    demucs_utils = demucs2("demucs.utils")
     model, info = small_model
     reference = demucs_model.Demucs(sources=list(SOURCES), **info.config)
     reference.load_state_dict(model.state_dict())
@@ -190,7 +193,7 @@ def test_failure_mid_track_leaves_no_stems_and_input_untouched(tmp_path, onnx_ba
     before = sha256(track)
     with pytest.raises(StemserveError, match=r"song\.wav: backend broke"):
         separate_file(track, tmp_path / "out", backend=FailingBackend(onnx_backend, 4),
-                      clip_mode=clip_mode, window=2)
+                      clip_mode=clip_mode, in_flight=2)
     assert not (tmp_path / "out").exists()
     assert all_files(tmp_path) == [track] and sha256(track) == before
 
@@ -201,7 +204,7 @@ def test_failure_mid_track_leaves_no_stems_and_input_untouched(tmp_path, onnx_ba
 def test_cli_triton_by_default_when_a_server_answers(tmp_path, triton_server, small_export,
                                                      onnx_backend):
     track = write_song(tmp_path / "t.wav")
-    for extra in (("--no-shared-memory",), ("--window", "4")):
+    for extra in (("--no-shared-memory",), ("--in-flight", "4", "--server-window", "2")):
         out = tmp_path / "out" / str(len(extra))
         assert run_cli(track, "--url", triton_server.grpc_url, "-n", small_export, "-o", out,
                        "-q", "--float32", "--clip-mode", "none", *extra) == 0
@@ -225,6 +228,7 @@ def _tritonservers(repository: Path) -> set[int]:
     return pids
 
 
+@pytest.mark.server
 def test_serve_flag_starts_and_stops_a_local_server(tmp_path, small_export, onnx_backend,
                                                      stemserve_cache):
     """The README's first command: a local Triton server for the run, then gone."""
@@ -306,10 +310,11 @@ class KillingBackend:
         pass
 
 
+@pytest.mark.server
 def test_server_killed_mid_track_fails_clearly_after_retries(tmp_path, small_export,
                                                              free_ports):
     from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer
+    from stemserve.model_repository.server import TritonServer
 
     track = write_song(tmp_path / "in" / "long.wav", song(seconds=20))
     before = sha256(track)
@@ -324,7 +329,7 @@ def test_server_killed_mid_track_fails_clearly_after_retries(tmp_path, small_exp
                                 retries=2, backoff=0.1, timeout=10)
         with pytest.raises(StemserveError) as raised, backend:
             separate_file(track, tmp_path / "out", backend=KillingBackend(backend, server, 4),
-                          window=2, clip_mode="clamp")
+                          in_flight=2, clip_mode="clamp")
     finally:
         server.stop()
         for region in regions:
@@ -442,6 +447,7 @@ def test_commit_all_rolls_back_on_a_failed_rename(tmp_path):
 
 @pytest.mark.parametrize("rate,frames", [(1, 800), (1, 70_000), (7999, 20_000),
                                          (400_000, 50_000)])
+@pytest.mark.slow
 def test_sample_rates_outside_the_range_are_refused(tmp_path, small_export, rate, frames):
     """A 1 Hz file crashed soxr (rc 139) or asked for gigabytes: refused, in a separate
     process so that a crash cannot take the test run with it; the next track still runs."""
@@ -468,6 +474,7 @@ def test_resampling_memory_follows_the_output_rate():
     assert sum(sizes) == pytest.approx(block.shape[-1] * 44100 / 8000, abs=2)
 
 
+@pytest.mark.slow
 def test_write_errors_fail_their_track_only(tmp_path, small_export):
     """Disk full (here: a file size limit) fails the long track with a named error; the
     short one is written; no traceback, no hidden files."""
@@ -494,7 +501,7 @@ def test_write_errors_fail_their_track_only(tmp_path, small_export):
 
 def test_any_failure_of_a_track_is_its_own(tmp_path, small_export):
     """An out-of-memory error (or any other) in one track is named for that track."""
-    from stemserve.client.api import separate_files
+    from stemserve.client import separate_files
 
     with OnnxBackend(small_export) as onnx:
         calls = 0
@@ -555,6 +562,7 @@ def test_cli_version_and_verbose_after_the_command(capsys):
     assert build_parser().parse_args(["separate", "x.wav"]).verbose is False
 
 
+@pytest.mark.slow
 def test_export_says_what_it_does_once(tmp_path, small_model, stemserve_cache):
     """Every message once (the export line was printed and logged), the parity check
     announced with its progress."""

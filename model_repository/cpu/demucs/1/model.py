@@ -25,8 +25,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.spec = ModelSpec.load(version_dir / "model.json")
-        # The network's smallest valid length: anything shorter cannot pass the encoder.
-        self.min_length = self.spec.valid_length(1)
+        # The shape contract: a track's last segment may be one sample long; a shifted full
+        # segment is the longest request, and anything longer only costs memory.
+        self.min_length = self.spec.min_request_length
+        self.max_length = self.spec.max_request_length
 
         threads = int(config.get("parameters", {}).get("intra_op_threads", {})
                       .get("string_value", "0"))
@@ -52,9 +54,9 @@ class TritonPythonModel:
         if mix.dtype != np.float32 or mix.ndim != 3 or mix.shape[1] != channels:
             return (f"'{self.spec.input_name}' must be float32 [batch, {channels}, time], "
                     f"got {mix.dtype} {list(mix.shape)}")
-        if mix.shape[2] < self.min_length:
-            return (f"'{self.spec.input_name}' has {mix.shape[2]} samples, the network needs "
-                    f"at least {self.min_length} (send spec.valid_length(n) samples)")
+        if not self.min_length <= mix.shape[2] <= self.max_length:
+            return (f"'{self.spec.input_name}' has {mix.shape[2]} samples; the model takes "
+                    f"{self.min_length} to {self.max_length} (send spec.valid_length(n))")
         return None
 
     def execute(self, requests: list) -> list:

@@ -1,136 +1,45 @@
-"""Start and stop a real Triton Inference Server: the one place that knows how.
+"""A real Triton Inference Server as a child process: start, wait until ready, stop cleanly.
 
-``stemserve serve``, the test suite and the benchmarks all start the server through
-:class:`TritonServer`, so they exercise the same binary, flags and shutdown path.
-
-Locally the server is the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel
-(version 2.51, the NGC 24.10 release), which carries the python backend but no onnxruntime
-backend; the CPU model repository therefore runs ONNX Runtime inside a python-backend model.
-The wheel's server folder cannot be used in place: the python backend looks for its stub
-next to ``libtriton_python.so``, so :func:`prepare_server_dir` makes a writable copy with
-the stub that matches this interpreter.
-
-On a GPU host :class:`DockerTritonServer` runs the NGC image instead, with the same
-readiness, port and shutdown handling.
+``stemserve serve``, ``separate --serve``, the test suite and the benchmarks all start the
+server through :class:`TritonServer` (mostly by way of :func:`~.local.local_server`), so they
+exercise the same binary, flags and shutdown path. On a GPU host
+:class:`DockerTritonServer` runs the NGC image instead, with the same readiness, port and
+shutdown handling.
 """
 from __future__ import annotations
 
 import collections
-import errno
-import importlib.metadata
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import IO, Sequence
 
-from stemserve.defaults import cache_root
-from stemserve.errors import StemserveError
+from stemserve.errors import ServerError
+from stemserve.model_repository.binary import prepare_server_dir, pytriton_paths
+from stemserve.model_repository.ports import check_port_free
 
 logger = logging.getLogger(__name__)
 
-PYTRITON_DIST = "nvidia-pytriton"
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 TRT_CACHE_VOLUME = "stemserve-trt-cache"
 LOG_TAIL_LINES = 20
+PROBE_TIMEOUT = 5.0
+"""Deadline of each readiness probe at start-up: a server that hangs is waited for by the
+start timeout, not by one probe."""
 # Lines worth quoting when the server fails: Triton's "E<mmdd> ..." lines and its final
-# "error: ..." line, less the one it always logs on a machine without a GPU.
+# "error: ..." line.
 ERROR_LINE = re.compile(r"^(E\d{4} |error: )")
 CPU_HOST_NOISE = re.compile(r"CudaDriverHelper has not been initialized|"
                             r"pinned system memory|pinned memory pool")
 """What the server always logs on a host without a GPU: errors and warnings that are not,
 left out of the forwarded log and of error messages."""
-
-
-def _pytriton() -> tuple[str, Path, Path]:
-    """Version, server folder and vendored-library folder of the installed nvidia-pytriton."""
-    try:
-        dist = importlib.metadata.distribution(PYTRITON_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise StemserveError(
-            f"no local tritonserver: the {PYTRITON_DIST} wheel is not installed; "
-            "install it with `pip install stemserve[server]`") from None
-    server = Path(dist.locate_file("pytriton/tritonserver"))
-    libs = Path(dist.locate_file("nvidia_pytriton.libs"))
-    if not (server / "bin" / "tritonserver").is_file():
-        raise StemserveError(f"{server / 'bin' / 'tritonserver'} is missing: "
-                             f"reinstall {PYTRITON_DIST}")
-    return dist.version, server, libs
-
-
-def prepare_server_dir() -> Path:
-    """A writable copy of the wheel's server folder with this interpreter's python stub.
-
-    Built once per wheel version and Python version under :func:`cache_root`, in a temporary
-    folder renamed into place, so concurrent callers never see a half-copied server.
-    """
-    version, source, _ = _pytriton()
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    target = cache_root() / f"tritonserver-{version}-py{python}"
-    stub = source / "python_backend_stubs" / python / "triton_python_backend_stub"
-    if (target / ".complete").exists():
-        return target
-    if not stub.is_file():
-        raise StemserveError(f"{PYTRITON_DIST} {version} has no python backend stub for "
-                             f"Python {python} ({stub} is missing)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
-        shutil.copy2(stub, staging / "backends" / "python" / stub.name)
-        (staging / ".complete").touch()
-        try:
-            staging.rename(target)
-        except OSError as err:  # another process finished first: use its copy
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("prepared tritonserver %s for Python %s in %s", version, python, target)
-    return target
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports free right now (held open together, then released).
-
-    For servers started beside others (tests, benchmarks, ``separate --serve``), so no run
-    fights over Triton's default 8000-8002.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def check_port_free(host: str, port: int, what: str) -> None:
-    """Fail before starting when ``port`` is taken: the server's own error is buried in logs.
-
-    SO_REUSEADDR, as the server binds: a port left in TIME_WAIT by a stopped server is free
-    to reuse, one that something listens on is not.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise StemserveError(
-                    f"{what} port {port} is already in use on {host}: stop whatever listens "
-                    f"there or choose another with --{what.lower()}-port") from None
-            raise StemserveError(f"cannot use {what} port {port} on {host}: {err}") from None
 
 
 def _client_host(host: str) -> str:
@@ -201,7 +110,7 @@ class TritonServer:
     def _command(self) -> tuple[list[str], dict[str, str]]:
         """The command line and environment of the server process."""
         server = prepare_server_dir()
-        _, _, libs = _pytriton()
+        _, _, libs = pytriton_paths()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
@@ -221,11 +130,11 @@ class TritonServer:
     def start(self, timeout: float = 120) -> None:
         """Start the server and return once it and every model in the repository are ready.
 
-        Raises StemserveError naming the port in use, or with the server's last log lines
+        Raises ServerError naming the port in use, or with the server's last log lines
         when it exits during start-up or is not ready within ``timeout`` seconds.
         """
         if self._process is not None:
-            raise StemserveError("this TritonServer is already started")
+            raise ServerError("this TritonServer is already started")
         for what, port in self.ports.items():
             check_port_free(self.host, port, what)
         command, env = self._command()
@@ -275,16 +184,17 @@ class TritonServer:
                 code = self._process.poll()
                 if code is not None:
                     self._reader.join(timeout=5)
-                    raise StemserveError(
+                    raise ServerError(
                         f"tritonserver exited with code {code} during start-up "
                         f"(repository {self.repository}); its log:\n" + self.log_tail())
                 try:
-                    if client.is_server_ready() and self._models_ready(client):
+                    if client.is_server_ready(client_timeout=PROBE_TIMEOUT) \
+                            and self._models_ready(client):
                         return
                 except InferenceServerException:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
-                    raise StemserveError(
+                    raise ServerError(
                         f"tritonserver was not ready after {timeout:.0f} s "
                         f"(repository {self.repository}); its log:\n" + self.log_tail())
                 time.sleep(0.2)
@@ -294,7 +204,8 @@ class TritonServer:
     @staticmethod
     def _models_ready(client) -> bool:
         """True when the repository lists models and every one of them is READY."""
-        index = client.get_model_repository_index(as_json=True).get("models", [])
+        index = client.get_model_repository_index(
+            as_json=True, client_timeout=PROBE_TIMEOUT).get("models", [])
         return bool(index) and all(model.get("state") == "READY" for model in index)
 
     def _signal(self, signum: int) -> None:
@@ -329,10 +240,29 @@ class TritonServer:
         self._process = None
         return process.returncode
 
+    def restart(self, port_wait: float = 120.0) -> None:
+        """Stop the server the way an operator would (SIGINT) and start it on its ports.
+
+        A server stopped with clients connected leaves its ports in TIME_WAIT for a minute,
+        which :meth:`start` refuses: wait up to ``port_wait`` seconds for them.
+        """
+        self.stop()
+        deadline = time.monotonic() + port_wait
+        for what, port in self.ports.items():
+            while True:
+                try:
+                    check_port_free(self.host, port, what)
+                    break
+                except ServerError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        self.start()
+
     def wait(self) -> int:
         """Block until the server exits on its own; returns its exit code (for the CLI)."""
         if self._process is None:
-            raise StemserveError("the server is not started")
+            raise ServerError("the server is not started")
         return self._process.wait()
 
     def __enter__(self) -> "TritonServer":

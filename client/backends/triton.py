@@ -31,14 +31,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as shm
 
-from stemserve.errors import StemserveError
+from stemserve.defaults import DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, TRITON_MODEL
+from stemserve.errors import (ServerError, ServerUnreachable, StemserveError,
+                              TransientError)
 from stemserve.files import pid_alive
-from stemserve.pipeline import DEFAULT_WINDOW, MAX_SHIFT_SECONDS, REQUEST_TIMEOUT
-from stemserve.spec import SPEC_PARAMETER, ModelSpec, output_length
+from stemserve.spec import SPEC_PARAMETER, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "demucs"
 CONNECT_TIMEOUT = 10.0
 """Seconds the first contact may take: an unreachable host should fail fast."""
 CONTROL_TIMEOUT = 10.0
@@ -63,15 +63,6 @@ TRANSIENT = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
 REGION_PREFIX = "stemserve"
 _REGION = re.compile(rf"^{REGION_PREFIX}_(\d+)_[0-9a-f]{{8}}_\d+$")
 """Shared-memory region names: ``stemserve_<pid>_<token>_<n>``, unique to each client."""
-
-
-class ServerUnreachable(StemserveError):
-    """No Triton server answers at the URL (the CLI may fall back to in-process ONNX)."""
-
-
-class TransientError(StemserveError):
-    """A request failed for a reason that may pass: the server is down, restarting, overloaded
-    or too slow. Another server, or this one later, may well answer it."""
 
 
 def grpc_client(url: str) -> grpcclient.InferenceServerClient:
@@ -123,10 +114,7 @@ def spec_from_config(config: dict, where: str) -> ModelSpec | None:
     text = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
     if not text:
         return None
-    try:
-        return ModelSpec.from_json(text, where=f"{where}: '{SPEC_PARAMETER}' parameter")
-    except ValueError as err:
-        raise StemserveError(str(err)) from None
+    return ModelSpec.from_json(text, where=f"{where}: '{SPEC_PARAMETER}' parameter")
 
 
 @dataclass
@@ -182,11 +170,10 @@ class _SharedMemoryPool:
 
     def __init__(self, client: grpcclient.InferenceServerClient, spec: ModelSpec, size: int):
         self._client = client
-        longest = spec.valid_length(spec.segment_length
-                                    + int(MAX_SHIFT_SECONDS * spec.sample_rate))
+        longest = spec.max_request_length  # the shape contract's longest request
         self.input_bytes = 4 * spec.audio_channels * longest
-        self.output_bytes = 4 * len(spec.sources) * spec.audio_channels * output_length(
-            longest, **spec.valid_length_params)
+        self.output_bytes = (4 * len(spec.sources) * spec.audio_channels
+                             * spec.request_output_length(longest))
         self._prefix = f"{REGION_PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
         self._slots: list[_Slot] = []
         self.lock = threading.RLock()
@@ -294,8 +281,8 @@ class TritonBackend:
         retries: further attempts after a transient failure, with backoff
             ``backoff * 2**attempt`` seconds; then the segment fails with
             :class:`TransientError`. 0 fails at once, so that a
-            :class:`~stemserve.client.fleet.FleetBackend` can send it to another server.
-        shared_memory: pass tensors through system shared memory, with ``slots`` regions
+            :class:`~stemserve.client.backends.fleet.FleetBackend` can send it to another server.
+        shared_memory: pass tensors through system shared memory, with ``shm_slots`` regions
             (requests beyond that many in flight wait for a free one). None: when the URL is
             a loopback address and the server can map the regions; True: always, or fail.
         spec: the sidecar to use when the server's model config carries none (the
@@ -307,9 +294,9 @@ class TritonBackend:
     requests within seconds instead of holding them for ``timeout``.
     """
 
-    def __init__(self, url: str, model: str = DEFAULT_MODEL, *,
+    def __init__(self, url: str, model: str = TRITON_MODEL, *,
                  timeout: float = REQUEST_TIMEOUT, retries: int = 3, backoff: float = 0.5,
-                 shared_memory: bool | None = None, slots: int = DEFAULT_WINDOW,
+                 shared_memory: bool | None = None, shm_slots: int = DEFAULT_IN_FLIGHT,
                  spec: ModelSpec | None = None):
         self.url = url
         self.model = model
@@ -326,7 +313,7 @@ class TritonBackend:
         try:
             self.spec = self._read_spec(spec)
             if shared_memory or (shared_memory is None and is_loopback(url)):
-                self._pool = self._open_pool(slots, required=bool(shared_memory))
+                self._pool = self._open_pool(shm_slots, required=bool(shared_memory))
         except BaseException:
             self._client.close()
             raise
@@ -365,8 +352,8 @@ class TritonBackend:
         except InferenceServerException as err:
             if err.status() in TRANSIENT:
                 raise ServerUnreachable(unreachable_message(self.url, err.message())) from None
-            raise StemserveError(f"the Triton server at {self.url} has no ready model "
-                                 f"'{self.model}' ({err.message()})") from None
+            raise ServerError(f"the Triton server at {self.url} has no ready model "
+                              f"'{self.model}' ({err.message()})") from None
         where = f"model '{self.model}' at {self.url}"
         served = spec_from_config(config.get("config", config), where)
         if served is None and local is None:
@@ -450,7 +437,7 @@ class TritonBackend:
             self._schedule(delay, call)
             return
         tried = f" after {call.attempt + 1} attempts" if call.attempt else ""
-        self._finish(call, error=(TransientError if transient else StemserveError)(
+        self._finish(call, error=(TransientError if transient else ServerError)(
             f"the Triton server at {self.url} failed a request{tried}: "
             f"{error.status() or 'error'}: {error.message()}"))
 
@@ -540,10 +527,24 @@ class TritonBackend:
             self._finish(call, error=error)
         if self._pool is not None:
             self._pool.close()
-        self._client.close()
+        _close_channel(self._client, self.url)
 
     def __enter__(self) -> "TritonBackend":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_channel(client: grpcclient.InferenceServerClient, url: str) -> None:
+    """Close the gRPC channel, waiting at most :data:`CLOSE_TIMEOUT` seconds.
+
+    gRPC's close waits for the calls it cancels to wind down, which a frozen server can
+    stall indefinitely: the closing then finishes in the background, and exit does not wait
+    for it (the thread is a daemon).
+    """
+    closing = threading.Thread(target=client.close, daemon=True, name=f"stemserve-close-{url}")
+    closing.start()
+    closing.join(CLOSE_TIMEOUT)
+    if closing.is_alive():
+        logger.debug("the gRPC channel to %s is still closing; not waiting for it", url)

@@ -1,6 +1,6 @@
 """Many Triton servers behind one backend: spread the segments, survive a server going away.
 
-:class:`FleetBackend` keeps one :class:`~stemserve.client.triton.TritonBackend` per server
+:class:`FleetBackend` keeps one :class:`~stemserve.client.backends.triton.TritonBackend` per server
 (gRPC, shared memory and the spec check are its business) and adds what several servers
 need:
 
@@ -17,7 +17,7 @@ need:
   written atomically) rather than with holes.
 
 Endpoints come as ``host:port,host:port``, as ``@file`` (one or more per line, ``#``
-comments), or, in the command line, from ``$STEMSERVE_TRITON_URLS``.
+comments), or, in the command line and the web service, from ``$STEMSERVE_TRITON_URL``.
 """
 from __future__ import annotations
 
@@ -34,16 +34,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from stemserve.client.triton import (DEFAULT_MODEL, ServerUnreachable, TransientError,
-                                     TritonBackend, unreachable_message)
-from stemserve.errors import StemserveError
-from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT
+from stemserve.client.backends.triton import TritonBackend, unreachable_message
+from stemserve.defaults import DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, TRITON_MODEL
+from stemserve.errors import ServerUnreachable, StemserveError, TransientError
+from stemserve.files import read_list
 from stemserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-URLS_ENV = "STEMSERVE_TRITON_URLS"
-"""Environment variable the command line reads the endpoints from when --url is not given."""
 PROBE_INTERVAL_MAX = 2.0
 """Longest pause between probes of a server that is out: a restarted one is back soon after."""
 CLOSE_DRAIN = 10.0
@@ -54,17 +52,6 @@ _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})")
 
 # ---------------------------------------------------------------------------------------------
 # Endpoints
-
-def read_list(path: Path) -> list[str]:
-    """The lines of a list file (endpoints, or tracks for ``separate``), stripped, less blank
-    lines and ``#`` comment lines."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise StemserveError(f"cannot read the list {path}: {err}") from None
-    return [line for line in map(str.strip, text.splitlines())
-            if line and not line.startswith("#")]
-
 
 def parse_endpoints(text: str) -> list[str]:
     """``host:port`` gRPC endpoints from ``a:8001,b:8001`` and/or ``@file`` items.
@@ -158,7 +145,7 @@ class FleetBackend:
     Args:
         urls: gRPC ``host:port`` of each server (see :func:`parse_endpoints`).
         model: the model's name in the repositories.
-        window: requests in flight per server (and shared-memory regions per server).
+        server_window: requests in flight per server (and its shared-memory regions).
         timeout: seconds one request may take; a server that takes longer is taken out.
         retries: a segment is sent at most once per server plus ``retries`` times (each
             server going down fails what it holds once); with ``backoff``, also how long to
@@ -166,23 +153,23 @@ class FleetBackend:
             what one TritonBackend's retries take.
         backoff: first pause between probes of a server that is out (doubling up to
             :data:`PROBE_INTERVAL_MAX`).
-        shared_memory: as for :class:`~stemserve.client.triton.TritonBackend`, per server.
+        shared_memory: as for :class:`~stemserve.client.backends.triton.TritonBackend`, per server.
         spec: the local export's sidecar, checked against what each server serves.
 
     Servers that do not answer at start are probed like failed ones; if none answers, it
-    raises :class:`~stemserve.client.triton.ServerUnreachable` naming them all.
+    raises :class:`~stemserve.client.backends.triton.ServerUnreachable` naming them all.
     """
 
-    def __init__(self, urls: Sequence[str], model: str = DEFAULT_MODEL, *,
-                 window: int = DEFAULT_WINDOW, timeout: float = REQUEST_TIMEOUT, retries: int = 3,
-                 backoff: float = 0.5, shared_memory: bool | None = None,
+    def __init__(self, urls: Sequence[str], model: str = TRITON_MODEL, *,
+                 server_window: int = DEFAULT_IN_FLIGHT, timeout: float = REQUEST_TIMEOUT,
+                 retries: int = 3, backoff: float = 0.5, shared_memory: bool | None = None,
                  spec: ModelSpec | None = None):
         if not urls:
             raise StemserveError("a fleet needs at least one Triton endpoint")
-        if window < 1:
-            raise StemserveError(f"window must be >= 1, got {window}")
+        if server_window < 1:
+            raise StemserveError(f"server_window must be >= 1, got {server_window}")
         self.urls = list(urls)
-        self.window = window
+        self.server_window = server_window
         self.backoff = backoff
         self.grace = backoff * (2 ** retries - 1)
         self._max_sends = len(self.urls) + retries
@@ -190,7 +177,7 @@ class FleetBackend:
         """Segments re-sent to another server after a transient failure."""
         self._connect = functools.partial(TritonBackend, model=model, timeout=timeout,
                                           retries=0, shared_memory=shared_memory,
-                                          slots=window)
+                                          shm_slots=server_window)
         self._endpoints = [_Endpoint(url) for url in self.urls]
         self._queue: collections.deque[_Request] = collections.deque()
         self._wakeup = threading.Condition()
@@ -258,7 +245,7 @@ class FleetBackend:
     def _pick(self) -> _Endpoint | None:
         """The healthy server with the fewest requests outstanding and room in its window;
         ties go to the one least recently used."""
-        ready = [e for e in self._endpoints if e.healthy and e.in_flight < self.window]
+        ready = [e for e in self._endpoints if e.healthy and e.in_flight < self.server_window]
         return min(ready, key=lambda e: (e.in_flight, e.last_used), default=None)
 
     def _next(self) -> tuple[_Endpoint | None, list[_Request]] | None:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stemserve.pipeline import LocalBackend
+from stemserve.client.backends.local import LocalBackend
+from stemserve.defaults import TRITON_MODEL
 from stemserve.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -27,10 +28,10 @@ class TorchBackend(LocalBackend):
                  segment_length: int | None = None, max_batch: int = 1):
         import torch
 
-        from stemserve.export.to_onnx import build_spec
-
         model = model.eval()
-        spec: ModelSpec = build_spec(model, info, int(segment_length or model.segment_length))
+        spec = ModelSpec.for_model(model, checkpoint=info.name, checkpoint_sha256=info.sha256,
+                                   segment_length=int(segment_length or model.segment_length),
+                                   model_name=TRITON_MODEL)
 
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.no_grad():

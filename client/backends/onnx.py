@@ -10,19 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stemserve.errors import StemserveError
-from stemserve.pipeline import LocalBackend
-from stemserve.spec import ModelSpec
+from stemserve.client.backends.local import LocalBackend
+from stemserve.errors import ModelError
+from stemserve.spec import load_export_spec
 
 DEFAULT_MAX_BATCH = 2
-
-
-def load_export_spec(export_dir: Path) -> ModelSpec:
-    """The sidecar of an export folder, with an error that names the folder."""
-    try:
-        return ModelSpec.load(Path(export_dir) / "model.json")
-    except ValueError as err:
-        raise StemserveError(f"{export_dir} is not a stemserve export: {err}") from None
 
 
 class OnnxBackend(LocalBackend):
@@ -39,15 +31,16 @@ class OnnxBackend(LocalBackend):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise StemserveError("the onnx backend needs ONNX Runtime: "
-                                 "pip install 'stemserve[onnx]'") from None
+            raise ModelError("the onnx backend needs ONNX Runtime: "
+                             "pip install 'stemserve[onnx]'") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         try:
             session = ort.InferenceSession(str(export_dir / spec.onnx_file), options,
                                            providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own untyped errors for bad files
-            raise StemserveError(f"cannot load {export_dir / spec.onnx_file}: {err}") from None
+            raise ModelError(f"cannot load it: {err}",
+                             where=str(export_dir / spec.onnx_file)) from None
         self.session = session
 
         def run(batch: np.ndarray) -> np.ndarray:

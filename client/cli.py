@@ -1,4 +1,10 @@
-"""The ``stemserve`` command: a thin layer over the library, one sub-command per job."""
+"""The ``stemserve`` command: a thin layer over the library, one sub-command per job.
+
+``export`` (ONNX, and a TensorRT engine on a GPU host), ``serve`` (a Triton server),
+``separate`` (tracks into stems), ``web`` (the upload page) and ``repository`` (fill or
+check a Triton model repository). Every failure is printed the same way
+(:func:`~stemserve.errors.print_error`), with exit code 1; an interrupt exits with 130.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,38 +17,76 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from stemserve.defaults import DEFAULT_MODEL, export_root, repository_root
+from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, REQUEST_TIMEOUT,
+                                TRITON_URL_ENV, export_root, repository_root,
+                                triton_url_from_env)
+from stemserve.errors import ServerError, StemserveError, print_error
 
 
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    """``--config``: the one way every command says what a plain state-dict file is."""
+def _add_model(parser: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
+    """``-n/--model`` and ``--config``: the one way every command names a model."""
+    parser.add_argument("-n", "--model", default=default, help=help_text)
     parser.add_argument("--config", default=None, metavar="RELEASE",
                         help="release whose configuration a plain state-dict checkpoint given "
                              "with -n has (e.g. demucs48_hq; default: demucs)")
 
 
+# ---------------------------------------------------------------------------------------------
+# export
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("export", help="export a Demucs v2 model to ONNX with its sidecar")
-    parser.add_argument("-n", "--model", default=DEFAULT_MODEL,
-                        help="release name or checkpoint path (default: %(default)s)")
-    _add_config(parser)
+    parser = sub.add_parser("export", help="export a Demucs model to ONNX with its sidecar "
+                                           "(and build a TensorRT engine on a GPU host)")
+    _add_model(parser, DEFAULT_MODEL, "release name or checkpoint path (default: %(default)s)")
     parser.add_argument("--segment", type=float, default=None,
                         help="segment length in seconds (default: the model's training "
                              "segment, what demucs' apply_model splits by)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 graph")
     parser.add_argument("-o", "--out", type=Path, default=None,
-                        help="output folder (default: <cache>/export/<model>, where every command "
-                             "looks for it; the cache is $STEMSERVE_CACHE or ~/.cache/stemserve)")
+                        help="output folder (default: <cache>/export/<model>, where every "
+                             "command looks for it; the cache is $STEMSERVE_CACHE or "
+                             "~/.cache/stemserve)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the PyTorch vs ONNX Runtime parity check")
+    tensorrt = parser.add_argument_group(
+        "TensorRT", "build model.plan for the gpu-trt repository with trtexec (on the GPU "
+                    "host that serves it), from the export (made first if need be)")
+    tensorrt.add_argument("--tensorrt", action="store_true", help="build the engine")
+    tensorrt.add_argument("--max-batch", type=int, default=8,
+                          help="largest batch of the engine (default: %(default)s)")
+    tensorrt.add_argument("--opt-batch", type=int, default=None,
+                          help="batch the engine is tuned for (default: --max-batch)")
+    tensorrt.add_argument("--fp32", action="store_true", help="no fp16 kernels")
+    tensorrt.add_argument("--workspace-mib", type=int, default=4096)
+    tensorrt.add_argument("--print", action="store_true",
+                          help="print the trtexec command, run nothing")
     parser.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from stemserve.checkpoints import load_model
+    out = args.out
+    if out is None or not (out / "model.json").is_file() or not args.tensorrt:
+        out = _export_onnx(args)
+    if args.tensorrt:
+        from stemserve.export.tensorrt import build_engine, trtexec_command
+
+        command = trtexec_command(out, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                                  fp16=not args.fp32, workspace_mib=args.workspace_mib)
+        print(" ".join(command))
+        if not args.print:
+            build_engine(command)
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> Path:
+    """Export ``args.model`` to ONNX (unless ``--tensorrt`` finds it exported); its folder."""
+    from stemserve.client.models import load_checkpoint, local_export
+
+    if args.tensorrt and args.out is None and (local := local_export(args.model)) is not None:
+        return local
     from stemserve.export.to_onnx import export_onnx, onnx_parity
 
-    model, info = load_model(args.model, config=args.config)
+    model, info = load_checkpoint(args.model, args.config)
     segment = round(args.segment * model.samplerate) if args.segment else None
     out = args.out or export_root() / info.name
     print(f"exporting {info.name} to {out} (tracing the network: about a minute for the "
@@ -57,17 +101,16 @@ def _run_export(args: argparse.Namespace) -> int:
         errors = onnx_parity(model, out / spec.onnx_file, spec, progress=True)
         print("ONNX Runtime vs PyTorch max abs error: "
               + ", ".join(f"batch {batch}: {error:.2e}" for batch, error in errors.items()))
-    return 0
+    return out
 
+
+# ---------------------------------------------------------------------------------------------
+# serve
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("serve", help="serve an exported model with Triton Inference Server")
-    parser.add_argument("-n", "--model", default=DEFAULT_MODEL,
-                        help="release name or checkpoint path, exported first when its export "
-                             "folder is empty (default: %(default)s)")
-    _add_config(parser)
-    parser.add_argument("--export-dir", type=Path, default=None,
-                        help="export folder (default: <cache>/export/<model>)")
+    _add_model(parser, DEFAULT_MODEL, "release name, checkpoint path or export folder, "
+                                      "exported first when need be (default: %(default)s)")
     parser.add_argument("--repository", type=Path, default=None,
                         help="model repository to fill (default: <cache>/model_repository/cpu, "
                              "or /gpu when serving on a GPU)")
@@ -87,16 +130,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from stemserve.errors import StemserveError
+    from stemserve.client.models import export_dir_for
+    from stemserve.model_repository.server import (DockerTritonServer, TritonServer,
+                                                   docker_gpu_unavailable)
     from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import DockerTritonServer, TritonServer, docker_gpu_unavailable
 
-    from stemserve.client.api import export_dir_for
-
-    export_dir = args.export_dir or export_dir_for(args.model, args.config)
+    export_dir = export_dir_for(args.model, args.config)
     reason = "--cpu was given" if args.cpu else docker_gpu_unavailable()
     if reason and args.gpu:
-        raise StemserveError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
+        raise ServerError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
     if reason:
         print(f"serving on the CPU: {reason}", file=sys.stderr)
     variant = "cpu" if reason else "gpu"
@@ -119,14 +161,17 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
-    raise StemserveError(f"tritonserver exited on its own with code {code}; its log is above")
+    raise ServerError(f"tritonserver exited on its own with code {code}; its log is above")
 
+
+# ---------------------------------------------------------------------------------------------
+# separate
 
 def _add_separate(sub: argparse._SubParsersAction) -> None:
-    from stemserve.audio import CLIP_MODES
-    from stemserve.client.api import DEFAULT_TEMPLATE, DEFAULT_URL
-    from stemserve.client.fleet import URLS_ENV
-    from stemserve.pipeline import DEFAULT_WINDOW, REQUEST_TIMEOUT
+    from stemserve.client.backends import BACKEND_KINDS
+    from stemserve.client.options import add_options
+    from stemserve.client.separator import OutputOptions
+    from stemserve.pipeline import SeparationOptions
 
     parser = sub.add_parser("separate", help="separate tracks into stems through Triton or "
                                              "in-process")
@@ -134,158 +179,126 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
                         help="audio files libsndfile reads (WAV, FLAC, OGG, MP3, ...), folders "
                              "of them (not their subfolders), or @LIST: a file naming one "
                              "track a line")
-    parser.add_argument("-n", "--model", default=None,
-                        help="release name, checkpoint file or export folder (default: what "
+    _add_model(parser, None, "release name, checkpoint file or export folder (default: what "
                              f"the server serves; {DEFAULT_MODEL} in-process)")
-    _add_config(parser)
-    parser.add_argument("--backend", choices=("triton", "onnx", "torch"), default=None,
+    parser.add_argument("--backend", choices=BACKEND_KINDS, default=None,
                         help="default: triton if a server answers at --url, else onnx")
-    parser.add_argument("--url", default=None,
-                        help="Triton gRPC address, or several (HOST:PORT,HOST:PORT or @FILE, "
-                             "one or more a line): segments are spread over all that are "
-                             f"healthy (default: ${URLS_ENV}, else {DEFAULT_URL})")
+    parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
+                        help="output folder; stems go under OUT/<model>/ (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="tracks separated at once, sharing the servers (default: 2 per "
                              "Triton server, 1 in-process)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
-                        help="output folder; stems go under OUT/<model>/ (default: %(default)s)")
-    parser.add_argument("--filename", default=DEFAULT_TEMPLATE,
-                        help="stem path under OUT/<model>/ from {track}, {trackext}, {stem} "
-                             "and {ext} (default: %(default)s)")
-    parser.add_argument("--overlap", type=float, default=0.25,
-                        help="overlap between segments (default: %(default)s)")
-    parser.add_argument("--shifts", type=int, default=0,
-                        help="average this many random shifts of up to 0.5 s (default: 0)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random shifts")
-    parser.add_argument("--two-stems", metavar="STEM", default=None,
-                        help="write STEM and no_STEM (the sum of the others) only")
-    container = parser.add_mutually_exclusive_group()
+    parser.add_argument("--downmix", action="store_true",
+                        help="accept more than two channels, averaged to mono first")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, list of stems or summary")
+    add_options(parser.add_argument_group("separation"), SeparationOptions)
+    output = parser.add_argument_group("output")
+    add_options(output, OutputOptions)
+    container = output.add_mutually_exclusive_group()
     container.add_argument("--mp3", action="store_true",
                            help="write MP3 (LAME through libsndfile, gapless: as long as the "
                                 "mix)")
     container.add_argument("--flac", action="store_true", help="write FLAC")
-    encoding = parser.add_mutually_exclusive_group()
+    encoding = output.add_mutually_exclusive_group()
     encoding.add_argument("--int24", action="store_true", help="24-bit samples")
     encoding.add_argument("--float32", action="store_true", help="32-bit float WAV")
-    parser.add_argument("--mp3-bitrate", type=int, default=320,
+    output.add_argument("--mp3-bitrate", type=int, default=320,
                         help="MP3 bit rate in kb/s (default: %(default)s)")
-    parser.add_argument("--clip-mode", choices=CLIP_MODES, default="rescale",
-                        help="rescale: stem / max(1.01 * peak, 1) as demucs does; clamp: clip "
-                             "to [-1, 1]; none: as is (default: %(default)s)")
-    parser.add_argument("--downmix", action="store_true",
-                        help="accept more than two channels, averaged to mono first")
-    parser.add_argument("--samplerate-out", choices=("original", "model"), default="original",
-                        help="write at the input's rate, so stems line up with the mix, or at "
-                             "the model's as demucs does (default: %(default)s)")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help="segment requests in flight, per track and per Triton server "
-                             "(default: %(default)s)")
-    parser.add_argument("--shared-memory", action=argparse.BooleanOptionalAction,
-                        default=None,
+    triton = parser.add_argument_group("Triton")
+    triton.add_argument("--url", default=None,
+                        help="Triton gRPC address, or several (HOST:PORT,HOST:PORT or @FILE, "
+                             "one or more a line): segments are spread over all that are "
+                             f"healthy (default: ${TRITON_URL_ENV}, else {DEFAULT_URL})")
+    triton.add_argument("--server-window", type=int, default=DEFAULT_IN_FLIGHT,
+                        help="requests in flight per Triton server, and its shared-memory "
+                             "regions (default: %(default)s)")
+    triton.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="pass tensors to Triton through system shared memory (default: "
                              "when --url is this host and the server can map it)")
-    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
+    triton.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                         help="seconds one Triton request may take (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=3,
+    triton.add_argument("--retries", type=int, default=3,
                         help="retries of a request after a transient gRPC error, on another "
                              "server when there are several (default: %(default)s)")
-    parser.add_argument("--serve", action="store_true",
+    triton.add_argument("--serve", action="store_true",
                         help="start a local tritonserver with the model for this run "
                              "(on free loopback ports; --url is ignored) and stop it after")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bar, list of stems or summary")
     parser.set_defaults(func=_run_separate)
 
 
 @contextlib.contextmanager
-def _local_server(model: str | None, config: str | None, quiet: bool) -> Iterator[str]:
-    """A CPU tritonserver for ``model`` on free loopback ports; yields its gRPC URL.
-
-    The repository is a fresh folder next to the export (hard links, no copy), so a
-    `stemserve serve` running from ``build/model_repository`` is never disturbed.
-    """
-    import tempfile
-
-    from stemserve.client.api import export_dir_for
-    from stemserve.model_repository.writer import fill_repository
-    from stemserve.triton_server import TritonServer, free_ports
+def _served(model: str | None, config: str | None, quiet: bool) -> Iterator[str]:
+    """A CPU tritonserver for ``model`` on free loopback ports for this run; its gRPC URL."""
+    from stemserve.client.models import export_dir_for
+    from stemserve.model_repository.local import local_server
 
     export_dir = export_dir_for(model or DEFAULT_MODEL, config)
-    repository_root().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="serve-", dir=repository_root()) as folder:
-        fill_repository(export_dir, Path(folder), "cpu")
-        http_port, grpc_port, metrics_port = free_ports(3)
-        server = TritonServer(Path(folder), http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port, log_file=Path(folder) / "server.log")
-        start = time.perf_counter()
-        with server:
-            if not quiet:
-                print(f"tritonserver ready at {server.grpc_url} in "
-                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-            yield server.grpc_url
+    start = time.perf_counter()
+    with local_server(export_dir) as server:
+        if not quiet:
+            print(f"tritonserver ready at {server.grpc_url} in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        yield server.grpc_url
 
 
 def _run_separate(args: argparse.Namespace) -> int:
     """Separate every track; one failing track does not stop the others (exit code 1)."""
-    import os
+    from stemserve.client.backends import open_backend
+    from stemserve.client.backends.fleet import parse_endpoints
+    from stemserve.errors import ServerUnreachable
 
-    from stemserve.audio import OutputFormat
-    from stemserve.client.api import DEFAULT_URL, open_backend
-    from stemserve.client.fleet import URLS_ENV, parse_endpoints
-    from stemserve.client.triton import ServerUnreachable
-    from stemserve.errors import StemserveError
-
-    fmt = OutputFormat("mp3" if args.mp3 else "flac" if args.flac else "wav",
-                       "int24" if args.int24 else "float32" if args.float32 else "int16",
-                       args.mp3_bitrate)
     with contextlib.ExitStack() as stack:
         if args.serve:
             if args.backend not in (None, "triton"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
-            args.url = stack.enter_context(_local_server(args.model, args.config, args.quiet))
+            args.url = stack.enter_context(_served(args.model, args.config, args.quiet))
             args.backend = "triton"
-        url = args.url or os.environ.get(URLS_ENV) or DEFAULT_URL
-        options = dict(model=args.model, config=args.config, url=url, window=args.window,
-                       shared_memory=args.shared_memory, timeout=args.timeout,
-                       retries=args.retries)
+        url = args.url or triton_url_from_env() or DEFAULT_URL
+        options = dict(model=args.model, config=args.config, url=url,
+                       server_window=args.server_window, shared_memory=args.shared_memory,
+                       timeout=args.timeout, retries=args.retries)
         servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0
         try:
             backend = open_backend(args.backend or "triton", **options)
         except ServerUnreachable as err:
             if args.backend:
                 raise
-            print(f"stemserve: {err}\nstemserve: separating in-process with ONNX Runtime "
-                  "(--backend onnx) instead", file=sys.stderr)
+            logging.getLogger(__name__).warning(
+                "%s\nseparating in-process with ONNX Runtime (--backend onnx) instead", err)
             backend = open_backend("onnx", **options)
             servers = 0
         stack.callback(backend.close)
-        if args.jobs is None:
-            args.jobs = 2 * servers or 1
-        return _separate_tracks(args, backend, fmt)
+        return _separate_tracks(args, backend, jobs=args.jobs or 2 * servers or 1)
 
 
-def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
-    """Separate every track with ``backend``, ``args.jobs`` at once, under one progress bar;
-    a failing track does not stop the others."""
+def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
+    """Separate every track with ``backend``, ``jobs`` at once, under one progress bar; a
+    failing track does not stop the others."""
     import tqdm
 
-    from stemserve.client.api import expand_tracks, separate_files
-    from stemserve.client.fleet import FleetBackend
+    from stemserve.audio import OutputFormat
+    from stemserve.client.backends.fleet import FleetBackend
+    from stemserve.client.options import options_from
+    from stemserve.client.separator import OutputOptions, Separator
+    from stemserve.client.tracks import expand_tracks
+    from stemserve.pipeline import SeparationOptions
 
-    tracks = expand_tracks(args.tracks)
+    fmt = OutputFormat("mp3" if args.mp3 else "flac" if args.flac else "wav",
+                       "int24" if args.int24 else "float32" if args.float32 else "int16",
+                       args.mp3_bitrate)
+    separator = Separator(backend, options_from(args, SeparationOptions),
+                          options_from(args, OutputOptions, fmt=fmt), downmix=args.downmix)
     start = time.perf_counter()
     failed, seconds, total = 0, 0.0, 0
-    for result in separate_files(
-            tracks, args.out / backend.spec.checkpoint, backend=backend, jobs=args.jobs,
-            progress=not args.quiet, template=args.filename, fmt=fmt,
-            clip_mode=args.clip_mode, two_stems=args.two_stems,
-            samplerate_out=args.samplerate_out, downmix=args.downmix, overlap=args.overlap,
-            shifts=args.shifts, seed=args.seed, window=args.window):
+    for result in separator.separate_files(expand_tracks(args.tracks),
+                                           args.out / backend.spec.checkpoint, jobs=jobs,
+                                           progress=not args.quiet):
         total += 1
         # tqdm.write keeps the bar below the lines printed while it runs.
         if result.error is not None:
-            tqdm.tqdm.write(f"stemserve: error: {result.error}", file=sys.stderr)
+            print_error(result.error, _TqdmStream(sys.stderr))
             failed += 1
         else:
             seconds += result.seconds
@@ -305,77 +318,107 @@ def _separate_tracks(args: argparse.Namespace, backend, fmt) -> int:
     return 0
 
 
-def _add_web(sub: argparse._SubParsersAction) -> None:
-    from stemserve.web.settings import TOKEN_ENV, Settings
+class _TqdmStream:
+    """A stream whose lines go through ``tqdm.write`` (above a progress bar, not into it)."""
 
-    defaults = Settings()
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        import tqdm
+
+        if text.strip():
+            tqdm.tqdm.write(text.rstrip("\n"), file=self._stream)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# repository
+
+def _add_repository(sub: argparse._SubParsersAction) -> None:
+    from stemserve.model_repository.writer import VARIANTS
+
+    parser = sub.add_parser("repository", help="fill or check a Triton model repository")
+    actions = parser.add_subparsers(dest="action", required=True)
+    fill = actions.add_parser("fill", help="fill a repository from an export folder")
+    fill.add_argument("export_dir", type=Path, help="folder with model.json and its graph")
+    fill.add_argument("repo_dir", type=Path, help="Triton model repository to fill")
+    fill.add_argument("--variant", choices=VARIANTS, default="cpu")
+    fill.add_argument("--no-tensorrt", action="store_true",
+                      help="gpu variant: ONNX Runtime's CUDA provider without TensorRT")
+    fill.add_argument("--version", type=int, default=1, help="version folder to fill")
+    fill.add_argument("--max-batch-size", type=int, default=None)
+    fill.add_argument("--no-batching", action="store_true", help="no dynamic batching")
+    check = actions.add_parser("check", help="refuse a repository whose config, model file "
+                                             "and sidecar do not belong together")
+    check.add_argument("repo_dir", type=Path)
+    parser.set_defaults(func=_run_repository)
+
+
+def _run_repository(args: argparse.Namespace) -> int:
+    from stemserve.model_repository.writer import check_repository, fill_repository
+
+    if args.action == "fill":
+        model_dir = fill_repository(args.export_dir, args.repo_dir, args.variant,
+                                    tensorrt=not args.no_tensorrt, version=args.version,
+                                    max_batch_size=args.max_batch_size,
+                                    dynamic_batching=not args.no_batching)
+        print(f"filled {model_dir} ({args.variant})")
+    else:
+        spec = check_repository(args.repo_dir)
+        print(f"{args.repo_dir}: {spec.model_name} serves {spec.checkpoint} "
+              f"({spec.checkpoint_sha256[:12]}): consistent")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# web
+
+def _add_web(sub: argparse._SubParsersAction) -> None:
+    """Flags from :class:`~stemserve.web.settings.Settings`; the settings without a help text
+    of their own (where separation runs, the model, other sites) are written here."""
+    from stemserve.client.options import add_options
+    from stemserve.web.settings import Settings
+
     parser = sub.add_parser("web", help="serve the upload page and HTTP API (demucs image's "
                                         "port 8000)")
-    parser.add_argument("--host", default=defaults.host,
-                        help="address to listen on (default: %(default)s; 0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=defaults.port,
-                        help="port to listen on (default: %(default)s)")
+    add_options(parser, Settings)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
-                       help="Triton gRPC address to separate on (default: "
-                            "$STEMSERVE_TRITON_URL; if unset, in-process)")
+                       help="Triton gRPC address(es) to separate on (default: "
+                            f"${TRITON_URL_ENV}; if unset, in-process)")
     where.add_argument("--backend", choices=("onnx",), default=None,
                        help="separate in-process with ONNX Runtime, even if "
-                            "$STEMSERVE_TRITON_URL is set")
-    parser.add_argument("-n", "--model", default=None,
-                        help="default model: release name, checkpoint file or export folder "
+                            f"${TRITON_URL_ENV} is set")
+    _add_model(parser, None, "default model: release name, checkpoint file or export folder "
                              f"(default: what Triton serves; {DEFAULT_MODEL} in-process)")
-    _add_config(parser)
-    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb,
-                        help="largest upload in MB (default: %(default)g)")
-    parser.add_argument("--max-duration", type=float, default=defaults.max_duration,
-                        help="longest track in seconds (default: %(default)g)")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
-                        help="tracks separated at once (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
-                        help="tracks that may wait; more are refused (default: %(default)s)")
-    parser.add_argument("--job-ttl", type=float, default=defaults.job_ttl,
-                        help="seconds a finished job's files are kept (default: %(default)g)")
-    parser.add_argument("--jobs-dir", type=Path, default=defaults.jobs_dir,
-                        help="folder for uploads and stems, used by one server at a time "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-disk-mb", type=float, default=defaults.max_disk_mb,
-                        help="disk budget of the jobs folder in MB (default: %(default)g)")
-    parser.add_argument("--token", default=None,
-                        help=f"require this token for the API (default: ${TOKEN_ENV}, which "
-                             "keeps it out of the process list; unset: no token)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="another site whose pages may post here, e.g. "
                              "https://music.example.com (repeatable)")
-    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
-                        help="seconds a request's headers may take (default: %(default)g)")
-    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
-                        help="longest pause in an upload, in seconds (default: %(default)g)")
     parser.set_defaults(func=_run_web)
 
 
 def _run_web(args: argparse.Namespace) -> int:
     import os
 
-    from stemserve.web import Settings, serve
-    from stemserve.web.settings import TOKEN_ENV
+    from stemserve.client.options import options_from
+    from stemserve.defaults import WEB_TOKEN_ENV
+    from stemserve.web.server import serve
+    from stemserve.web.settings import Settings
 
-    url = args.url or (None if args.backend else os.environ.get("STEMSERVE_TRITON_URL"))
-    serve(Settings(host=args.host, port=args.port, triton_url=url or None, model=args.model,
-                   config=args.config, max_upload_mb=args.max_upload_mb,
-                   max_duration=args.max_duration, workers=args.workers,
-                   queue_size=args.queue_size, job_ttl=args.job_ttl, jobs_dir=args.jobs_dir,
-                   max_disk_mb=args.max_disk_mb,
-                   token=args.token or os.environ.get(TOKEN_ENV) or None,
-                   allow_origins=tuple(args.allow_origin),
-                   header_timeout=args.header_timeout, body_timeout=args.body_timeout))
+    url = args.url or (None if args.backend else triton_url_from_env())
+    serve(options_from(args, Settings, triton_url=url or None, model=args.model,
+                       config=args.config, allow_origins=tuple(args.allow_origin),
+                       token=args.token or os.environ.get(WEB_TOKEN_ENV) or None))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stemserve",
-        description="Separate music into drums, bass, other and vocals with Demucs v2 on Triton.")
+        description="Separate music into drums, bass, other and vocals with Demucs on Triton.")
     parser.add_argument("--version", action="version", version=f"stemserve {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     # -v after the sub-command too; SUPPRESS keeps a -v given before it.
@@ -389,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_separate(sub)
     _add_web(sub)
+    _add_repository(sub)
     return parser
 
 
@@ -451,18 +495,12 @@ def _stopped_by_signals() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    from stemserve.errors import StemserveError
-
     try:
         with _stopped_by_signals():
             return args.func(args)
     except StemserveError as err:
-        print(f"stemserve: error: {err}", file=sys.stderr)
+        print_error(err)
         return 1
     except KeyboardInterrupt:
         print("stemserve: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,43 +8,32 @@ from __future__ import annotations
 
 import random
 import threading
-import tracemalloc
 from concurrent.futures import Future
 
 import numpy as np
 import pytest
 
 from stemserve.errors import StemserveError
-from stemserve.pipeline import (MAX_SHIFT_SECONDS, center_trim, mix_stats, separate_stream,
-                                transition_window)
-from stemserve.spec import ModelSpec
+from stemserve.pipeline import center_trim, transition_window
+from stemserve.spec import MAX_SHIFT_SECONDS
+from oracle_v2 import demucs2
 
+pytestmark = pytest.mark.oracle
 torch = pytest.importorskip("torch")
-demucs_utils = pytest.importorskip("demucs.utils", reason="the official demucs 2.0.3 is the oracle")
-demucs_model = pytest.importorskip("demucs.model")
-demucs_audio = pytest.importorskip("demucs.audio")
+demucs_utils = demucs2("demucs.utils", module_level=True)
+demucs_model = demucs2("demucs.model", module_level=True)
+demucs_audio = demucs2("demucs.audio", module_level=True)
 
 from stemserve.client import separate_array  # noqa: E402
-from stemserve.client.onnx_backend import OnnxBackend, load_export_spec  # noqa: E402
-from stemserve.client.triton import TritonBackend  # noqa: E402
+from stemserve.client.backends.onnx import OnnxBackend  # noqa: E402
+from stemserve.client.backends.pytorch import TorchBackend  # noqa: E402
+from stemserve.client.backends.triton import TritonBackend  # noqa: E402
 from stemserve.model import SOURCES  # noqa: E402
-from stemserve.torch_backend import TorchBackend  # noqa: E402
+from stemserve.spec import load_export_spec  # noqa: E402
+from test_pipeline_core import LENGTH, RATE, make_mix  # noqa: E402
 
-RATE = 44100
-# 3.37 s plus 7 samples: a multiple of neither the segment, the stride nor the network's
-# length granularity, so the last segment is short and odd-sized.
-LENGTH = int(3.37 * RATE) + 7
 TOLERANCE = 1e-4
 SEED = 20240613
-
-
-def make_mix(channels: int) -> np.ndarray:
-    """Noise plus tones with a DC offset: mean and std both matter."""
-    rng = np.random.default_rng(channels)
-    t = np.arange(LENGTH) / RATE
-    tones = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)
-    mix = 0.2 * rng.standard_normal((channels, LENGTH)) + tones + 0.05
-    return mix.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +126,7 @@ def test_triton_shared_memory_matches_reference(shifts, oracle, backends):
 def test_shared_memory_by_default_on_this_host_only(triton_server, small_export, monkeypatch):
     from tritonclient.utils import InferenceServerException
 
-    from stemserve.client import triton
+    from stemserve.client.backends import triton
 
     spec = load_export_spec(small_export)
     assert triton.is_loopback(triton_server.grpc_url) and not triton.is_loopback("8.8.8.8:1")
@@ -194,85 +183,9 @@ class ShuffledBackend:
 def test_results_in_any_order_and_window_bounds_requests(oracle, backends):
     backend = ShuffledBackend(backends("onnx"))
     got = as_array(separate_array(make_mix(2), RATE, backend=backend, overlap=0.5,
-                                  shifts=2, seed=SEED, window=3))
+                                  shifts=2, seed=SEED, in_flight=3))
     assert np.abs(got - oracle(2, 0.5, 2)).max() < TOLERANCE
     assert backend.max_in_flight == 3
-
-
-# ---------------------------------------------------------------------------------------------
-# Geometry against demucs' own helpers, and bounded memory, with an identity network
-
-def identity_spec() -> ModelSpec:
-    return ModelSpec(model_name="identity", checkpoint="identity", checkpoint_sha256="0",
-                     sample_rate=RATE, audio_channels=2, sources=("a", "b"),
-                     segment_length=RATE, padded_length=RATE + 1000, output_length=RATE + 1000,
-                     valid_length_params=dict(resample=True, depth=3, kernel_size=8, stride=4,
-                                              context=3))
-
-
-class IdentityBackend:
-    """Returns its input as every source: the pipeline must then give back the mix."""
-
-    def __init__(self):
-        self.spec = identity_spec()
-
-    def submit(self, mix: np.ndarray) -> Future:
-        future: Future = Future()
-        future.set_result(np.stack([mix] * len(self.spec.sources)))
-        return future
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("shifts", [0, 3])
-@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.9])
-def test_identity_network_gives_back_the_mix(overlap, shifts):
-    mix = make_mix(2)
-    blocks: list[np.ndarray] = []
-    separate_stream(lambda: [mix[:, i:i + 5000] for i in range(0, LENGTH, 5000)],
-                    IdentityBackend(), blocks.append, overlap=overlap, shifts=shifts, seed=1)
-    out = np.concatenate(blocks, axis=-1)
-    assert out.shape == (2, 2, LENGTH)
-    assert np.abs(out - mix).max() < 1e-5
-
-
-def test_memory_does_not_grow_with_the_track():
-    """Ten minutes go through in blocks; peak allocation stays at a few segments."""
-    seconds = 600
-    block = 1 << 16
-
-    def source():
-        rng = np.random.default_rng(0)
-        for start in range(0, seconds * RATE, block):
-            yield rng.standard_normal((2, min(block, seconds * RATE - start)),
-                                      dtype=np.float32)
-
-    received = [0, 0]
-
-    def sink(stems: np.ndarray) -> None:
-        received[0] += stems.shape[-1]
-        received[1] += 1
-
-    tracemalloc.start()
-    try:
-        separate_stream(source, IdentityBackend(), sink, window=8)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert received[0] == seconds * RATE
-    assert received[1] > seconds // 10  # streamed out as it went, not at the end
-    track_bytes = seconds * RATE * 2 * 4
-    assert peak < 30e6 < track_bytes / 5, peak
-
-
-def test_mix_stats_equal_torch_over_blocks():
-    mix = make_mix(2) * 3 + 1
-    stats = mix_stats(mix[:, i:i + 777] for i in range(0, LENGTH, 777))
-    ref = torch.from_numpy(mix).double().mean(0)
-    assert stats.length == LENGTH
-    assert stats.mean == pytest.approx(ref.mean().item(), rel=1e-12)
-    assert stats.std == pytest.approx(ref.std().item(), rel=1e-12)
 
 
 def test_window_and_trim_are_demucs():
@@ -286,23 +199,3 @@ def test_window_and_trim_are_demucs():
         assert np.array_equal(center_trim(data, length),
                               demucs_utils.center_trim(torch.from_numpy(data), length).numpy())
     assert MAX_SHIFT_SECONDS == 0.5
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(overlap=1.0), "overlap"), (dict(shifts=-1), "shifts"),
-    (dict(transition_power=0.5), "transition_power"), (dict(window=0), "window")])
-def test_bad_parameters_are_clear_errors(kwargs, message):
-    mix = make_mix(2)
-    with pytest.raises(StemserveError, match=message):
-        separate_stream(lambda: [mix], IdentityBackend(), lambda _: None, **kwargs)
-
-
-def test_silence_and_nan():
-    silence = np.zeros((2, RATE), np.float32)
-    blocks: list[np.ndarray] = []
-    separate_stream(lambda: [silence], IdentityBackend(), blocks.append)
-    assert np.all(np.concatenate(blocks, axis=-1) == 0)
-    broken = make_mix(2)
-    broken[0, 100] = np.nan
-    with pytest.raises(StemserveError, match="NaN"):
-        separate_stream(lambda: [broken], IdentityBackend(), lambda _: None)

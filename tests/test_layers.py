@@ -1,0 +1,83 @@
+"""Imports only run downward: defaults, core, models, backends, serving, front ends.
+
+Every import in the package, at module level or inside a function, is checked against the
+layer table of ``../shared/notes/architecture.md`` (and the README's "How the code is laid
+out"): a module may import its own layer and the ones below, never one above.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where each import name lives in the source tree (the package-dir mapping of pyproject).
+FOLDERS = {"stemserve.client": ROOT / "client", "stemserve.export": ROOT / "export",
+           "stemserve.model_repository": ROOT / "model_repository", "stemserve": ROOT / "stemserve"}
+LAYERS = [  # bottom to top; a module is in the first layer one of whose prefixes it has
+    ("defaults", ["stemserve.defaults"]),
+    ("core", ["stemserve.errors", "stemserve.files", "stemserve.spec", "stemserve.audio",
+              "stemserve.pipeline"]),
+    ("models", ["stemserve.model", "stemserve.models", "stemserve.checkpoints",
+                "stemserve.export"]),
+    ("backends", ["stemserve.client.backends", "stemserve.client.models"]),
+    ("serving", ["stemserve.model_repository"]),
+    ("front ends", ["stemserve.client", "stemserve.web", "stemserve.__main__"]),
+]
+
+
+def layer_of(module: str) -> int:
+    if module == "stemserve":  # the package's own __init__: a docstring
+        return 0
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return index
+    raise AssertionError(f"{module} is in no layer: add it to the table")
+
+
+def modules() -> dict[str, Path]:
+    """Every stemserve module by import name, from the source tree."""
+    found: dict[str, Path] = {}
+    for package, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            relative = path.relative_to(folder).with_suffix("")
+            parts = [part for part in relative.parts if part != "__init__"]
+            if any(not part.isidentifier() for part in parts):
+                continue  # a repository template (cpu/demucs/1/model.py) is data
+            name = ".".join([package, *parts])
+            found.setdefault(name, path)
+    return found
+
+
+def imports(path: Path, module: str) -> set[str]:
+    """The stemserve modules ``path`` imports, anywhere in it."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            names.add(base)
+    return {name for name in names if name == "stemserve" or name.startswith("stemserve.")}
+
+
+ALL = modules()
+
+
+@pytest.mark.parametrize("module", sorted(ALL))
+def test_imports_only_run_downward(module):
+    mine = layer_of(module)
+    upward = {name: LAYERS[layer_of(name)][0] for name in imports(ALL[module], module)
+              if name != "stemserve" and layer_of(name) > mine}
+    assert not upward, f"{module} ({LAYERS[mine][0]}) imports from above: {upward}"
+
+
+def test_the_table_covers_every_module():
+    for module in ALL:
+        layer_of(module)
