@@ -31,7 +31,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             continue
         kind = _concrete(hints[field.name])
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
-        default = field.default
+        default = field.default if field.default is not dataclasses.MISSING \
+            else field.default_factory()
         help_text = field.metadata["help"] + (" (default: %(default)s)" if default is not None
                                               and default is not False else "")
         extra: dict[str, Any] = {}

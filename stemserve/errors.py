@@ -77,6 +77,22 @@ class TransientError(ServerError):
     or too slow. Another server, or this one later, may well answer it."""
 
 
+class UnknownJob(InputError):
+    """No web job has this id (it may have expired), or the job has no such file."""
+
+
+class JobNotDone(StemserveError):
+    """A web job's results were asked for before it was done."""
+
+
+class TooLarge(InputError):
+    """An upload over the size limit, or a track longer than the duration limit."""
+
+
+class JobFailed(StemserveError):
+    """The separation a web caller waited for failed; the message is the job's error."""
+
+
 class QueueFull(StemserveError):
     """Every queue slot of the web service is taken: try again once some jobs have run."""
 

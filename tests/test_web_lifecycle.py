@@ -19,6 +19,8 @@ import httpx
 import pytest
 from test_web import make_track, submit, wait_done, web_process
 
+pytestmark = pytest.mark.server
+
 
 def isolated_env(tmp_path: Path, free_ports) -> dict[str, str]:
     """Caches of the test's own, and a checkpoint mirror where nothing answers."""

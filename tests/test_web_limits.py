@@ -214,6 +214,7 @@ def test_uploads_in_flight_count_in_the_budget_and_spool_in_the_jobs_folder(
 # ---------------------------------------------------------------------------------------------
 # Counting the disk while jobs come and go
 
+@pytest.mark.slow
 def test_folder_bytes_survives_files_and_folders_vanishing(tmp_path):
     """The budget walk runs while other requests create and delete job folders: whatever
     vanishes counts as zero, never as an error (it was a 500 for a valid upload)."""

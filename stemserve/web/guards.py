@@ -20,23 +20,17 @@ from starlette.datastructures import Headers
 from starlette.requests import Request, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stemserve.errors import StemserveError
-from stemserve.web.jobs import JobQueue, QueueFull, Reservation, StoreFull
+from stemserve.errors import QueueFull, StemserveError, StoreFull
+from stemserve.web.jobs import Reservation
+from stemserve.web.refusals import refusal
+from stemserve.web.service import JobService
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 TOKEN_COOKIE = "stemserve_token"
 PUBLIC_API = frozenset({"/api/login"})
 """``/api/`` paths open without the token: the page logs in there."""
-RETRY_AFTER_SECONDS = 30
 RESERVATION = "upload_reservation"
 """Where :class:`UploadGuard` leaves an upload's :class:`Reservation` in the request state."""
-
-
-def refusal(err: QueueFull | StoreFull) -> JSONResponse:
-    """503 (queue full) or 507 (disk budget used up), both worth retrying later."""
-    status = 503 if isinstance(err, QueueFull) else 507
-    return JSONResponse({"detail": str(err)}, status,
-                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,17 +158,17 @@ class UploadGuard:
     Starlette spools an upload to a temporary file before the endpoint runs, so checks in
     the endpoint alone would let a client fill the disk first. A declared ``Content-Length``
     over the limit is refused before the body is read, a chunked body as soon as it passes
-    the limit. A multipart upload's size (declared, else the limit) is held in the queue's
-    disk budget (:func:`upload_reservation`) until the endpoint hands it over to the job
+    the limit. A multipart upload's size (declared, else the limit) is held in the jobs'
+    disk budget (:func:`upload_reservation`) until the service takes the upload into its job
     folder or the request ends, so concurrent uploads cannot overrun the budget while they
     are spooled; a full queue or budget is refused before the body is read.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, message: str, queue: JobQueue):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, message: str, service: JobService):
         self.app = app
         self.max_bytes = max_bytes
         self.message = message
-        self.queue = queue
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -189,7 +183,7 @@ class UploadGuard:
         if _is_multipart(headers):
             size = int(declared) if declared.isdigit() else self.max_bytes
             try:
-                reservation = await run_in_threadpool(self.queue.reserve, size)
+                reservation = await run_in_threadpool(self.service.reserve, size)
             except (QueueFull, StoreFull) as err:
                 await refusal(err)(scope, receive, send)
                 return
@@ -209,4 +203,4 @@ class UploadGuard:
             await self.app(scope, receive_limited, send)
         finally:
             if reservation is not None:
-                self.queue.release(reservation)
+                self.service.release(reservation)

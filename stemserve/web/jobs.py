@@ -30,7 +30,9 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Literal
 
-from stemserve.errors import StemserveError
+from stemserve.errors import QueueFull, StemserveError, StoreFull
+from stemserve.files import atomic_path, atomic_write
+from stemserve.web.names import public_message
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +56,6 @@ ProgressCallback = Callable[[str, float, float], None]
 """Receives ``(stage, done, total)``: audio seconds separated, or stems encoded, so far."""
 Runner = Callable[["Job", ProgressCallback], dict[str, Path]]
 """Separates a job's upload into files under ``job.folder / STEMS``; returns {stem: path}."""
-
-
-class QueueFull(StemserveError):
-    """Every queue slot is taken: try again once some jobs have run."""
-
-
-class StoreFull(StemserveError):
-    """The disk budget is used up by jobs still queued or running."""
 
 
 def estimate_bytes(seconds: float, stems: int) -> int:
@@ -90,27 +84,6 @@ def folder_bytes(folder: Path) -> int:
         except OSError:
             continue
     return total
-
-
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"<>]+")
-TRAILING = ".,:;)]"
-
-
-def public_message(message: str, labels: dict[str, str]) -> str:
-    """``message`` without the server's paths, for a user who should not learn them.
-
-    Each path in ``labels`` becomes its label (the upload its file name); any other absolute
-    path (a cache, an export folder) is cut to ``…/<last part>``, which still says what it is.
-    """
-    for path, label in labels.items():
-        message = message.replace(path, label)
-
-    def shorten(match: re.Match[str]) -> str:
-        path = match.group()
-        core = path.rstrip(TRAILING)
-        return "…/" + (Path(core).name or "") + path[len(core):]
-
-    return ABSOLUTE_PATH.sub(shorten, message)
 
 
 @dataclasses.dataclass
@@ -330,15 +303,11 @@ class JobQueue:
         path = job.folder / ARCHIVE
         with self._archive_lock:
             if not path.exists():
-                temporary = path.with_name(f".{ARCHIVE}.{secrets.token_hex(4)}.part")
-                try:
-                    with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
-                        for stem in job.stems:
-                            source = job.stem_path(stem)
-                            archive.write(source, f"{stem}{source.suffix}")
-                    os.replace(temporary, path)
-                finally:
-                    temporary.unlink(missing_ok=True)
+                with atomic_path(path) as temporary, \
+                        zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for stem in job.stems:
+                        source = job.stem_path(stem)
+                        archive.write(source, f"{stem}{source.suffix}")
         return path
 
     def remove(self, job_id: str) -> None:
@@ -407,13 +376,10 @@ class JobQueue:
 
     def _save(self, job: Job) -> None:
         """Write ``job.json`` atomically, unless the job was deleted meanwhile."""
-        record = job.folder / RECORD
-        temporary = record.with_name(f".{RECORD}.{secrets.token_hex(4)}.part")
         try:
-            temporary.write_text(json.dumps(job.record()))
-            os.replace(temporary, record)
+            with atomic_write(job.folder / RECORD, "w") as file:
+                json.dump(job.record(), file)
         except OSError as err:
-            temporary.unlink(missing_ok=True)
             logger.warning("job %s: cannot record its result: %s", job.id, err)
 
     # -- cleaning ---------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""What ``stemserve web`` is configured with: one frozen value shared by the app and the CLI."""
+"""What ``stemserve web`` is configured with: one frozen value shared by the app and the CLI.
+
+Each field with a ``help`` in its metadata is also its ``stemserve web`` flag
+(:func:`stemserve.client.options.add_options`), so a setting is declared once, here. The
+fields without one have flags the command line writes itself (noted on each). Only the
+standard library and :mod:`stemserve.defaults` are imported: the bare client's command line
+builds its parser from this module without the ``web`` extra installed.
+"""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from stemserve.defaults import cache_root
+from stemserve.defaults import WEB_TOKEN_ENV, cache_root
 
 MB = 1 << 20
-TOKEN_ENV = "STEMSERVE_WEB_TOKEN"
-"""Environment variable with the API token (``--token``), kept out of the process list."""
 
 
 def default_jobs_dir() -> Path:
@@ -18,34 +23,53 @@ def default_jobs_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Limits and wiring of the web service.
+    """Limits and wiring of the web service."""
 
-    ``triton_url`` is the Triton gRPC address; None separates in-process with ONNX Runtime.
-    ``model`` is the default model (a release name, checkpoint file or export folder); with
-    Triton it may name the served model's export folder, whose sidecar the client then uses.
-    ``config`` is the release whose configuration a plain state-dict ``model`` has.
-    ``token``, when set, is required by every ``/api/`` request; ``allow_origins`` are the
-    other sites (``https://host[:port]``) whose pages may post to this one.
-    ``header_timeout`` bounds the wait for a request's headers, ``body_timeout`` the longest
-    pause in a request body.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = dataclasses.field(default="127.0.0.1", metadata={
+        "help": "address to listen on; 0.0.0.0: every interface"})
+    port: int = dataclasses.field(default=8000, metadata={"help": "port to listen on"})
     triton_url: str | None = None
+    """Triton gRPC address(es); None separates in-process with ONNX Runtime. Flags: ``--url``,
+    or ``--backend onnx`` to ignore ``$STEMSERVE_TRITON_URL``."""
     model: str | None = None
+    """The default model: a release name, checkpoint file or export folder; with Triton it may
+    name the served model's export folder, whose sidecar the client then uses. Flag:
+    ``-n/--model``."""
     config: str | None = None
-    max_upload_mb: float = 100.0
-    max_duration: float = 900.0
-    workers: int = 1
-    queue_size: int = 8
-    job_ttl: float = 3600.0
-    jobs_dir: Path = dataclasses.field(default_factory=default_jobs_dir)
-    max_disk_mb: float = 10240.0
-    token: str | None = dataclasses.field(default=None, repr=False)
+    """The release whose configuration a plain state-dict ``model`` has. Flag: ``--config``."""
+    max_upload_mb: float = dataclasses.field(default=100.0, metadata={
+        "help": "largest upload in MB", "metavar": "MB"})
+    max_duration: float = dataclasses.field(default=900.0, metadata={
+        "help": "longest track in seconds", "metavar": "SECONDS"})
+    workers: int = dataclasses.field(default=1, metadata={
+        "help": "tracks separated at once", "metavar": "N"})
+    queue_size: int = dataclasses.field(default=8, metadata={
+        "help": "tracks that may wait; more are refused", "metavar": "N"})
+    job_ttl: float = dataclasses.field(default=3600.0, metadata={
+        "help": "seconds a finished job's files are kept", "metavar": "SECONDS"})
+    jobs_dir: Path = dataclasses.field(default=None, metadata={  # type: ignore[assignment]
+        "help": "folder for uploads and stems, used by one server at a time (default: "
+                "<cache>/web-jobs; the cache is $STEMSERVE_CACHE or ~/.cache/stemserve)",
+        "metavar": "DIR"})
+    """None stands for :func:`default_jobs_dir`, resolved when the settings are made: the
+    flag generated from this field takes ``default``, which a ``default_factory`` leaves
+    unset."""
+    max_disk_mb: float = dataclasses.field(default=10240.0, metadata={
+        "help": "disk budget of the jobs folder in MB", "metavar": "MB"})
+    token: str | None = dataclasses.field(default=None, repr=False, metadata={
+        "help": f"require this token for every /api/ request (default: ${WEB_TOKEN_ENV}, "
+                "which keeps it out of the process list; unset: no token)"})
     allow_origins: tuple[str, ...] = ()
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
+    """Other sites (``https://host[:port]``) whose pages may post here. Flag:
+    ``--allow-origin``, repeatable."""
+    header_timeout: float = dataclasses.field(default=10.0, metadata={
+        "help": "seconds a request's line and headers may take", "metavar": "SECONDS"})
+    body_timeout: float = dataclasses.field(default=30.0, metadata={
+        "help": "longest pause in an upload, in seconds", "metavar": "SECONDS"})
+
+    def __post_init__(self) -> None:
+        if self.jobs_dir is None:
+            object.__setattr__(self, "jobs_dir", default_jobs_dir())
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,9 +1,9 @@
-"""The web service's side of the client library: which models it offers, and running a job.
+"""The models the web service offers, each opened once and shared by every job.
 
-Backends are opened once and shared by every job and worker: a Triton backend is one gRPC
-channel that takes concurrent requests, and an in-process one batches whatever its callers
-queue. Jobs name a model by a name from :meth:`Separator.models`, never by a path, so an
-upload form cannot make the server load an arbitrary file.
+Backends are shared by every job and worker: a Triton backend is one gRPC channel that takes
+concurrent requests, and an in-process one batches whatever its callers queue. Jobs name a
+model by a name from :meth:`ModelCatalog.models`, never by a path, so an upload form cannot
+make the server load an arbitrary file.
 """
 from __future__ import annotations
 
@@ -11,34 +11,19 @@ import importlib.util
 import logging
 import threading
 from pathlib import Path
+from typing import Literal
 
-from stemserve.audio import OutputFormat
+from stemserve.client import open_backend
 from stemserve.defaults import DEFAULT_MODEL, export_root
-from stemserve.client.api import open_backend, separate_file
-from stemserve.client.onnx_backend import load_export_spec
-from stemserve.errors import StemserveError
+from stemserve.errors import ModelError
 from stemserve.pipeline import Backend
-from stemserve.web.jobs import STEMS, Job, ProgressCallback
+from stemserve.spec import load_export_spec
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("drums", "bass", "other", "vocals")
-"""What every Demucs v2 release separates (the page offers two-stems mode for each)."""
-FORMATS: dict[str, OutputFormat] = {
-    "wav": OutputFormat("wav", "int16"),
-    "wav24": OutputFormat("wav", "int24"),
-    "wav32f": OutputFormat("wav", "float32"),
-    "flac": OutputFormat("flac", "int16"),
-    "flac24": OutputFormat("flac", "int24"),
-    "mp3": OutputFormat("mp3", "int16", 320),
-}
-DEFAULT_FORMAT = "wav"
-"""The command line's default: 16-bit WAV."""
-STEM_TEMPLATE = "{stem}.{ext}"
 
-
-class Separator:
-    """Opens and shares backends; runs one job through :func:`separate_file`.
+class ModelCatalog:
+    """Opens and shares backends by model name.
 
     With ``triton_url`` every job goes to that server, which serves one model (``model``
     may name its export folder when the server's config carries no sidecar). Without it,
@@ -46,24 +31,28 @@ class Separator:
     any other exported or cached model. ``config`` is the release whose configuration a
     plain state-dict ``model`` has.
 
-    The default model's backend opens here, so a server that does not answer or a model
-    that cannot be downloaded, exported or loaded raises its :class:`StemserveError` now,
-    before the service takes uploads.
+    Nothing opens until :meth:`open`, so that the caller decides what must succeed first.
     """
 
     def __init__(self, triton_url: str | None = None, model: str | None = None,
                  config: str | None = None):
         self.triton_url = triton_url
         self._default = model or DEFAULT_MODEL
+        self._given = model
         self._config = config
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._served: str | None = None
-        if triton_url:
-            backend = open_backend("triton", url=triton_url, model=model, config=config)
+
+    def open(self) -> None:
+        """Open the default model's backend: a server that does not answer, or a model that
+        cannot be downloaded, exported or loaded, raises its error now, not on every job."""
+        if self.triton_url:
+            backend = open_backend("triton", url=self.triton_url, model=self._given,
+                                   config=self._config)
             self._served = backend.spec.checkpoint
             self._backends[self._served] = backend
-            logger.info("separating on the Triton server at %s (model %s)", triton_url,
+            logger.info("separating on the Triton server at %s (model %s)", self.triton_url,
                         self._served)
         else:
             logger.info("opening %s to separate in-process (exported first if need be)",
@@ -71,7 +60,7 @@ class Separator:
             self.backend(_model_name(self._default))
 
     @property
-    def backend_kind(self) -> str:
+    def kind(self) -> Literal["triton", "onnx"]:
         return "triton" if self.triton_url else "onnx"
 
     def models(self) -> dict[str, str]:
@@ -99,19 +88,11 @@ class Separator:
             if name not in self._backends:
                 models = self.models()
                 if name not in models:
-                    raise StemserveError(f"model {name!r} is not available here; choose one "
-                                         f"of {', '.join(models)}")
+                    raise ModelError(f"model {name!r} is not available here; choose one "
+                                     f"of {', '.join(models)}")
                 config = self._config if models[name] == self._default else None
                 self._backends[name] = open_backend("onnx", model=models[name], config=config)
             return self._backends[name]
-
-    def separate(self, job: Job, on_progress: ProgressCallback) -> dict[str, Path]:
-        """The :data:`~stemserve.web.jobs.Runner` of the web service."""
-        options = job.options
-        return separate_file(job.upload_path, job.folder / STEMS,
-                             backend=self.backend(options["model"]), template=STEM_TEMPLATE,
-                             fmt=FORMATS[options["format"]], two_stems=options["two_stems"],
-                             shifts=options["shifts"], progress=on_progress)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,90 @@
+"""``stemserve web``'s flags come from :class:`~stemserve.web.settings.Settings`: every
+setting is reachable from the command line, with the dataclass' defaults, the environment
+fills in the Triton address and the token, and docs/web.md lists every flag."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+
+from stemserve.client import cli
+from stemserve.web.settings import Settings, default_jobs_dir
+
+
+@pytest.fixture
+def served(monkeypatch) -> list[Settings]:
+    """The settings ``stemserve web`` would serve with, instead of serving."""
+    import stemserve.web.server
+
+    calls: list[Settings] = []
+    monkeypatch.setattr(stemserve.web.server, "serve", calls.append)
+    monkeypatch.delenv("STEMSERVE_TRITON_URL", raising=False)
+    monkeypatch.delenv("STEMSERVE_TRITON_URLS", raising=False)
+    monkeypatch.delenv("STEMSERVE_WEB_TOKEN", raising=False)
+    return calls
+
+
+def web(*argv: str) -> int:
+    """``stemserve web ARGV`` as the command line runs it, less its logging and signals."""
+    args = cli.build_parser().parse_args(["web", *argv])
+    return args.func(args)
+
+
+def test_no_flags_give_the_dataclass_defaults(served):
+    assert web() == 0
+    assert served == [Settings()]
+    assert served[0].jobs_dir == default_jobs_dir()
+
+
+def test_every_setting_has_a_flag(served, tmp_path):
+    values = dict(host="0.0.0.0", port=9000, triton_url="triton:8001", model="small",
+                  config="demucs_unittest", max_upload_mb=2.5, max_duration=60.0, workers=2,
+                  queue_size=3, job_ttl=10.0, jobs_dir=tmp_path / "jobs", max_disk_mb=50.0,
+                  token="secret", allow_origins=("https://a.example", "https://b.example"),
+                  header_timeout=1.0, body_timeout=2.0)
+    assert set(values) == {field.name for field in dataclasses.fields(Settings)}
+    argv = ["--allow-origin", values["allow_origins"][0],
+            "--allow-origin", values["allow_origins"][1]]
+    for name, value in values.items():
+        if name != "allow_origins":
+            argv += ["--url" if name == "triton_url" else "--" + name.replace("_", "-"),
+                     str(value)]
+    assert web(*argv) == 0
+    assert served == [Settings(**values)]
+
+
+def test_the_environment_names_triton_and_the_token(served, monkeypatch):
+    monkeypatch.setenv("STEMSERVE_TRITON_URL", "triton:8001")
+    monkeypatch.setenv("STEMSERVE_WEB_TOKEN", "from-env")
+    assert web() == 0
+    assert (served[0].triton_url, served[0].token) == ("triton:8001", "from-env")
+    assert web("--backend", "onnx", "--token", "given") == 0
+    assert (served[1].triton_url, served[1].token) == (None, "given")
+
+
+def test_url_and_in_process_exclude_each_other(served, capsys):
+    with pytest.raises(SystemExit):
+        web("--url", "triton:8001", "--backend", "onnx")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_jobs_dir_defaults_to_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEMSERVE_CACHE", str(tmp_path))
+    assert Settings().jobs_dir == Path(tmp_path).resolve() / "web-jobs"
+
+
+def test_the_docs_list_every_flag():
+    """docs/web.md's option table names exactly the flags ``stemserve web`` has."""
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "web.md").read_text().splitlines()
+    start = lines.index("| option | default | |")
+    rows = itertools.takewhile(str.strip, lines[start + 2:])
+    documented = {flag for row in rows
+                  for flag in re.findall(r"`(-{1,2}[\w-]+)", row.split("|")[1])}
+    parser = next(action for action in cli.build_parser()._actions
+                  if isinstance(action, argparse._SubParsersAction)).choices["web"]
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert documented == flags - {"-h", "--help", "-v", "--verbose"}
