@@ -45,6 +45,7 @@ from .results import add_output_arguments, new_section
 from .timing import Stats, loadavg
 
 from stemserve.defaults import DEFAULT_IN_FLIGHT
+from stemserve.files import atomic_path
 
 SCRIPT = "end_to_end"
 TITLE = "End to end: whole tracks per path (item 3)"
@@ -74,13 +75,12 @@ def write_track(path: Path, seconds: float, seed: int = SEED) -> Path:
     if path.is_file() and sf.info(str(path)).frames == frames:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".part.wav")
-    with sf.SoundFile(str(partial), "w", RATE, 2, "PCM_16") as out:
+    with atomic_path(path) as partial, \
+            sf.SoundFile(str(partial), "w", RATE, 2, "PCM_16", format="WAV") as out:
         for index, start in enumerate(range(0, frames, BLOCK_SECONDS * RATE)):
             block = generated_track(min(BLOCK_SECONDS * RATE, frames - start) / RATE,
                                     seed + index)
             out.write(0.5 * block.T)
-    partial.replace(path)
     return path
 
 

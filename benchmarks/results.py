@@ -35,9 +35,10 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator
+
+from stemserve.files import atomic_write
 
 from .machine import command_line, describe, machine_name, now
 
@@ -173,9 +174,8 @@ def save_section(section: dict, *, results_dir: Path = DEFAULT_RESULTS_DIR,
         data["updated"] = now()
         data["sections"][section["script"]] = section
         validate(data)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-        os.replace(tmp, path)
+        with atomic_write(path, "w") as file:
+            file.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
         write_markdown(data, path.with_suffix(".md"))
     return path
 
