@@ -1,23 +1,29 @@
-"""The one separation pipeline: demucs 2.0.3's ``apply_model(split=True)``, streamed.
+"""The one separation pipeline: demucs' ``apply_model``, streamed, for every generation.
 
-What it reproduces, step for step (``demucs/separate.py`` and ``demucs/utils.py``):
+What it reproduces, step for step (demucs 2.0.3's ``separate.py`` and ``utils.py``, and
+demucs 4.0.1's ``separate.py`` and ``apply.py``, which agree but where noted):
 
 - the mix is normalised by the mean and (unbiased) standard deviation of its mono reference
   over the whole track, and the stems are de-normalised with them;
 - segments of ``segment_length`` samples start every ``int((1 - overlap) * segment_length)``
-  samples; each is sent at the network's valid length, padded with real neighbouring audio
-  and with zeros only past the track's ends (``TensorChunk.padded``); the output is
-  center-trimmed back;
-- with ``shifts``, each segment is sent ``shifts`` times, shifted by
-  ``random.randint(0, max_shift)`` samples drawn segment by segment, shift by shift, from
-  one generator, exactly in demucs' order, so a seed reproduces demucs' random offsets;
+  samples; each is sent at the network's valid length (its family's rule, see
+  :data:`~stemserve.spec.FAMILIES`), padded with real neighbouring audio and with zeros
+  only past the track's ends (``TensorChunk.padded``); the output is center-trimmed back;
 - segment outputs are weighted by the triangular transition window raised to
-  ``transition_power`` and divided by the summed weights.
+  ``transition_power`` and divided by the summed weights;
+- ``shifts``: demucs 2.0.3 sends each segment ``shifts`` times, each shifted by
+  ``random.randint(0, max_shift)`` drawn segment by segment; demucs 4 shifts the whole
+  track ``shifts`` times and splits each shifted copy (a "pass"); either way the draws come
+  from one generator in demucs' order, so a seed reproduces demucs after
+  ``random.seed(seed)``;
+- a bag of models (demucs 4's ``BagOfModels``) runs every member over the track (its shifts
+  drawn after the previous member's), and each source is the members' estimates weighted
+  by the bag's matrix and divided by the weights' sum.
 
-Unlike demucs it keeps up to ``in_flight`` segment requests in flight through a
-:class:`Backend`, adds results as they arrive in any order, and hands every finished stretch
-of output (one that no pending segment can still touch) to a sink. Memory therefore grows
-with that window, never with the track. No torch here.
+Unlike demucs it keeps up to ``in_flight`` requests in flight through a :class:`Backend`
+(of every member and pass at once), adds results as they arrive in any order, and hands
+every finished stretch of output (one that no pending segment can still touch) to a sink.
+Memory therefore grows with that window, never with the track. No torch here.
 """
 from __future__ import annotations
 
@@ -78,6 +84,10 @@ class Backend(Protocol):
     ``submit`` takes a [audio_channels, time] float32 mix whose time is a valid length and
     returns a future of the raw [sources, audio_channels, time'] network output. It must not
     block for long: the pipeline keeps several requests in flight.
+
+    A bag of models is a backend with ``members`` (one backend per model, each with its own
+    ``spec``) and ``weights`` (per member, one weight per source); its own ``submit`` is
+    never called. Every other backend is a bag of itself.
     """
 
     spec: ModelSpec
@@ -85,6 +95,28 @@ class Backend(Protocol):
     def submit(self, mix: np.ndarray) -> Future: ...
 
     def close(self) -> None: ...
+
+
+def bag_of(backend: Backend) -> tuple[list[Backend], list[list[float]]]:
+    """The members of ``backend`` and their weights (a plain backend: itself, weight 1)."""
+    members = list(getattr(backend, "members", None) or [backend])
+    weights = getattr(backend, "weights", None) or [[1.0] * len(backend.spec.sources)]
+    first = members[0].spec
+    for member in members:
+        spec = member.spec
+        if (spec.sources, spec.sample_rate, spec.audio_channels, spec.segment_length) != \
+                (first.sources, first.sample_rate, first.audio_channels, first.segment_length):
+            raise StemserveError(f"the bag's models disagree: {spec.checkpoint} and "
+                                 f"{first.checkpoint} differ in sources, rate, channels or "
+                                 "segment")
+        if spec.rules.shifts_around_split != first.rules.shifts_around_split:
+            raise StemserveError("a bag cannot mix demucs 2 and demucs 4 models")
+    if len(weights) != len(members) or any(len(row) != len(first.sources) for row in weights):
+        raise StemserveError(f"the bag's weights must be one row of {len(first.sources)} per "
+                             f"model ({len(members)} models)")
+    if any(sum(column) <= 0 for column in zip(*weights)):
+        raise StemserveError("every source needs a positive weight in the bag")
+    return members, [list(map(float, row)) for row in weights]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,22 +158,50 @@ def mix_stats(blocks: Iterable[np.ndarray]) -> MixStats:
 # ---------------------------------------------------------------------------------------------
 # Geometry
 
-@dataclasses.dataclass
-class _Segment:
-    """One of demucs' chunks: output samples [offset, offset + length)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Pass:
+    """One run of demucs' split over the track, by one model of the bag.
 
+    Local sample ``u`` of the pass is track sample ``u - shift`` (demucs 4 shifts the whole
+    track: the pass is ``length = track + shift`` samples, of which the first ``shift`` are
+    dropped). Its outputs are scaled by ``scale``, per source: the member's bag weight over
+    the weights' sum, over the number of shifts.
+    """
+
+    member: int
+    shift: int
+    length: int
+    scale: np.ndarray
+
+
+@dataclasses.dataclass(eq=False)
+class _Segment:
+    """One of demucs' chunks of a pass: local samples [offset, offset + length)."""
+
+    pass_: _Pass
     offset: int
     length: int
     pending: int = 0
+
+    @property
+    def cut(self) -> int:
+        """Local samples before the track's start (a shifted pass' first segment)."""
+        return max(0, self.pass_.shift - self.offset)
+
+    @property
+    def start(self) -> int:
+        """The first track sample the segment writes."""
+        return self.offset + self.cut - self.pass_.shift
 
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
     """One network call for a segment: what to send and how to cut the answer.
 
-    The input is samples [start, start + size) of the mix, real only within [lo, hi) and zero
-    elsewhere. The output is center-trimmed to ``keep`` samples, then ``drop`` samples are
-    cut from its left, which leaves exactly the segment's samples.
+    The input is track samples [start, start + size) of the mix, real only within [lo, hi)
+    and zero elsewhere. The output is center-trimmed to ``keep`` samples, then ``drop``
+    samples are cut from its left, which leaves exactly the segment's samples; each is
+    scaled by ``scale`` (demucs 2.0.3's average over shifts).
     """
 
     segment: _Segment
@@ -151,6 +211,7 @@ class _Request:
     hi: int
     keep: int
     drop: int
+    scale: float = 1.0
 
 
 def transition_window(segment_length: int, transition_power: float) -> np.ndarray:
@@ -163,29 +224,67 @@ def transition_window(segment_length: int, transition_power: float) -> np.ndarra
 
 
 class _Planner:
-    """Lays out segments and their requests in demucs' order, drawing shifts as it does."""
+    """Lays out passes, segments and requests in demucs' order, drawing shifts as it does.
 
-    def __init__(self, spec: ModelSpec, length: int, options: SeparationOptions):
-        self.spec = spec
+    Every member's passes are laid out at once and their segments sorted by the first track
+    sample they write, so that the track is worked through front to back whatever the bag
+    and the shifts.
+    """
+
+    def __init__(self, specs: list[ModelSpec], weights: list[list[float]], length: int,
+                 options: SeparationOptions):
+        first = specs[0]
+        self.specs = specs
         self.length = length
-        self.stride = int((1 - options.overlap) * spec.segment_length)
+        self.segment_length = first.segment_length
+        self.stride = int((1 - options.overlap) * first.segment_length)
         if self.stride < 1:
             raise StemserveError(f"overlap {options.overlap} leaves no stride between "
                                  "segments")
         self.shifts = options.shifts
-        self.max_shift = spec.max_shift
+        self.max_shift = first.max_shift
+        self.around_split = first.rules.shifts_around_split
         self.rng = random.Random(options.seed)
+        self.window = transition_window(first.segment_length, options.transition_power)
+        totals = np.sum(weights, axis=0, dtype=np.float64)
+        self.passes: list[_Pass] = []
+        for member, row in enumerate(weights):
+            scale = (np.asarray(row, np.float64) / totals).astype(np.float32)
+            if self.around_split and self.shifts:
+                for _ in range(self.shifts):  # demucs 4: this member's shifts, in order
+                    shift = self.max_shift - self.rng.randint(0, self.max_shift)
+                    self.passes.append(_Pass(member, shift, length + shift,
+                                             scale / np.float32(self.shifts)))
+                    self._draw_as_forwards(specs[member], length + shift)
+            else:
+                self.passes.append(_Pass(member, 0, length, scale))
+
+    def _draw_as_forwards(self, spec: ModelSpec, length: int) -> None:
+        """What the network's calls on a pass of ``length`` samples draw from Python's random
+        state (one ``randrange`` each, see :attr:`ModelSpec.forward_randrange`), between
+        demucs 4's random shifts."""
+        if spec.forward_randrange:
+            for _ in range(0, length, self.stride):
+                self.rng.randrange(spec.forward_randrange)
 
     def segments(self) -> list[_Segment]:
-        return [_Segment(offset, min(self.spec.segment_length, self.length - offset))
-                for offset in range(0, self.length, self.stride)]
+        """Every pass' segments, by the first track sample they write (stable: a bag's
+        members and a segment's passes keep demucs' order)."""
+        segments = [_Segment(pass_, offset, min(self.segment_length, pass_.length - offset))
+                    for pass_ in self.passes
+                    for offset in range(0, pass_.length, self.stride)]
+        return sorted(segments, key=lambda segment: segment.start)
+
+    def requests_per_segment(self) -> int:
+        """demucs 2.0.3 sends each segment once per shift; demucs 4 once per pass."""
+        return 1 if self.around_split else max(self.shifts, 1)
 
     def first_needed(self, segment: _Segment) -> int:
         """The earliest real input sample any request of ``segment`` reads."""
-        if self.shifts:
+        if self.shifts and not self.around_split:
             return max(0, segment.offset - self.max_shift)
-        size = self.spec.valid_length(segment.length)
-        return max(0, segment.offset - (size - segment.length) // 2)
+        size = self.specs[segment.pass_.member].valid_length(segment.length)
+        return max(0, segment.offset - (size - segment.length) // 2 - segment.pass_.shift)
 
     def keep_from(self, segments: list[_Segment]) -> list[int]:
         """For each segment, the earliest input sample it or any later segment reads.
@@ -201,25 +300,40 @@ class _Planner:
             result[index] = floor
         return result
 
-    def requests(self, segment: _Segment) -> list[_Request]:
-        """``apply_model(chunk, shifts)`` for one chunk, as a list of network calls."""
+    def weights(self, segment: _Segment) -> np.ndarray:
+        """The transition window of ``segment`` over the summed windows of its pass, for
+        the samples it writes: demucs' ``out / sum_weight``, divided in advance."""
         offset, length = segment.offset, segment.length
-        if not self.shifts:
-            size = self.spec.valid_length(length)
-            return [_Request(segment, offset - (size - length) // 2, size, 0, self.length,
-                             keep=length, drop=0)]
-        # demucs pads the chunk to length + 2 * max_shift (real audio where the track has
-        # some), then feeds windows of that padded chunk: nothing outside it is real.
+        total = np.zeros(length, np.float32)
+        first = max(0, offset - self.segment_length + 1)
+        for other in range(-(-first // self.stride) * self.stride, offset + length,
+                           self.stride):
+            other_length = min(self.segment_length, segment.pass_.length - other)
+            lo, hi = max(offset, other), min(offset + length, other + other_length)
+            if hi > lo:
+                total[lo - offset:hi - offset] += self.window[lo - other:hi - other]
+        return (self.window[:length] / total)[segment.cut:]
+
+    def requests(self, segment: _Segment) -> list[_Request]:
+        """``apply_model(chunk, ...)`` for one chunk, as a list of network calls."""
+        offset, length = segment.offset, segment.length
+        spec = self.specs[segment.pass_.member]
+        if self.around_split or not self.shifts:
+            size = spec.valid_length(length)
+            start = offset - (size - length) // 2 - segment.pass_.shift
+            return [_Request(segment, start, size, 0, self.length, keep=length, drop=0)]
+        # demucs 2.0.3 pads the chunk to length + 2 * max_shift (real audio where the track
+        # has some), then feeds windows of that padded chunk: nothing outside it is real.
         lo = max(0, offset - self.max_shift)
         hi = min(self.length, offset + length + self.max_shift)
         requests = []
         for _ in range(self.shifts):
             shift = self.rng.randint(0, self.max_shift)
             shifted = length + self.max_shift - shift
-            size = self.spec.valid_length(shifted)
+            size = spec.valid_length(shifted)
             start = offset - self.max_shift + shift - (size - shifted) // 2
             requests.append(_Request(segment, start, size, lo, hi, keep=shifted,
-                                     drop=self.max_shift - shift))
+                                     drop=self.max_shift - shift, scale=1 / self.shifts))
         return requests
 
 
@@ -276,7 +390,8 @@ class _InputWindow:
 
 
 class _OverlapAdd:
-    """Weighted sums and summed weights of the output samples not yet handed on.
+    """Weighted sums of the output samples not yet handed on (each contribution comes
+    already divided by its pass' summed weights).
 
     Array index ``i`` holds output sample ``base + i``; samples before ``base + start`` are
     gone. Live samples move to the front only when room runs out, so popping is cheap.
@@ -286,34 +401,28 @@ class _OverlapAdd:
         self.base = 0
         self._start = 0
         self._sum = np.zeros((sources, channels, capacity), np.float32)
-        self._weight = np.zeros(capacity, np.float32)
 
     def reserve(self, end: int) -> None:
         """Make room up to output sample ``end``, growing only if the window needs it."""
-        if end - self.base <= self._weight.size:
+        size = self._sum.shape[-1]
+        if end - self.base <= size:
             return
-        live = self._weight.size - self._start
+        live = size - self._start
         self._sum[..., :live] = self._sum[..., self._start:]
         self._sum[..., live:] = 0
-        self._weight[:live] = self._weight[self._start:]
-        self._weight[live:] = 0
         self.base += self._start
         self._start = 0
-        grow = end - self.base - self._weight.size
+        grow = end - self.base - size
         if grow > 0:
             self._sum = np.pad(self._sum, ((0, 0), (0, 0), (0, grow)))
-            self._weight = np.pad(self._weight, (0, grow))
-
-    def add_weight(self, offset: int, weight: np.ndarray) -> None:
-        self._weight[offset - self.base:offset - self.base + weight.size] += weight
 
     def add(self, offset: int, values: np.ndarray) -> None:
         self._sum[..., offset - self.base:offset - self.base + values.shape[-1]] += values
 
     def pop(self, until: int) -> np.ndarray:
-        """The finished samples up to output sample ``until``, divided by their weights."""
+        """The finished samples up to output sample ``until``."""
         stop = until - self.base
-        out = self._sum[..., self._start:stop] / self._weight[self._start:stop]
+        out = self._sum[..., self._start:stop].copy()
         self._start = stop
         return out
 
@@ -326,22 +435,22 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
                     on_progress: Callable[[float], None] | None = None) -> MixStats:
     """Separate the mix that ``source`` yields, handing de-normalised stems to ``sink``.
 
-    ``on_progress`` receives, each time a request is answered, its share of the track in
-    samples (a segment's length over its number of requests, scaled so that the shares add
-    up to the track's length): progress moves with every answer, not only once a stretch
-    of output is finished. Returns the statistics used for normalisation (its ``length`` is
-    the output length).
+    ``backend`` may be a bag (see :class:`Backend`). ``on_progress`` receives, each time a
+    request is answered, its share of the track in samples (a segment's length over its
+    number of requests, scaled so that the shares add up to the track's length): progress
+    moves with every answer, not only once a stretch of output is finished. Returns the
+    statistics used for normalisation (its ``length`` is the output length).
     """
-    spec, shifts, window = backend.spec, options.shifts, options.in_flight
+    members, weights = bag_of(backend)
+    spec, window = members[0].spec, options.in_flight
     stats = mix_stats(source())
     mean, std = np.float32(stats.mean), np.float32(stats.std)
-    planner = _Planner(spec, stats.length, options)
-    weight = transition_window(spec.segment_length, options.transition_power)
-    scale = np.float32(1 / max(shifts, 1))
+    planner = _Planner([member.spec for member in members], weights, stats.length, options)
     inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
     output = _OverlapAdd(len(spec.sources), spec.audio_channels,
-                         (window + 1) * planner.stride + spec.segment_length)
+                         (window + 1) * planner.stride + spec.segment_length + spec.max_shift)
     segments: collections.deque[_Segment] = collections.deque()
+    factors: dict[_Segment, np.ndarray] = {}
     pending: dict[Future, _Request] = {}
     emitted = 0
 
@@ -356,8 +465,11 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
             request = pending.pop(future)
             segment = request.segment
             result = center_trim(future.result(), request.keep)[..., request.drop:]
-            output.add(segment.offset, result * (weight[:segment.length] * scale))
+            scale = segment.pass_.scale[:, None, None] * np.float32(request.scale)
+            output.add(segment.start, result[..., segment.cut:] * factors[segment] * scale)
             segment.pending -= 1
+            if not segment.pending:
+                del factors[segment]
             if on_progress is not None:
                 on_progress(segment.length * share)
         while segments and not segments[0].pending:
@@ -366,24 +478,25 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     try:
         plan = planner.segments()
         # Segments overlap: scale every request's share so that they add up to the track.
-        share = stats.length / (sum(segment.length for segment in plan) * max(shifts, 1))
+        share = stats.length / (sum(segment.length for segment in plan)
+                                * planner.requests_per_segment())
         keep_from = planner.keep_from(plan)
         for index, segment in enumerate(plan):
             inputs.release(keep_from[index])
-            output.reserve(segment.offset + segment.length)
-            output.add_weight(segment.offset, weight[:segment.length])
+            output.reserve(segment.start + segment.length)
+            factors[segment] = planner.weights(segment)
             requests = planner.requests(segment)
             segment.pending = len(requests)
             segments.append(segment)
             for request in requests:
                 while len(pending) >= window:
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
-                    emit(segments[0].offset)
+                    emit(segments[0].start if segments else segment.start)
                 mix = inputs.take(request.start, request.size, request.lo, request.hi)
-                pending[backend.submit(mix)] = request
+                pending[members[segment.pass_.member].submit(mix)] = request
         while pending:
             collect(wait(pending, return_when=FIRST_COMPLETED).done)
-            emit(segments[0].offset if segments else stats.length)
+            emit(segments[0].start if segments else stats.length)
         emit(stats.length)
     except BaseException:
         for future in pending:

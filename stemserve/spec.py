@@ -8,10 +8,11 @@ one every full segment is sent at, and the longest (a full segment with a shift)
 TensorRT profile, the GPU and CPU repository configs, the python model's checks and the
 client's shared-memory regions all derive from it, so no length is computed twice.
 
-Two kinds of network are described without special cases: Demucs v2, whose input is any
-"valid length" of its convolutions (``valid_length_params``), and networks that always
-take one fixed length (``valid_length_params`` None: every request is ``segment_length``).
-No torch here.
+Every Demucs generation is described by the same fields, its ``family`` saying how lengths
+work (:data:`FAMILIES`): Demucs v2 and the v3 waveform model take any "valid length" of
+their convolutions (``valid_length_params``), Hybrid Demucs takes any length, HT Demucs one
+fixed length (its training segment). The family also says where demucs puts the random
+shifts: inside each segment (demucs 2.0.3) or around the whole split (demucs 4). No torch.
 """
 from __future__ import annotations
 
@@ -29,7 +30,33 @@ SPEC_PARAMETER = "stemserve_spec"
 MAX_SHIFT_SECONDS = 0.5
 """demucs' random shifts move a segment by up to this much: the longest request is a full
 segment plus this much context."""
-_OPTIONAL = {"precision", "onnx_file", "input_name", "output_name", "family"}
+_OPTIONAL = {"precision", "onnx_file", "input_name", "output_name", "family",
+             "forward_randrange"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How a network family takes lengths, and which demucs applies it."""
+
+    lengths: str
+    """``valid`` (demucs' valid-length formula, with the context term), ``any`` (the input as
+    it is) or ``fixed`` (always the training segment)."""
+    output_as_input: bool
+    """Whether the network returns as many samples as it takes (v2 returns fewer)."""
+    shifts_around_split: bool
+    """demucs 4's apply_model shifts the whole track, then splits it; 2.0.3 splits, then
+    shifts each segment."""
+
+
+FAMILIES = {
+    "demucs": Family("valid", output_as_input=False, shifts_around_split=False),
+    "demucs_v3": Family("valid", output_as_input=True, shifts_around_split=True),
+    "hdemucs": Family("any", output_as_input=True, shifts_around_split=True),
+    "htdemucs": Family("fixed", output_as_input=True, shifts_around_split=True),
+}
+"""Demucs v2 (demucs 2.0.3), and demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3)
+and Hybrid Transformer Demucs (v4). The v3 waveform model's formula is v2's without the
+context term (``context=1`` in ``valid_length_params``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,20 +87,34 @@ class ModelSpec:
     output_name: str = "stems"
     spec_version: int = SPEC_VERSION
     family: str = "demucs"
-    """The network's family: ``demucs`` (v2); other families state it too."""
+    """The network's family, a key of :data:`FAMILIES`."""
+    forward_randrange: int = 0
+    """demucs 4's HT Demucs draws ``random.randrange(n)`` once per call (the shift of its
+    sinusoidal embedding, always 0 for the releases), which moves Python's random state
+    between two random shifts: the pipeline draws the same to reproduce a seed. 0: no draw."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise SpecError(f"unknown model family {self.family!r}; known: "
+                            f"{', '.join(FAMILIES)}")
+        formula = FAMILIES[self.family].lengths == "valid"
+        if formula != (self.valid_length_params is not None):
+            raise SpecError(f"family {self.family!r} "
+                            f"{'needs' if formula else 'takes no'} valid_length_params")
 
     @classmethod
     def for_model(cls, model: Any, *, checkpoint: str, checkpoint_sha256: str,
-                  segment_length: int, model_name: str, **fields: Any) -> "ModelSpec":
+                  segment_length: int, model_name: str, family: str = "demucs",
+                  **fields: Any) -> "ModelSpec":
         """The spec of ``model`` (a network with ``samplerate``, ``audio_channels``,
-        ``sources`` and ``valid_length_params``: None for a fixed-length network) served
-        with segments of ``segment_length`` samples."""
-        params = model.valid_length_params
+        ``sources``, and ``valid_length_params`` in a family that has them) served with
+        segments of ``segment_length`` samples."""
+        params = model.valid_length_params if FAMILIES[family].lengths == "valid" else None
         spec = cls(model_name=model_name, checkpoint=checkpoint,
                    checkpoint_sha256=checkpoint_sha256, sample_rate=int(model.samplerate),
                    audio_channels=int(model.audio_channels), sources=tuple(model.sources),
                    segment_length=int(segment_length), padded_length=0, output_length=0,
-                   valid_length_params=params, **fields)
+                   valid_length_params=params, family=family, **fields)
         padded = spec.valid_length(spec.segment_length)
         return dataclasses.replace(spec, padded_length=padded,
                                    output_length=spec.request_output_length(padded))
@@ -81,23 +122,30 @@ class ModelSpec:
     # -- the shape contract ------------------------------------------------------------------
 
     @property
+    def rules(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
     def fixed_length(self) -> int | None:
         """The one input length of a fixed-length network; None when it takes many."""
-        return None if self.valid_length_params is not None else self.segment_length
+        return self.segment_length if self.rules.lengths == "fixed" else None
 
     def valid_length(self, length: int) -> int:
         """The input length the network takes for ``length`` samples of audio: demucs'
-        formula, or the fixed length (which must hold them)."""
-        if self.valid_length_params is None:
+        formula, the length itself, or the fixed length (which must hold them)."""
+        lengths = self.rules.lengths
+        if lengths == "fixed":
             if length > self.segment_length:
                 raise SpecError(f"{length} samples do not fit the model's fixed input of "
                                 f"{self.segment_length}")
             return self.segment_length
+        if lengths == "any":
+            return length
         return valid_length(length, **self.valid_length_params)
 
     def request_output_length(self, length: int) -> int:
         """Samples the network returns for an input of ``length`` (a valid length)."""
-        if self.valid_length_params is None:
+        if self.rules.output_as_input:
             return length
         return output_length(length, **self.valid_length_params)
 
@@ -118,9 +166,10 @@ class ModelSpec:
 
     @property
     def max_request_length(self) -> int:
-        """The longest request a client sends: a full segment with a shift's context."""
-        if self.valid_length_params is None:
-            return self.segment_length
+        """The longest request a client sends: a full segment, with a shift's context where
+        demucs shifts inside each segment (v2)."""
+        if self.rules.shifts_around_split:
+            return self.valid_length(self.segment_length)
         return self.valid_length(self.segment_length + self.max_shift)
 
     def tensorrt_profile(self, max_batch: int, opt_batch: int | None = None) -> dict[str, str]:

@@ -140,6 +140,13 @@ class DemucsV3(nn.Module):
         if rescale:
             rescale_module(self, reference=rescale)
 
+    @property
+    def valid_length_params(self) -> dict:
+        """:func:`stemserve.spec.valid_length`'s parameters for this model: v2's formula
+        without the context term."""
+        return dict(resample=bool(self.resample), depth=self.depth,
+                    kernel_size=self.kernel_size, stride=self.stride, context=1)
+
     def valid_length(self, length: int) -> int:
         """Smallest length >= ``length`` that leaves no sample over in any convolution;
         :meth:`forward` pads its input to it."""

@@ -1,0 +1,137 @@
+"""The pipeline reproduces demucs 4.0.1's separate.py + apply_model, bags of models included.
+
+The official package is the oracle (``tests/oracle_v4.py``: it runs in a subprocess): the
+same random weights go through its ``apply_model`` (a ``BagOfModels`` where a case has
+several models, with the bag's weights and segment override) on the mix normalised as its
+``separate.py`` does, and through stemserve's one pipeline. Tracks are 3.37 s plus 7
+samples (a multiple of nothing), mono and stereo, shifts 0 and 2 seeded, overlap 0.25.
+Models are small configurations of the released ones; segments are 1 to 1.5 s, so a track
+has several segments and a short last one.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from oracle_v4 import run_oracle
+from stemserve.checkpoints import CheckpointInfo
+from stemserve.client import separate_array
+from stemserve.client.backends.bag import BagBackend
+from stemserve.client.backends.pytorch import TorchBackend
+from stemserve.models import DemucsV3, HDemucs, HTDemucs
+from stemserve.models.configs import DEMUCS_MDX, HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
+from test_models_v4 import OFFICIAL_NAMES, SMALL_HT, random_state
+from test_pipeline_core import RATE, make_mix
+
+pytestmark = pytest.mark.oracle
+
+TOLERANCE = 1e-4
+SEED = 20240613
+SMALL_HD = dict(HDEMUCS_MMI, channels=8, segment=Fraction(3, 2))
+SMALL_V3 = dict(DEMUCS_MDX, channels=8, segment=Fraction(3, 2))
+IDENTITY = [[1., 0., 0., 0.], [0., 1., 0., 0.], [0., 0., 1., 0.], [0., 0., 0., 1.]]
+MDX_WEIGHTS = [[1., 1., 0., 0.], [0., 1., 0., 0.], [1., 0., 1., 1.], [1., 0., 1., 1.]]
+
+# name: ([(class, kwargs)], weights or None, segment override in seconds or None)
+CASES = {
+    "htdemucs": ([(HTDemucs, dict(HTDEMUCS, **SMALL_HT))], None, None),
+    "htdemucs_6s": ([(HTDemucs, dict(HTDEMUCS_6S, **SMALL_HT))], None, None),
+    # htdemucs_ft: four specialists, each trusted for its own source only.
+    "htdemucs_ft": ([(HTDemucs, dict(HTDEMUCS, **SMALL_HT))] * 4, IDENTITY, None),
+    "hdemucs_mmi": ([(HDemucs, SMALL_HD)], None, 1.25),
+    # mdx: two waveform and two hybrid models, its weights and a segment override.
+    "mdx": ([(DemucsV3, SMALL_V3), (DemucsV3, SMALL_V3), (HDemucs, SMALL_HD),
+             (HDemucs, SMALL_HD)], MDX_WEIGHTS, 1.25),
+}
+
+_OFFICIAL = '''
+import importlib
+import random
+from demucs.apply import BagOfModels, apply_model
+from demucs.audio import convert_audio_channels
+
+results = {}
+for name, case in inputs["cases"].items():
+    models = []
+    for module, klass, kwargs, state in case["models"]:
+        model = getattr(importlib.import_module(module), klass)(**kwargs)
+        model.load_state_dict(state, strict=True)
+        models.append(model.eval())
+    bag = BagOfModels(models, case["weights"], case["segment"])
+    for key, (mix, shifts) in case["runs"].items():
+        # demucs/separate.py, from the channel conversion to the de-normalisation
+        wav = convert_audio_channels(mix, bag.audio_channels)
+        ref = wav.mean(0)
+        wav = (wav - ref.mean()) / ref.std()
+        random.seed(inputs["seed"])
+        with torch.no_grad():
+            sources = apply_model(bag, wav[None], shifts=shifts, split=True, overlap=0.25)[0]
+        results[name, key] = sources * ref.std() + ref.mean()
+outputs["results"] = results
+'''
+
+_MODULES = {HTDemucs: "demucs.htdemucs", HDemucs: "demucs.hdemucs", DemucsV3: "demucs.demucs"}
+RUNS = {(channels, shifts): (make_mix(channels), shifts)
+        for channels in (1, 2) for shifts in (0, 2)}
+
+
+def build(name: str) -> tuple[list[torch.nn.Module], list[dict]]:
+    """The case's models with random weights (each member its own), and their states."""
+    models, states = [], []
+    for index, (klass, kwargs) in enumerate(CASES[name][0]):
+        torch.manual_seed(index)
+        model = klass(**kwargs)
+        state = random_state(model, seed=100 + index)
+        model.load_state_dict(state, strict=True)
+        models.append(model.eval())
+        states.append(state)
+    return models, states
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> dict:
+    """Every case's official stems, from one run of the oracle."""
+    cases = {}
+    for name, (members, weights, segment) in CASES.items():
+        _, states = build(name)
+        cases[name] = dict(
+            models=[(_MODULES[klass], OFFICIAL_NAMES[klass], kwargs, state)
+                    for (klass, kwargs), state in zip(members, states)],
+            weights=weights, segment=segment,
+            runs={key: (torch.from_numpy(mix), shifts) for key, (mix, shifts) in RUNS.items()})
+    result = run_oracle(_OFFICIAL, tmp_path_factory.mktemp("oracle-v4-apply"),
+                        dict(cases=cases, seed=SEED), timeout=1800)
+    return {key: value.numpy() for key, value in result["results"].items()}
+
+
+def torch_bag(name: str) -> BagBackend:
+    models, _ = build(name)
+    _, weights, segment = CASES[name]
+    members = [TorchBackend(model, CheckpointInfo(f"{name}-{index}", None, f"{index:064d}", {}),
+                            segment=segment)
+               for index, model in enumerate(models)]
+    return BagBackend(members, weights, name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_demucs_4(name, official):
+    with torch_bag(name) as bag:
+        for (channels, shifts), (mix, _) in RUNS.items():
+            stems = separate_array(mix[0] if channels == 1 else mix, RATE, backend=bag,
+                                   shifts=shifts, seed=SEED)
+            got = np.stack([stems[source] for source in bag.spec.sources])
+            expected = official[name, (channels, shifts)]
+            assert got.shape == expected.shape
+            error = np.abs(got - expected).max()
+            assert error < TOLERANCE, (name, channels, shifts, error)
+
+
+def test_another_seed_draws_other_shifts(official):
+    """The seeded comparison can fail: other offsets give clearly other stems."""
+    with torch_bag("htdemucs") as bag:
+        stems = separate_array(RUNS[2, 2][0], RATE, backend=bag, shifts=2, seed=SEED + 1)
+    got = np.stack([stems[source] for source in bag.spec.sources])
+    assert np.abs(got - official["htdemucs", (2, 2)]).max() > 10 * TOLERANCE
