@@ -9,7 +9,7 @@ same random-weight htdemucs (the released configuration, 42 M parameters) and th
 input, one training segment (343,980 samples, 7.8 s) per item:
 
 (a) ``conv-stft``: STFT and iSTFT inside the graph as DFT convolutions
-    (:class:`stemserve.models.exportable.HTDemucsConvSTFT`): mix in, stems out.
+    (:class:`stemserve.models.exportable.HybridConvSTFT`): mix in, stems out.
 (b) ``core``: the STFT outside the graph (:class:`~stemserve.models.exportable.
     HTDemucsCore`): mix and spectrogram in, both branches out; the client does the STFT,
     the iSTFT and the sum with torch (timed separately as ``client``).
@@ -73,7 +73,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     import onnx
     import onnxruntime as ort
 
-    from stemserve.models.exportable import (HTDemucsConvSTFT, HTDemucsCore,
+    from stemserve.models.exportable import (HybridConvSTFT, HTDemucsCore,
                                              htdemucs_from_core, htdemucs_spec)
 
     torch.set_num_threads(threads)
@@ -84,7 +84,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     with torch.no_grad():
         expected = model(mix)
         torch_times = {b: _best_time(lambda b=b: model(mix[:b]), repeats) for b in (1, 2)}
-        wrapper_error = (HTDemucsConvSTFT(model)(mix) - expected).abs().max().item()
+        wrapper_error = (HybridConvSTFT(model)(mix) - expected).abs().max().item()
     info = dict(params=sum(p.numel() for p in model.parameters()), length=length,
                 torch_times=torch_times, wrapper_error=wrapper_error,
                 output_scale=expected.abs().max().item())
@@ -92,7 +92,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     with torch.no_grad():
         spec = htdemucs_spec(model, mix)
         # The STFT front and iSTFT back ends alone, batch 1, in PyTorch eager.
-        conv = HTDemucsConvSTFT(model)
+        conv = HybridConvSTFT(model)
         freq_out = torch.randn(1, len(model.sources), *spec.shape[1:])
         info["ends_torch"] = _best_time(lambda: (htdemucs_spec(model, mix[:1]), model._ispec(
             model._mask(None, freq_out), length)), repeats)
@@ -100,7 +100,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
                                        repeats)
 
     ways = {
-        "(a) conv-stft": (HTDemucsConvSTFT(model).eval(), ["mix"], ["stems"]),
+        "(a) conv-stft": (HybridConvSTFT(model).eval(), ["mix"], ["stems"]),
         "(b) core": (HTDemucsCore(model).eval(), ["mix", "spec"], ["freq", "time"]),
     }
     rows = []

@@ -64,43 +64,57 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from stemserve.spec import is_export, load_export
+
     out = args.out
-    if out is None or not (out / "model.json").is_file() or not args.tensorrt:
+    if out is None or not is_export(out) or not args.tensorrt:
         out = _export_onnx(args)
     if args.tensorrt:
         from stemserve.export.tensorrt import build_engine, trtexec_command
 
-        command = trtexec_command(out, max_batch=args.max_batch, opt_batch=args.opt_batch,
-                                  fp16=not args.fp32, workspace_mib=args.workspace_mib)
-        print(" ".join(command))
-        if not args.print:
-            build_engine(command)
+        for folder, _ in load_export(out).members:  # one engine per model of a bag
+            command = trtexec_command(folder, max_batch=args.max_batch,
+                                      opt_batch=args.opt_batch, fp16=not args.fp32,
+                                      workspace_mib=args.workspace_mib)
+            print(" ".join(command))
+            if not args.print:
+                build_engine(command)
     return 0
 
 
 def _export_onnx(args: argparse.Namespace) -> Path:
-    """Export ``args.model`` to ONNX (unless ``--tensorrt`` finds it exported); its folder."""
-    from stemserve.client.models import load_checkpoint, local_export
+    """Export ``args.model`` (every model of a bag) to ONNX, unless ``--tensorrt`` finds it
+    exported; its folder."""
+    from stemserve.client.models import load_models, local_export
 
     if args.tensorrt and args.out is None and (local := local_export(args.model)) is not None:
         return local
-    from stemserve.export.to_onnx import export_onnx, onnx_parity
+    from stemserve.export.to_onnx import export_bag, onnx_parity
+    from stemserve.spec import load_export
 
-    model, info = load_checkpoint(args.model, args.config)
-    segment = round(args.segment * model.samplerate) if args.segment else None
-    out = args.out or export_root() / info.name
-    print(f"exporting {info.name} to {out} (tracing the network: about a minute for the "
+    bag = load_models(args.model, args.config)
+    segment = round(args.segment * bag.samplerate) if args.segment else None
+    out = args.out or export_root() / bag.name
+    print(f"exporting {bag.name} to {out} (tracing the network: about a minute per "
           "full-size model)", file=sys.stderr, flush=True)
+
+    def announce(index: int, count: int, info) -> None:
+        if count > 1:
+            print(f"  model {index + 1} of {count}: {info.name}", file=sys.stderr, flush=True)
+
     start = time.perf_counter()
-    spec = export_onnx(model, info, out, segment_length=segment, fp16=args.fp16)
-    print(f"exported {info.name} to {out / spec.onnx_file} in {time.perf_counter() - start:.1f} s "
-          f"(segment {spec.segment_seconds:g} s, padded to {spec.padded_length} samples)")
+    specs = export_bag(bag, out, segment_length=segment, fp16=args.fp16, on_member=announce)
+    print(f"exported {bag.name} to {out} in {time.perf_counter() - start:.1f} s: "
+          + ", ".join(f"{spec.checkpoint} ({spec.family}, segment {spec.segment_seconds:g} s, "
+                      f"requests of {spec.padded_length} samples)" for spec in specs))
     if not args.no_check:
-        print(f"checking ONNX Runtime against PyTorch on random {spec.padded_length}-sample "
-              "segments (--no-check skips it)", file=sys.stderr, flush=True)
-        errors = onnx_parity(model, out / spec.onnx_file, spec, progress=True)
-        print("ONNX Runtime vs PyTorch max abs error: "
-              + ", ".join(f"batch {batch}: {error:.2e}" for batch, error in errors.items()))
+        print("checking ONNX Runtime against PyTorch on random full segments (--no-check "
+              "skips it)", file=sys.stderr, flush=True)
+        for (folder, spec), model in zip(load_export(out).members, bag.models):
+            errors = onnx_parity(model, folder / spec.onnx_file, spec,
+                                 progress=True)
+            print(f"ONNX Runtime vs PyTorch max abs error, {spec.checkpoint}: "
+                  + ", ".join(f"batch {batch}: {error:.2e}" for batch, error in errors.items()))
     return out
 
 
@@ -361,15 +375,17 @@ def _run_repository(args: argparse.Namespace) -> int:
     from stemserve.model_repository.writer import check_repository, fill_repository
 
     if args.action == "fill":
-        model_dir = fill_repository(args.export_dir, args.repo_dir, args.variant,
-                                    tensorrt=not args.no_tensorrt, version=args.version,
-                                    max_batch_size=args.max_batch_size,
-                                    dynamic_batching=not args.no_batching)
-        print(f"filled {model_dir} ({args.variant})")
-    else:
-        spec = check_repository(args.repo_dir)
+        fill_repository(args.export_dir, args.repo_dir, args.variant,
+                        tensorrt=not args.no_tensorrt, version=args.version,
+                        max_batch_size=args.max_batch_size,
+                        dynamic_batching=not args.no_batching)
+        print(f"filled {args.repo_dir} ({args.variant})")
+    layout = check_repository(args.repo_dir)
+    for _, spec in layout.members:
         print(f"{args.repo_dir}: {spec.model_name} serves {spec.checkpoint} "
-              f"({spec.checkpoint_sha256[:12]}): consistent")
+              f"({spec.checkpoint_sha256[:12]}, {spec.family}): consistent")
+    if len(layout.members) > 1:
+        print(f"{args.repo_dir}: the bag {layout.bag.name} of {len(layout.members)} models")
     return 0
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from stemserve.defaults import export_root
 from stemserve.errors import CheckpointError, ModelError
 from stemserve.files import file_sha256
-from stemserve.spec import load_export_spec
+from stemserve.spec import SIDECAR_FILE, is_export, load_export
 
 if TYPE_CHECKING:
-    from stemserve.checkpoints import CheckpointInfo
+    from stemserve.checkpoints import Bag
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +28,20 @@ def export_dir_for(model: str | Path, config: str | None = None) -> Path:
     Exporting needs PyTorch and happens once; later runs, from any working directory, reuse
     the folder under :func:`~stemserve.defaults.export_root` (a checkpoint file changed
     since its export is exported again). ``config`` is the release whose configuration a
-    plain state-dict file has.
+    plain state-dict file has. A bag of models exports every member.
     """
     local = local_export(model)
     if local is not None:
         return local
-    torch_model, info = load_checkpoint(model, config)
-    from stemserve.export.to_onnx import export_onnx  # torch is there: the load needed it
+    bag = load_models(model, config)
+    from stemserve.export.to_onnx import export_bag  # torch is there: the load needed it
 
-    out = export_root() / info.name
-    logger.info("no ONNX export of %s yet: exporting it to %s (once; about a minute for the "
-                "full-size model)", model, out)
+    out = export_root() / bag.name
+    logger.info("no ONNX export of %s yet: exporting %s to %s (once; about a minute per "
+                "full-size model)", model,
+                "it" if len(bag.models) == 1 else f"its {len(bag.models)} models", out)
     start = time.perf_counter()
-    export_onnx(torch_model, info, out)
+    export_bag(bag, out)
     logger.info("exported %s in %.1f s", model, time.perf_counter() - start)
     return out
 
@@ -50,28 +51,32 @@ def local_export(model: str | Path | None) -> Path | None:
     if model is None:
         return None
     path = Path(model)
-    if (path / "model.json").is_file():
+    if is_export(path):
         return path
     folder = export_root() / path.stem
-    sidecar = folder / "model.json"
-    if not sidecar.is_file():
+    if not is_export(folder):
         return None
-    if path.is_file() and path.stat().st_mtime > sidecar.stat().st_mtime \
-            and load_export_spec(folder).checkpoint_sha256 != file_sha256(path):
-        logger.info("%s changed since it was exported to %s: exporting it again", path, folder)
-        return None
+    layout = load_export(folder)
+    if path.is_file() and len(layout.members) == 1:  # one checkpoint file, one sidecar
+        sidecar = layout.members[0][0] / SIDECAR_FILE
+        if path.stat().st_mtime > sidecar.stat().st_mtime \
+                and layout.spec.checkpoint_sha256 != file_sha256(path):
+            logger.info("%s changed since it was exported to %s: exporting it again", path,
+                        folder)
+            return None
     return folder
 
 
-def load_checkpoint(model: str | Path, config: str | None = None) -> tuple[Any, CheckpointInfo]:
-    """(network, CheckpointInfo) for a release name or checkpoint file, with clear errors."""
+def load_models(model: str | Path, config: str | None = None) -> Bag:
+    """The :class:`~stemserve.checkpoints.Bag` (of one, for a single model) of a release
+    name, bag YAML or checkpoint file, with clear errors."""
     try:
-        from stemserve.checkpoints import load_model
+        from stemserve.checkpoints import load_bag
     except ImportError as err:
         raise ModelError(f"loading a checkpoint needs PyTorch ({err}); install "
                          "'stemserve[export]' or use --backend triton", where=str(model)) \
             from None
     try:
-        return load_model(str(model), config=config)
+        return load_bag(str(model), config=config)
     except CheckpointError as err:
         raise err.about(f"model {model}") from None

@@ -1,19 +1,32 @@
-"""Export a Demucs v2 model to ONNX with its sidecar.
+"""Export a Demucs network (any generation) or a bag of them to ONNX, with sidecars.
 
-The graph is the network itself: ``mix`` [batch, channels, time] -> ``stems``
-[batch, sources, channels, time']. Batch and time are both dynamic axes: the batched hot path
-always sends ``padded_length`` samples (one segment plus real context), and the last, shorter
-segment of a track is sent at its own valid length, which is what keeps served output equal
-to demucs' ``apply_model``. The caller center-trims, as ``apply_model`` does.
+A graph maps ``mix`` [batch, channels, time] to ``stems`` [batch, sources, channels, time'].
+The batch axis is always dynamic. The time axis depends on the family (the sidecar's
+``family``, :data:`stemserve.spec.FAMILIES`):
+
+- Demucs v2 and the v3 waveform model take any valid length: the batched hot path sends
+  ``padded_length`` samples (one segment plus real context) and a track's last, shorter
+  segment goes at its own valid length, which keeps served output equal to demucs'
+  ``apply_model``. v2 returns fewer samples; the caller center-trims, as ``apply_model``.
+- Hybrid Demucs takes any length (the last segment of a track is as short as the track's
+  end): its STFT, iSTFT and every length computation are inside the graph
+  (:class:`~stemserve.models.exportable.HybridConvSTFT`).
+- HT Demucs takes exactly its training segment (343,980 samples for the releases): the
+  time axis is fixed, so every request batches with every other.
+
+A bag (``htdemucs_ft``, ``mdx``, ...) is one folder per member, each a graph with its
+sidecar, and ``bag.json`` with the per-source weights, written last.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import onnx
@@ -22,24 +35,37 @@ from torch import nn
 
 from stemserve.defaults import TRITON_MODEL
 from stemserve.files import atomic_path
-from stemserve.model import Demucs
-from stemserve.spec import ModelSpec
+from stemserve.models.exportable import HybridConvSTFT
+from stemserve.models.families import family_of, forward_randrange, segment_samples
+from stemserve.spec import BAG_FILE, SIDECAR_FILE, BagSpec, ModelSpec
 
 if TYPE_CHECKING:
-    from stemserve.checkpoints import CheckpointInfo
+    from stemserve.checkpoints import Bag, CheckpointInfo
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 TRACE_LENGTH = 4096
+"""Length traced for networks with a dynamic time axis: short is cheap, and the parity
+tests check other lengths."""
 
 
-def build_spec(model: Demucs, info: CheckpointInfo, segment_length: int,
-               precision: str = "fp32", onnx_file: str = "model.onnx") -> ModelSpec:
+def build_spec(model: nn.Module, info: CheckpointInfo, segment_length: int,
+               precision: str = "fp32", onnx_file: str = "model.onnx",
+               model_name: str = TRITON_MODEL) -> ModelSpec:
     """The sidecar for ``model`` served with segments of ``segment_length`` samples."""
     return ModelSpec.for_model(model, checkpoint=info.name, checkpoint_sha256=info.sha256,
-                               segment_length=segment_length, model_name=TRITON_MODEL,
+                               segment_length=segment_length, model_name=model_name,
+                               family=family_of(model), forward_randrange=forward_randrange(model),
                                precision=precision, onnx_file=onnx_file)
+
+
+def graph_module(model: nn.Module) -> nn.Module:
+    """What is traced for ``model``: the network itself, or for the hybrid models the
+    network with its STFTs as convolutions (the complex ``torch.stft`` does not export)."""
+    if family_of(model) in ("hdemucs", "htdemucs"):
+        return HybridConvSTFT(model).eval()
+    return model
 
 
 class HalfPrecision(nn.Module):
@@ -48,7 +74,7 @@ class HalfPrecision(nn.Module):
     Clients send the same fp32 tensors to either variant; only the weights and compute halve.
     """
 
-    def __init__(self, model: Demucs):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).half()
 
@@ -56,24 +82,67 @@ class HalfPrecision(nn.Module):
         return self.model(mix.half()).float()
 
 
-def export_onnx(model: Demucs, info: CheckpointInfo, out_dir: Path, *,
-                segment_length: int | None = None, fp16: bool = False,
-                opset: int = OPSET) -> ModelSpec:
+def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
+                segment_length: int | None = None, fp16: bool = False, opset: int = OPSET,
+                model_name: str = TRITON_MODEL) -> ModelSpec:
     """Write ``model.onnx`` and ``model.json`` (and ``model.fp16.*`` if asked) into ``out_dir``.
 
-    Returns the fp32 spec.
+    ``segment_length`` defaults to what demucs splits by (the model's segment, which a
+    bag's override has already set). Returns the fp32 spec.
     """
     model = model.eval()
-    segment_length = int(segment_length or model.segment_length)
+    segment_length = int(segment_length or segment_samples(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = build_spec(model, info, segment_length)
-    _export_graph(model, spec, out_dir, opset)
+    spec = build_spec(model, info, segment_length, model_name=model_name)
+    module = graph_module(model)
+    _export_graph(module, spec, out_dir, opset)
     if fp16:
         half = build_spec(model, info, segment_length, precision="fp16",
-                          onnx_file="model.fp16.onnx")
-        _export_graph(HalfPrecision(model), half, out_dir, opset)
+                          onnx_file="model.fp16.onnx", model_name=model_name)
+        _export_graph(HalfPrecision(module), half, out_dir, opset)
     return spec
+
+
+def member_name(index: int) -> str:
+    """A bag member's folder in the export and its model name on a server."""
+    return f"{TRITON_MODEL}_{index}"
+
+
+def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
+               fp16: bool = False, opset: int = OPSET, on_member=None) -> list[ModelSpec]:
+    """Export every model of ``bag`` into ``out_dir``; a bag of one with unit weights is a
+    plain single-model export. Returns the members' fp32 specs.
+
+    ``on_member(index, count, info)`` is called before each member (for progress). Any
+    earlier export in ``out_dir`` is replaced: its ``bag.json`` or ``model.json`` goes
+    first, so a reader never sees a mix of two exports.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BAG_FILE).unlink(missing_ok=True)
+    (out_dir / SIDECAR_FILE).unlink(missing_ok=True)
+    unit = all(weight == 1 for row in bag.weights for weight in row)
+    if len(bag.models) == 1 and unit:
+        if on_member:
+            on_member(0, 1, bag.infos[0])
+        return [export_onnx(bag.models[0], bag.infos[0], out_dir, fp16=fp16, opset=opset,
+                            segment_length=segment_length
+                            or segment_samples(bag.models[0], bag.segment))]
+    specs = []
+    for index, (model, info) in enumerate(zip(bag.models, bag.infos)):
+        if on_member:
+            on_member(index, len(bag.models), info)
+        folder = out_dir / member_name(index)
+        shutil.rmtree(folder, ignore_errors=True)
+        specs.append(export_onnx(model, info, folder, fp16=fp16, opset=opset,
+                                 segment_length=segment_length
+                                 or segment_samples(model, bag.segment),
+                                 model_name=member_name(index)))
+    BagSpec(bag.name, tuple(member_name(i) for i in range(len(specs))),
+            tuple(tuple(float(w) for w in row) for row in bag.weights),
+            None if bag.segment is None else float(bag.segment)).save(out_dir / BAG_FILE)
+    return specs
 
 
 def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int) -> None:
@@ -83,24 +152,41 @@ def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int)
     way, so an interrupted export never leaves a pair that looks complete.
     """
     onnx_path = out_dir / spec.onnx_file
-    # Both axes are dynamic, so a short example traces the same graph at a fraction of the
+    # With a dynamic time axis, a short example traces the same graph at a fraction of the
     # cost (tracing runs one forward pass; fp16 on a CPU is slow).
-    example = torch.zeros(1, spec.audio_channels, spec.valid_length(TRACE_LENGTH))
+    fixed = spec.fixed_length
+    example = torch.randn(1, spec.audio_channels, fixed or spec.valid_length(TRACE_LENGTH),
+                          generator=torch.Generator().manual_seed(0))
+    time_axes = ({} if fixed else {"mix": {2: "time"}, "stems": {3: "out_time"}})
     start = time.perf_counter()
-    with atomic_path(onnx_path) as graph, warnings.catch_warnings(), torch.no_grad():
-        # The tracer warns about Python ints taken from shapes in julius and center_trim;
-        # they are exported as shape ops, which the parity tests at other lengths check.
+    with atomic_path(onnx_path) as graph, warnings.catch_warnings(), torch.no_grad(), \
+            _attention_fast_path(False):
+        # The tracer warns about Python ints and bools taken from shapes; the models keep
+        # every length computation that varies as shape ops, which the parity tests at
+        # other lengths check.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, (example,), str(graph),
             input_names=[spec.input_name], output_names=[spec.output_name],
-            dynamic_axes={spec.input_name: {0: "batch", 2: "time"},
-                          spec.output_name: {0: "batch", 3: "out_time"}},
+            dynamic_axes={spec.input_name: {0: "batch", **time_axes.get("mix", {})},
+                          spec.output_name: {0: "batch", **time_axes.get("stems", {})}},
             opset_version=opset, dynamo=False)
         _fix_output_dims(graph, spec)
         onnx.checker.check_model(str(graph))
-    spec.save(out_dir / Path(spec.onnx_file).with_suffix(".json").name)
+    spec.save(out_dir / Path(spec.onnx_file).with_suffix(".json").name)  # last: complete
     logger.debug("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _attention_fast_path(enabled: bool) -> Iterator[None]:
+    """Switch ``nn.MultiheadAttention``'s fused inference kernel (HTDemucs' transformer
+    takes it under ``no_grad``) on or off: the fused operator has no ONNX export."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _fix_output_dims(path: Path, spec: ModelSpec) -> None:
@@ -116,7 +202,7 @@ def _fix_output_dims(path: Path, spec: ModelSpec) -> None:
     onnx.save(graph, str(path))
 
 
-def onnx_parity(model: Demucs, onnx_path: Path, spec: ModelSpec, batch_sizes=(1, 3),
+def onnx_parity(model: nn.Module, onnx_path: Path, spec: ModelSpec, batch_sizes=(1, 3),
                 seed: int = 0, progress: bool = False) -> dict[int, float]:
     """Max abs error between PyTorch and ONNX Runtime on random input, per batch size.
 

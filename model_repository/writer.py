@@ -11,6 +11,11 @@ sidecar it was filled with. :func:`check_repository` compares the graph's tensor
 sidecar and the files with those hashes, so a model file swapped or re-exported behind the
 sidecar's back is refused before any server starts.
 
+A bag of models (``htdemucs_ft``, ``mdx``) is one Triton model per member, named as in the
+export (``demucs_0``, ``demucs_1``, ...), each config also carrying the bag's sidecar as the
+``stemserve_bag`` parameter: clients find the members and the weights on the server, send
+each member its own segments, and every member batches on its own.
+
 Usage: ``stemserve repository fill EXPORT_DIR REPO_DIR --variant gpu``, ``stemserve
 repository check REPO_DIR``.
 """
@@ -27,7 +32,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from stemserve.errors import RepositoryError
 from stemserve.export.tensorrt import PLAN_FILE
 from stemserve.files import atomic_write, file_sha256
-from stemserve.spec import SPEC_PARAMETER, ModelSpec
+from stemserve.spec import (BAG_PARAMETER, SPEC_PARAMETER, BagSpec, ExportLayout, ModelSpec,
+                            load_export)
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
@@ -56,8 +62,10 @@ def _template_dir(variant: str) -> Path:
 
 def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = True,
                   max_batch_size: int | None = None, dynamic_batching: bool = True,
-                  intra_op_threads: int | None = None) -> mc.ModelConfig:
-    """The variant's template with every model-dependent field taken from ``spec``.
+                  intra_op_threads: int | None = None,
+                  bag: BagSpec | None = None) -> mc.ModelConfig:
+    """The variant's template with every model-dependent field taken from ``spec`` (and
+    ``bag``, the sidecar of the bag the model is a member of).
 
     ``tensorrt`` only matters for ``gpu`` (ONNX Runtime's TensorRT provider on or off);
     ``dynamic_batching=False`` serves each request alone (the benchmark's baseline);
@@ -71,6 +79,8 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
     config.name = spec.model_name
     # Clients read the sidecar from the server's model config: they need nothing local.
     config.parameters[SPEC_PARAMETER].string_value = spec.to_json()
+    if bag is not None:
+        config.parameters[BAG_PARAMETER].string_value = bag.to_json()
     if max_batch_size is not None:
         if max_batch_size < 1:
             raise RepositoryError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -136,25 +146,55 @@ def _write_atomic(path: Path, text: str) -> None:
 def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
                     tensorrt: bool = True, version: int = 1, max_batch_size: int | None = None,
                     dynamic_batching: bool = True, intra_op_threads: int | None = None) -> Path:
-    """Fill ``repo_dir`` (a Triton model repository) from ``export_dir``; returns the model dir.
+    """Fill ``repo_dir`` (a Triton model repository) from ``export_dir``; returns the (first)
+    model dir.
 
-    ``export_dir`` holds ``model.json`` and the graph it names (``model.plan``, built by the
-    export's TensorRT script, for ``gpu-trt``). The version folder is rebuilt from scratch,
+    ``export_dir`` is a single model's export or a bag's (one model per member); each holds
+    ``model.json`` and the graph it names (``model.plan``, built by the export's TensorRT
+    script, for ``gpu-trt``). Models an earlier fill left in ``repo_dir`` are removed (a
+    repository serves one model or one bag). Each version folder is rebuilt from scratch,
     config.pbtxt is written last, and the result is checked with :func:`check_repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    sidecar = export_dir / SIDECAR
-    spec = ModelSpec.load(sidecar)
-    template = _template_dir(variant)
-    config = render_config(spec, variant, tensorrt=tensorrt, max_batch_size=max_batch_size,
-                           dynamic_batching=dynamic_batching,
-                           intra_op_threads=intra_op_threads)
-    model_file = export_dir / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
-    if not model_file.is_file():
-        hint = ("build it on the serving GPU with the export's TensorRT script"
-                if variant == "gpu-trt" else "run `stemserve export` first")
-        raise RepositoryError(f"{model_file} is missing: {hint}")
+    layout = load_export(export_dir)
+    bag = layout.bag if len(layout.members) > 1 else None
+    options = dict(tensorrt=tensorrt, max_batch_size=max_batch_size,
+                   dynamic_batching=dynamic_batching, intra_op_threads=intra_op_threads)
+    configs = [render_config(spec, variant, bag=bag, **options) for _, spec in layout.members]
+    for folder, spec in layout.members:
+        model_file = folder / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
+        if not model_file.is_file():
+            hint = ("build it on the serving GPU with the export's TensorRT script"
+                    if variant == "gpu-trt" else "run `stemserve export` first")
+            raise RepositoryError(f"{model_file} is missing: {hint}")
+    _remove_other_models(repo_dir, {spec.model_name for _, spec in layout.members})
+    for (folder, spec), config in zip(layout.members, configs):
+        _fill_model(folder, spec, config, repo_dir, variant, version)
+    check_repository(repo_dir)
+    return repo_dir / layout.spec.model_name
 
+
+def _remove_other_models(repo_dir: Path, keep: set[str]) -> None:
+    """Remove the model folders an earlier fill wrote that are not in ``keep``; a folder
+    stemserve did not write is left alone, and refused."""
+    if not repo_dir.is_dir():
+        return
+    for config in repo_dir.glob("*/config.pbtxt"):
+        if config.parent.name in keep:
+            continue
+        if not config.read_text().startswith(HEADER.split("{", 1)[0]):
+            raise RepositoryError(f"{repo_dir} also holds {config.parent.name}/, which "
+                                  "stemserve did not write: fill an empty folder")
+        shutil.rmtree(config.parent)
+
+
+def _fill_model(export_dir: Path, spec: ModelSpec, config: mc.ModelConfig, repo_dir: Path,
+                variant: str, version: int) -> None:
+    """One model folder: the version folder with the model file, sidecar and fill record
+    (and the python backend's model.py), then config.pbtxt."""
+    template = _template_dir(variant)
+    sidecar = export_dir / SIDECAR
+    model_file = export_dir / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
     model_dir = repo_dir / spec.model_name
     version_dir = model_dir / str(version)
     shutil.rmtree(version_dir, ignore_errors=True)
@@ -172,8 +212,6 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     header = HEADER.format(template=template / "config.pbtxt", sidecar=sidecar)
     _write_atomic(model_dir / "config.pbtxt",
                   header + text_format.MessageToString(config))
-    check_repository(repo_dir)
-    return model_dir
 
 
 def _config_spec(config: mc.ModelConfig, where: Path) -> ModelSpec | None:
@@ -246,20 +284,45 @@ def _tensors_agree(found: list[tuple], expected: list[tuple]) -> bool:
         for (name, dtype, dims), (want_name, want_dtype, want) in zip(found, expected))
 
 
-def check_repository(repo_dir: Path) -> ModelSpec:
-    """Refuse a repository whose config, model file and sidecar do not belong together.
+def _config_bag(config: mc.ModelConfig, where: Path) -> BagSpec | None:
+    if BAG_PARAMETER not in config.parameters:
+        return None
+    return BagSpec.from_json(config.parameters[BAG_PARAMETER].string_value,
+                             where=f"{where}: parameter {BAG_PARAMETER!r}")
 
-    ``repo_dir`` holds one model folder; every numeric version folder in it must have been
-    filled by :func:`fill_repository` and left as it was. Returns the sidecar's spec.
+
+def check_repository(repo_dir: Path) -> ExportLayout:
+    """Refuse a repository whose configs, model files and sidecars do not belong together.
+
+    ``repo_dir`` holds one model folder, or one per member of a bag (every config carrying
+    the same bag, which names exactly those folders); every numeric version folder must
+    have been filled by :func:`fill_repository` and left as it was. Returns the bag (of
+    one for a single model) with each member's folder and spec.
     """
     repo_dir = Path(repo_dir)
     model_dirs = sorted(p.parent for p in repo_dir.glob("*/config.pbtxt"))
-    if len(model_dirs) != 1:
-        raise RepositoryError(f"{repo_dir}: expected one model folder with a config.pbtxt, "
-                             f"found {[p.name for p in model_dirs]}; fill it with "
+    if not model_dirs:
+        raise RepositoryError(f"{repo_dir}: no model folder with a config.pbtxt; fill it "
+                             "with stemserve.model_repository.writer")
+    configs = {model_dir: load_config(model_dir / "config.pbtxt") for model_dir in model_dirs}
+    bags = {model_dir: _config_bag(config, model_dir / "config.pbtxt")
+            for model_dir, config in configs.items()}
+    first = bags[model_dirs[0]]
+    if len(model_dirs) > 1 and (first is None or any(bag != first for bag in bags.values())
+                                or sorted(first.members) != [p.name for p in model_dirs]):
+        raise RepositoryError(f"{repo_dir}: expected one model folder, or the members of one "
+                             f"bag, found {[p.name for p in model_dirs]}; fill it with "
                              "stemserve.model_repository.writer")
-    model_dir = model_dirs[0]
-    config = load_config(model_dir / "config.pbtxt")
+    members = tuple((model_dir, _check_model(model_dir, configs[model_dir]))
+                    for model_dir in model_dirs)
+    if first is None:
+        return ExportLayout(BagSpec.single(members[0][1]), members)
+    by_name = {model_dir.name: (model_dir, spec) for model_dir, spec in members}
+    return ExportLayout(first, tuple(by_name[name] for name in first.members))
+
+
+def _check_model(model_dir: Path, config: mc.ModelConfig) -> ModelSpec:
+    """One model folder against its config; returns its sidecar's spec."""
     versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
         raise RepositoryError(f"{model_dir}: no version folder (1/, 2/, ...)")

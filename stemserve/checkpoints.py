@@ -1,17 +1,22 @@
-"""Demucs v2 checkpoints: resolve a release, download it once, verify it, load it safely.
+"""Demucs checkpoints: resolve a release, download it once, verify it, load it safely.
 
-The release files are those of demucs 2.0.3 (``demucs/pretrained.py``): the first 8 hex
-digits of a file's sha256 are part of its name, so every file is checked against its name
-before use, exactly like ``torch.hub`` does. Files land in torch hub's checkpoint folder,
-where demucs itself put them, so an existing cache is reused. A local file is checked
-against the CRCs of its zip records instead, which torch does not read.
+Two generations of releases are known by name. demucs 2.0.3's (``demucs/pretrained.py``) are
+one file each, ``<name>-<sha256 prefix>.th``; demucs 4.0.1's (``demucs/remote/files.txt``
+and ``remote/<name>.yaml``) are bags of one to four models whose outputs are averaged, each
+model a file ``<signature>-<sha256 prefix>.th``. Every file is checked against the sha256
+prefix in its name before use, exactly like ``torch.hub`` does, and lands in torch hub's
+checkpoint folder under the name demucs itself gives it, so an existing cache is reused. A
+local file is checked against the CRCs of its zip records instead, which torch does not read.
 
 Checkpoints are pickles. They are read with torch's ``weights_only`` unpickler and a short
-allowlist: no pickled code runs, and the Demucs class a training package names unpickles to
-an inert marker. Nothing is built until the package's configuration has been checked against
-bounds (:data:`_LIMITS`, :data:`_MAX_PARAMETERS`), so a small file cannot make the loader
-allocate gigabytes: the network is laid out on torch's ``meta`` device first, and a state
-dict's tensors are assigned to it rather than copied into a freshly initialised model.
+allowlist: no pickled code runs. The model class a training package names unpickles to an
+inert marker, and the few other objects demucs packages hold (a ``Fraction`` segment, numpy
+numbers in their metrics, omegaconf configurations) to placeholders that only keep data.
+Nothing is built until the package's configuration has been checked against bounds
+(:data:`_LIMITS` for v2, :data:`_V4_RULES` for the demucs 4 classes, :data:`_MAX_PARAMETERS`),
+so a small file cannot make the loader allocate gigabytes: the network is laid out on torch's
+``meta`` device first, and a state dict's tensors are assigned to it rather than copied into
+a freshly initialised model.
 """
 from __future__ import annotations
 
@@ -31,10 +36,11 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import torch
 import tqdm
@@ -43,14 +49,20 @@ from stemserve.defaults import CHECKPOINT_URL_ENV
 from stemserve.errors import CheckpointError
 from stemserve.files import atomic_write, file_sha256
 from stemserve.model import SOURCES, Demucs
+from stemserve.models import DemucsV3, HDemucs, HTDemucs
+from stemserve.models.configs import HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
 from stemserve.spec import valid_length
 
 logger = logging.getLogger(__name__)
 
 ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/v3.0/"
+"""Where demucs 2.0.3's releases (:data:`RELEASES`) are."""
+DEMUCS4_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/"
+"""Where demucs 4.0.1's files are, each in the folder :data:`DEMUCS4_FILES` gives it."""
 URL_ENV = CHECKPOINT_URL_ENV
-"""Environment variable that replaces :data:`ROOT_URL`: an http(s) or file:// URL, or a folder
-(mirrors, air-gapped hosts, tests)."""
+"""Environment variable naming a mirror to use instead of the official server: an http(s) or
+file:// URL, or a folder. A mirror is flat: every file under its own name, as in torch hub's
+cache folder (no ``v3.0/``, ``hybrid_transformer/`` or ``mdx_final/``)."""
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
@@ -78,17 +90,97 @@ RELEASES: dict[str, Release] = {
 }
 # Released alongside, but they are ConvTasNet models, which stemserve does not implement.
 UNSUPPORTED: dict[str, str] = {"tasnet": "beb46fac", "tasnet_extra": "df3777b2"}
-KNOWN_MODELS: tuple[str, ...] = tuple(RELEASES)
+
+# demucs 4.0.1's remote/files.txt: each model's signature -> (folder under DEMUCS4_ROOT_URL,
+# the sha256 prefix in its file name <signature>-<prefix>.th).
+DEMUCS4_FILES: dict[str, tuple[str, str]] = {
+    # MDX models
+    "0d19c1c6": ("mdx_final", "0f06f20e"),
+    "5d2d6c55": ("mdx_final", "db83574e"),
+    "7d865c68": ("mdx_final", "3d5dd56b"),
+    "7ecf8ec1": ("mdx_final", "70f50cc9"),
+    "a1d90b5c": ("mdx_final", "ae9d2452"),
+    "c511e2ab": ("mdx_final", "fe698775"),
+    "cfa93e08": ("mdx_final", "61801ae1"),
+    "e51eebcc": ("mdx_final", "c1b80bdd"),
+    "6b9c2ca1": ("mdx_final", "3fd82607"),
+    "b72baf4e": ("mdx_final", "8778635e"),
+    "42e558d4": ("mdx_final", "196e0e1b"),
+    "305bc58f": ("mdx_final", "18378783"),
+    "14fc6a69": ("mdx_final", "a89dd0ee"),
+    "464b36d7": ("mdx_final", "e5a9386e"),
+    "7fd6ef75": ("mdx_final", "a905dd85"),
+    "83fc094f": ("mdx_final", "4a16d450"),
+    "1ef250f1": ("mdx_final", "592467ce"),
+    "902315c2": ("mdx_final", "b39ce9c9"),
+    "9a6b4851": ("mdx_final", "03af0aa6"),
+    "fa0cb7f9": ("mdx_final", "100d8bf4"),
+    # Hybrid Transformer models
+    "955717e8": ("hybrid_transformer", "8726e21a"),
+    "f7e0c4bc": ("hybrid_transformer", "ba3fe64a"),
+    "d12395a8": ("hybrid_transformer", "e57c48e6"),
+    "92cfc3b6": ("hybrid_transformer", "ef3bcb9c"),
+    "04573f0d": ("hybrid_transformer", "f3cf25b2"),
+    "75fc33f5": ("hybrid_transformer", "1941ce65"),
+    # Experimental 6 sources model
+    "5c90dfd2": ("hybrid_transformer", "34c22ccb"),
+}
+
+
+@dataclass(frozen=True)
+class BagRelease:
+    """A demucs 4.0.1 release, ``demucs/remote/<name>.yaml``.
+
+    ``models`` are signatures of :data:`DEMUCS4_FILES`; ``weights`` one row of per-source
+    weights per model (None: all ones); ``segment`` the seconds that replace every model's own
+    training segment (None: no override).
+    """
+
+    models: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...] | None = None
+    segment: float | None = None
+
+
+_ONE_EACH = ((1., 0., 0., 0.), (0., 1., 0., 0.), (0., 0., 1., 0.), (0., 0., 0., 1.))
+_MDX_WEIGHTS = ((1., 1., 0., 0.), (0., 1., 0., 0.), (1., 0., 1., 1.), (1., 0., 1., 1.))
+BAGS: dict[str, BagRelease] = {
+    "htdemucs": BagRelease(("955717e8",)),
+    "htdemucs_ft": BagRelease(("f7e0c4bc", "d12395a8", "92cfc3b6", "04573f0d"), _ONE_EACH),
+    "htdemucs_6s": BagRelease(("5c90dfd2",)),
+    "hdemucs_mmi": BagRelease(("75fc33f5",), segment=44),
+    "mdx": BagRelease(("0d19c1c6", "7ecf8ec1", "c511e2ab", "7d865c68"), _MDX_WEIGHTS, 44),
+    "mdx_extra": BagRelease(("e51eebcc", "a1d90b5c", "5d2d6c55", "cfa93e08"), segment=44),
+    "mdx_q": BagRelease(("6b9c2ca1", "b72baf4e", "42e558d4", "305bc58f"), _MDX_WEIGHTS, 44),
+    "mdx_extra_q": BagRelease(("83fc094f", "464b36d7", "14fc6a69", "7fd6ef75"), segment=44),
+    "repro_mdx_a": BagRelease(("9a6b4851", "1ef250f1", "fa0cb7f9", "902315c2"), segment=44),
+    "repro_mdx_a_hybrid_only": BagRelease(("fa0cb7f9", "902315c2", "fa0cb7f9", "902315c2"),
+                                          segment=44),
+    "repro_mdx_a_time_only": BagRelease(("9a6b4851", "9a6b4851", "1ef250f1", "1ef250f1"),
+                                        segment=44),
+}
+KNOWN_MODELS: tuple[str, ...] = (*RELEASES, *BAGS)
+
+MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
+    "demucs": Demucs, "demucs_v3": DemucsV3, "hdemucs": HDemucs, "htdemucs": HTDemucs}
+"""The class of each :attr:`CheckpointInfo.family`: ``MODEL_CLASSES[info.family](**info.config)``
+rebuilds a loaded model's network."""
 
 DEFAULT_CONFIG = "demucs"
 """Configuration assumed for a plain state dict file when none is given."""
+# Plain state dicts of the single-model demucs 4 releases, with --config NAME: their family
+# and constructor arguments (stemserve.models.configs).
+_STATE_CONFIGS: dict[str, tuple[str, Mapping[str, Any]]] = {
+    "htdemucs": ("htdemucs", HTDEMUCS), "htdemucs_6s": ("htdemucs", HTDEMUCS_6S),
+    "hdemucs_mmi": ("hdemucs", HDEMUCS_MMI)}
 
 # The checkpoint formats load_model reads, for the error that refuses any other.
 _FORMATS = ("a plain state dict (tensors by parameter name) built with a release's configuration "
            "(--config RELEASE, or config= in Python; default 'demucs'); a demucs 2.x training "
            "package (klass, args, kwargs, state, training_args); a diffq-compressed state "
-           "({'compressed': ...}, as in demucs_quantized); or {'config': Demucs arguments, "
-           "'state': state dict}, as stemserve's benchmarks save it")
+           "({'compressed': ...}, as in demucs_quantized); a demucs 3/4 training package "
+           "(klass demucs.htdemucs.HTDemucs, demucs.hdemucs.HDemucs or demucs.demucs.Demucs, "
+           "diffq-quantized or not); or {'config': Demucs arguments, 'state': state dict}, as "
+           "stemserve's benchmarks save it")
 
 
 class _Range(NamedTuple):
@@ -120,7 +212,8 @@ _FLAGS = ("rewrite", "glu", "resample", "normalize")
 _MAX_SOURCES = 8
 # Source names become the stems' file names: no separators, no leading dot.
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
-# The releases train on 40 s; the segment also sizes every export and every request.
+# The releases train on 40 s (v2), 7.8 s (htdemucs) or 40-44 s (v3); the segment also sizes
+# every export and every request.
 _MAX_SEGMENT_S = 120
 # Channels grow by ``growth`` per layer, so the bounds above still allow 10**13 parameters;
 # this caps the model itself at 2.6 times the largest release (2.8 GB of float32 weights).
@@ -128,29 +221,325 @@ _MAX_PARAMETERS = 700_000_000
 _QAT_BITS = range(0, 17)  # 0: no quantization-aware training, as demucs' --qat default
 
 
-class _DemucsClass:
-    """What a checkpoint's reference to the Demucs class unpickles to: a marker, never a model.
+class _Rule(NamedTuple):
+    """A bound on one argument: what passes, and the words for the error and the README."""
+
+    accepts: Callable[[Any], bool]
+    accepted: str
+    releases: str
+
+
+def _integers(low: int, high: int, releases: str) -> _Rule:
+    return _Rule(lambda v: _is_number(v, integer=True) and low <= v <= high,
+                 f"integers from {low} to {high}", releases)
+
+
+def _numbers(low: float, high: float, releases: str) -> _Rule:
+    return _Rule(lambda v: _is_number(v) and low <= v <= high,
+                 f"numbers from {low:g} to {high:g}", releases)
+
+
+def _flag(releases: str) -> _Rule:
+    return _Rule(lambda v: isinstance(v, bool), "True or False", releases)
+
+
+def _flag_or_integer(high: int, releases: str) -> _Rule:
+    """demucs' ``Union[bool, int]`` norms: off, on, or a number of groups."""
+    return _Rule(lambda v: isinstance(v, bool) or (_is_number(v, integer=True) and 0 <= v <= high),
+                 f"True, False or an integer from 0 to {high}", releases)
+
+
+def _or_none(rule: _Rule) -> _Rule:
+    return _Rule(lambda v: v is None or rule.accepts(v), f"None or {rule.accepted}",
+                 rule.releases)
+
+
+def _choice(values: Sequence[str], releases: str) -> _Rule:
+    return _Rule(lambda v: isinstance(v, str) and v in values, f"one of {', '.join(values)}",
+                 releases)
+
+
+def _number_list(low_count: int, high_count: int, low: float, high: float,
+                 releases: str) -> _Rule:
+    def accepts(value: Any) -> bool:
+        return (isinstance(value, (list, tuple)) and low_count <= len(value) <= high_count
+                and all(_is_number(v) and low <= v <= high for v in value))
+    return _Rule(accepts, f"lists of {low_count} to {high_count} numbers from {low:g} to "
+                          f"{high:g}", releases)
+
+
+def _text(pattern: str, accepted: str, releases: str) -> _Rule:
+    compiled = re.compile(pattern)
+    return _Rule(lambda v: isinstance(v, str) and compiled.fullmatch(v) is not None, accepted,
+                 releases)
+
+
+def _is_segment(value: Any) -> bool:
+    """Seconds, as a number or a ``Fraction`` (htdemucs: 39/5), within the bound."""
+    return ((_is_number(value) or isinstance(value, Fraction)) and not isinstance(value, bool)
+            and 0 < value <= _MAX_SEGMENT_S)
+
+
+# Bounds on the arguments of demucs 4.0.1's HTDemucs, HDemucs and (v3) Demucs, by name (the
+# classes share most; `sources` is checked on its own). The releases' values are in the last
+# column; the bounds leave room for custom trainings and refuse what would allocate or compute
+# without measure. Cross-argument constraints (heads dividing channels, nfft against depth)
+# are the classes' own: building the network on the meta device checks them for free.
+_V4_RULES: dict[str, _Rule] = {
+    # All three
+    "audio_channels": _integers(1, 2, "2"),
+    "channels": _integers(1, 128, "48; 64 (the time-domain models of mdx)"),
+    "growth": _numbers(1, 4, "2"),
+    "depth": _integers(1, 8, "4 (htdemucs), 6"),
+    "rewrite": _flag("True"),
+    "kernel_size": _integers(1, 16, "8"),
+    "stride": _integers(1, 8, "4"),
+    "context": _integers(0, 9, "1"),
+    "norm_starts": _integers(0, 16, "4"),
+    "norm_groups": _integers(1, 16, "4"),
+    "dconv_mode": _integers(0, 3, "1; 3 (htdemucs)"),
+    "dconv_depth": _integers(0, 8, "2"),
+    "dconv_comp": _numbers(1, 64, "4; 8 (htdemucs)"),
+    "dconv_attn": _integers(0, 16, "4"),
+    "dconv_lstm": _integers(0, 16, "4"),
+    "dconv_init": _numbers(0, 1, "1e-4; 1e-3 (hybrid)"),
+    "rescale": _numbers(0, 10, "0.1"),  # only shapes the random init
+    "samplerate": _integers(8000, 192000, "44100"),
+    "segment": _Rule(_is_segment, f"seconds above 0 up to {_MAX_SEGMENT_S}",
+                     "7.8 (htdemucs), 40 or 44"),
+    # The hybrid models: HTDemucs, HDemucs
+    "channels_time": _or_none(_integers(1, 128, "None")),
+    "nfft": _Rule(lambda v: _is_number(v, integer=True) and 256 <= v <= 16384
+                  and v & (v - 1) == 0, "powers of two from 256 to 16384", "4096"),
+    "wiener_iters": _integers(-16, 16, "0"),
+    "end_iters": _integers(-16, 16, "0"),
+    "wiener_residual": _flag("False"),
+    "cac": _flag("True; False in some MDX models"),
+    "hybrid": _flag("True"),
+    "hybrid_old": _flag("False; True in some MDX models"),
+    "multi_freqs": _or_none(_number_list(0, 4, 0, 1, "[] or None")),
+    "multi_freqs_depth": _integers(0, 8, "2 or 3"),
+    "freq_emb": _numbers(0, 1, "0.2"),
+    "emb_scale": _numbers(0, 100, "10"),
+    "emb_smooth": _flag("True"),
+    "time_stride": _integers(1, 8, "2"),
+    "context_enc": _integers(0, 9, "0"),
+    # HTDemucs: the cross-domain transformer
+    "bottom_channels": _integers(0, 2048, "512"),
+    "t_layers": _integers(0, 16, "5"),
+    "t_emb": _choice(("sin", "cape", "scaled"), "sin"),
+    "t_hidden_scale": _numbers(0, 16, "4"),
+    "t_heads": _integers(1, 32, "8"),
+    "t_dropout": _numbers(0, 1, "0.02"),
+    "t_max_positions": _integers(1, 100_000, "10000"),
+    "t_norm_in": _flag("True"),
+    "t_norm_in_group": _flag_or_integer(64, "False"),
+    "t_group_norm": _flag_or_integer(64, "False"),
+    "t_norm_first": _flag("True"),
+    "t_norm_out": _flag_or_integer(64, "True"),
+    "t_max_period": _numbers(1, 1e6, "10000"),
+    "t_weight_decay": _numbers(0, 1, "0"),
+    "t_lr": _or_none(_numbers(0, 1, "None")),
+    "t_layer_scale": _flag("True"),
+    "t_gelu": _flag("True"),
+    "t_weight_pos_embed": _numbers(0, 100, "1"),
+    "t_sin_random_shift": _integers(0, 10_000, "0"),
+    "t_cape_mean_normalize": _flag("True"),
+    "t_cape_augment": _flag("True"),
+    "t_cape_glob_loc_scale": _number_list(3, 3, 0, 1e6, "[5000, 1, 1.4]"),
+    "t_sparse_self_attn": _flag("False"),
+    "t_sparse_cross_attn": _flag("False"),
+    "t_mask_type": _text(r"(diag|jmask|random|global)(_(diag|jmask|random|global)){0,3}",
+                         "diag, jmask, random, global or several joined by _", "diag"),
+    "t_mask_random_seed": _integers(0, 2**32 - 1, "42"),
+    "t_sparse_attn_window": _integers(1, 100_000, "400"),
+    "t_global_window": _integers(1, 100_000, "100"),
+    "t_sparsity": _numbers(0, 1, "0.95"),
+    "t_auto_sparsity": _flag("False"),
+    "t_cross_first": _flag("False"),
+    "use_train_segment": _flag("True"),
+    # The v3 Demucs (time domain)
+    "lstm_layers": _integers(0, 4, "0"),
+    "gelu": _flag("True"),
+    "glu": _flag("True"),
+    "normalize": _flag("False; True (repro_mdx_a)"),
+    "resample": _flag("True"),
+}
+
+# A demucs 4 quantized state names its diffq quantizer and the arguments to rebuild it with
+# (demucs passes min_size and group_size, 0.2 and 8 in its training configuration); these
+# bound them, by the name the quantizer class unpickles to.
+_PATTERNS = _Rule(lambda v: isinstance(v, (list, tuple)) and len(v) <= 64
+                  and all(isinstance(p, str) and len(p) <= 256 for p in v),
+                  "lists of up to 64 names of up to 256 characters", "[]")
+_QUANTIZER_RULES: dict[str, dict[str, _Rule]] = {
+    "diffq.diffq.DiffQuantizer": {
+        "min_size": _numbers(0, 1e6, "0.2"),
+        "float16": _flag("False"),
+        "group_size": _integers(0, 1024, "8"),
+        "min_bits": _numbers(1, 15, "2"),
+        "max_bits": _numbers(1, 15, "15"),
+        "param": _choice(("bits", "noise"), "bits"),
+        "noise": _choice(("gaussian", "uniform"), "gaussian"),
+        "init_bits": _numbers(1, 15, "8"),
+        "extra_bits": _numbers(0, 15, "0"),
+        "suffix": _text(r"[A-Za-z_][A-Za-z0-9_]{0,31}", "names of letters, digits and _",
+                        "_diffq"),
+        "exclude": _PATTERNS,
+        "detect_bound": _flag("True"),
+    },
+    "diffq.uniform.UniformQuantizer": {
+        "bits": _numbers(1, 15, "8"),
+        "min_size": _numbers(0, 1e6, "0.2"),
+        "float16": _flag("False"),
+        "qat": _flag("False"),
+        "exclude": _PATTERNS,
+        "detect_bound": _flag("True"),
+    },
+}
+
+_MAX_BAG_MODELS = 16  # the releases have 1 or 4
+_MAX_BAG_YAML = 64 << 10
+_BAG_KEYS = ("models", "weights", "segment")
+# A model's signature in a bag: part of a file name, so no separators, dots or dashes.
+_SIGNATURE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+# --------------------------------------------------------------------------- unpickling
+
+
+class _Refused(Exception):
+    """Raised by a placeholder while unpickling: the file asks for what no checkpoint does."""
+
+
+class _ClassMarker:
+    """What a checkpoint's reference to a model class unpickles to: a marker, never a model.
 
     A training package names the class and never calls it. A pickle that calls it would
     build a network from unchecked arguments while unpickling (a 41-byte file can ask for
     gigabytes), so calling the marker fails; the model is built later from checked kwargs.
     """
 
+    family: ClassVar[str]
+    label: ClassVar[str]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> NoReturn:
-        raise _CalledWhileUnpickling
+        raise _Refused(f"calls the {cls.label} class while unpickling, which no checkpoint "
+                       f"does (it only names it); refused before building anything")
 
 
-class _CalledWhileUnpickling(Exception):
-    """A pickle called the Demucs class instead of naming it."""
+class _DemucsClass(_ClassMarker):
+    family, label = "demucs", "Demucs"
 
 
-# What a demucs checkpoint may name besides torch's own tensor machinery. The training
-# package pickles the demucs class (stemserve's name for it when stemserve made the package)
-# and its argparse arguments (paths included); a quantized state names its quantizer class,
-# which is never called, so it resolves to a plain string.
+class _DemucsV3Class(_ClassMarker):
+    family, label = "demucs_v3", "Demucs (v3)"
+
+
+class _HDemucsClass(_ClassMarker):
+    family, label = "hdemucs", "HDemucs"
+
+
+class _HTDemucsClass(_ClassMarker):
+    family, label = "htdemucs", "HTDemucs"
+
+
+def _fraction(numerator: Any, denominator: Any = 1) -> Fraction:
+    """``fractions.Fraction`` as pickled (htdemucs' 39/5 s segment): ``('39/5',)`` before
+    Python 3.11, ``(39, 5)`` since. Small numbers only: ``Fraction('1e999999999')`` alone
+    would compute for minutes."""
+    if (isinstance(numerator, str) and denominator == 1
+            and re.fullmatch(r"-?\d{1,30}(/\d{1,30})?", numerator)):
+        return Fraction(numerator)
+    if (all(_is_number(n, integer=True) and abs(n) < 10**30 for n in (numerator, denominator))
+            and denominator != 0):
+        return Fraction(numerator, denominator)
+    raise _Refused(f"holds a fraction of {numerator!r} and {denominator!r}, not a ratio of two "
+                   f"small integers")
+
+
+class _NumpyDType:
+    """``numpy.dtype`` as a pickled numpy number names it: a type code and a byte order."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = False) -> None:
+        self.code, self.order = code, "="
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1:
+            self.order = state[1]
+
+
+# Plain numbers: what demucs' exported metrics hold (numpy float64 test scores).
+_NUMPY_NUMBERS = frozenset({"b1", "f2", "f4", "f8", "i1", "i2", "i4", "i8",
+                            "u1", "u2", "u4", "u8"})
+
+
+def _numpy_scalar(dtype: Any, data: Any) -> bool | int | float:
+    """A pickled numpy number (``numpy.core.multiarray.scalar``) as the Python number it is.
+
+    demucs' ``tools/export.py`` stores the test metrics beside the weights, numpy floats.
+    """
+    import numpy
+
+    if not (isinstance(dtype, _NumpyDType) and dtype.code in _NUMPY_NUMBERS
+            and dtype.order in ("<", ">", "|", "=") and isinstance(data, bytes)):
+        raise _Refused(f"holds a numpy scalar of type {getattr(dtype, 'code', dtype)!r}; only "
+                       f"numbers ({', '.join(sorted(_NUMPY_NUMBERS))}) are read")
+    kind = numpy.dtype(dtype.code).newbyteorder("=" if dtype.order == "|" else dtype.order)
+    if len(data) != kind.itemsize:
+        raise _Refused(f"holds a numpy {dtype.code} scalar of {len(data)} bytes")
+    return numpy.frombuffer(data, kind)[0].item()
+
+
+class _OmegaConfNode:
+    """An omegaconf ``DictConfig``, ``ListConfig`` or ``AnyNode`` as pickled: only what it
+    holds (``_content``, or ``_val``) is kept, for :func:`_plain`; nothing of omegaconf runs."""
+
+    held: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise _Refused(f"holds an omegaconf node whose state is {_kind(state)}")
+        self.held = state.get("_val" if isinstance(self, _OmegaConfValue) else "_content")
+
+
+class _OmegaConfDict(_OmegaConfNode):
+    pass
+
+
+class _OmegaConfList(_OmegaConfNode):
+    pass
+
+
+class _OmegaConfValue(_OmegaConfNode):
+    pass
+
+
+class _OmegaConfMetadata:
+    """omegaconf's node metadata (types, flags, the parent's key): not needed, dropped."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _omegaconf_cache(*args: Any) -> dict:
+    """The ``collections.defaultdict`` of omegaconf's resolver cache, as an empty dict."""
+    return {}
+
+
+# What a demucs checkpoint may name besides torch's own tensor machinery. A training package
+# pickles its model class (stemserve's name for it when stemserve made the package) and its
+# training arguments: an argparse.Namespace (v2, paths included), a dict or an omegaconf
+# DictConfig (demucs 4). A quantized state names its quantizer class, which is never called,
+# so it resolves to a plain string; so do the types in omegaconf's metadata. htdemucs' segment
+# is a Fraction; demucs 4's export adds test metrics, numpy floats.
 _SAFE_GLOBALS: list[Any] = [
     (_DemucsClass, "demucs.model.Demucs"),
     (_DemucsClass, "stemserve.model.Demucs"),
+    (_DemucsV3Class, "demucs.demucs.Demucs"),
+    (_HDemucsClass, "demucs.hdemucs.HDemucs"),
+    (_HTDemucsClass, "demucs.htdemucs.HTDemucs"),
     argparse.Namespace,
     # Pure paths: building one touches nothing; concrete Windows paths cannot exist on POSIX.
     # Python 3.13 moved the classes to pathlib._local.
@@ -159,35 +548,88 @@ _SAFE_GLOBALS: list[Any] = [
       for prefix in ("", "Pure")
       for flavour, pure in (("Posix", PurePosixPath), ("Windows", PureWindowsPath))),
     *((name, name) for name in ("diffq.diffq.DiffQuantizer", "diffq.uniform.UniformQuantizer")),
+    (_fraction, "fractions.Fraction"),
+    (_NumpyDType, "numpy.dtype"),
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_OmegaConfDict, "omegaconf.dictconfig.DictConfig"),
+    (_OmegaConfList, "omegaconf.listconfig.ListConfig"),
+    (_OmegaConfValue, "omegaconf.nodes.AnyNode"),
+    (_OmegaConfMetadata, "omegaconf.base.ContainerMetadata"),
+    (_OmegaConfMetadata, "omegaconf.base.Metadata"),
+    (_omegaconf_cache, "collections.defaultdict"),
+    *((name, name) for name in ("typing.Any", "builtins.dict", "builtins.list", "builtins.int")),
 ]
 # torch keeps the allowlist in one process-wide set; serialise our additions to it.
 _SAFE_GLOBALS_LOCK = threading.Lock()
+_MAX_NESTING = 32  # of a configuration: demucs' is 3 deep
+
+
+# --------------------------------------------------------------------------- public API
 
 
 @dataclass
 class CheckpointInfo:
     """Where a model's weights came from.
 
-    ``name`` is the release name or the file's stem, ``sha256`` the full hex digest of the
-    file, ``config`` every :class:`Demucs` argument the model was built with.
+    ``name`` is the release name, a bag member's signature or the file's stem; ``sha256`` the
+    full hex digest of the file; ``family`` which class the model is (a key of
+    :data:`MODEL_CLASSES`: ``demucs`` for v2, ``demucs_v3``, ``hdemucs``, ``htdemucs``);
+    ``config`` every argument that class was built with, as the file stores it (a bag's
+    segment override is on the model, not here).
     """
 
     name: str
     path: Path
     sha256: str
     config: dict[str, Any]
+    family: str = "demucs"
+
+
+@dataclass
+class Bag:
+    """Models whose outputs a separation averages with per-source weights, as demucs 4's
+    ``BagOfModels``: every release and every file loads as one (a single model is a bag of
+    one), so that callers handle them all alike.
+
+    ``models`` are in eval mode (a model listed twice is the same object); ``infos`` go with
+    them; ``weights`` hold one row of per-source weights per model (ones when the release
+    gives none); ``segment`` is the release's override in seconds, or None. Like
+    ``BagOfModels``, loading sets each v3/v4 model's ``segment`` to the override.
+    """
+
+    name: str
+    models: list[torch.nn.Module]
+    infos: list[CheckpointInfo]
+    weights: list[list[float]]
+    segment: float | None
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.models[0].sources)
+
+    @property
+    def samplerate(self) -> int:
+        return self.models[0].samplerate
+
+    @property
+    def audio_channels(self) -> int:
+        return self.models[0].audio_channels
 
 
 def checkpoint_url(name: str, *, base_url: str | None = None) -> str:
-    """URL of release ``name`` under ``base_url``, else $STEMSERVE_CHECKPOINT_URL, else ROOT.
+    """URL of the file of single-file release ``name`` on the mirror ``base_url``, else
+    $STEMSERVE_CHECKPOINT_URL, else the official server.
 
-    A base without a scheme is a folder on this host (a mirror on disk or a shared mount); it
-    becomes a ``file://`` URL, which is fetched with the same verification as a download.
+    A mirror is flat (every file under its own name); a base without a scheme is a folder on
+    this host (a mirror on disk or a shared mount), fetched as a ``file://`` URL with the
+    same verification as a download.
     """
-    base = base_url or os.environ.get(URL_ENV) or ROOT_URL
-    if "://" not in base and not base.startswith("file:"):
-        base = Path(base).expanduser().absolute().as_uri()
-    return base.rstrip("/") + "/" + _file_name(name)
+    return _url(_single_file(name), base_url)
+
+
+def checkpoint_files(name: str) -> tuple[str, ...]:
+    """The names of release ``name``'s files, in torch hub's cache and on a mirror."""
+    return tuple(remote.name for remote in _release_files(name))
 
 
 def checkpoint_cache_dir() -> Path:
@@ -197,83 +639,145 @@ def checkpoint_cache_dir() -> Path:
 
 def download_checkpoint(name: str, *, cache_dir: str | Path | None = None,
                         base_url: str | None = None, progress: bool = True) -> Path:
-    """Path of release ``name``'s verified file, downloaded only when the cache lacks it."""
-    return _fetch(name, cache_dir, base_url, progress)[0]
+    """Path of single-file release ``name``'s verified file, downloaded only when the cache
+    lacks it."""
+    return _fetch(_single_file(name), cache_dir, base_url, progress)[0]
 
 
 def load_model(name_or_path: str | Path, *, config: str | None = None,
                cache_dir: str | Path | None = None, base_url: str | None = None,
-               progress: bool = True) -> tuple[Demucs, CheckpointInfo]:
-    """Build a :class:`Demucs` in eval mode from a release name or a local checkpoint file.
+               progress: bool = True) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """One model in eval mode, from a single-model release name or a local checkpoint file.
 
     A string naming a release (:data:`KNOWN_MODELS`) downloads or reuses that release; any
     other value is a file in one of the :data:`_FORMATS`: a plain state dict is built with the
     release configuration ``config`` (default :data:`DEFAULT_CONFIG`); the other formats carry
-    their own configuration.
+    their own configuration. Bags of several models load with :func:`load_bag`.
     """
     if isinstance(name_or_path, str) and _is_release_name(name_or_path):
-        name = name_or_path
-        if config not in (None, name):
-            raise CheckpointError(f"config={config!r} applies to local files only; "
-                                  f"release {name!r} has its own configuration")
-        path, sha256 = _fetch(name, cache_dir, base_url, progress)  # sha256 verified
-        model, used = _from_loaded(_torch_load(path, str(path)), name, str(path),
-                                   config_given=False)
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint file at {path}")
-        name, sha256 = path.stem, _sha256(path)
-        _check_zip_crcs(path)
-        model, used = _from_loaded(_torch_load(path, str(path)), config or DEFAULT_CONFIG,
-                                   str(path), config_given=config is not None)
-    return model.eval(), CheckpointInfo(name=name, path=path, sha256=sha256, config=used)
+        if name_or_path in BAGS and len(BAGS[name_or_path].models) > 1:
+            raise CheckpointError(f"{name_or_path!r} is a bag of "
+                                  f"{len(BAGS[name_or_path].models)} models; load it with "
+                                  f"load_bag()")
+    elif _is_bag_yaml(Path(name_or_path)):
+        raise CheckpointError(f"{name_or_path} is a bag of models; load it with load_bag()")
+    bag = load_bag(name_or_path, config=config, cache_dir=cache_dir, base_url=base_url,
+                   progress=progress)
+    return bag.models[0], bag.infos[0]
+
+
+def load_bag(name_or_path: str | Path, *, config: str | None = None,
+             cache_dir: str | Path | None = None, base_url: str | None = None,
+             progress: bool = True) -> Bag:
+    """The :class:`Bag` of a release name, a local bag YAML or a local checkpoint file.
+
+    A release downloads (or reuses) each of its files. A YAML file in demucs 4's format
+    (``models: [signatures]``, optional ``weights:`` and ``segment:``) finds each model next
+    to it, as ``<signature>.th`` or ``<signature>-<sha256 prefix>.th`` (demucs' ``LocalRepo``).
+    Any other path is one checkpoint file, read as :func:`load_model` reads it.
+    """
+    if isinstance(name_or_path, str) and _is_release_name(name_or_path):
+        return _release_bag(name_or_path, config, cache_dir, base_url, progress)
+    path = Path(name_or_path)
+    if _is_bag_yaml(path):
+        if config is not None:
+            raise CheckpointError(f"config={config!r} applies to a single local file; the "
+                                  f"models of the bag {path} carry their own configuration")
+        return _local_bag(path)
+    model, info = _load_local(path, config, path.stem)
+    return _bag(path.stem, [(model, info)], BagRelease((path.stem,)), str(path))
 
 
 # --------------------------------------------------------------------------- releases, cache
 
 
+class _RemoteFile(NamedTuple):
+    """A release file: its name (in the cache and on a mirror), the sha256 prefix its content
+    must have, and its official URL."""
+
+    name: str
+    checksum: str
+    url: str
+
+
 def _is_release_name(text: str) -> bool:
     """Release names win; anything that could be a file is a file; the rest is a bad name."""
-    if text in RELEASES or text in UNSUPPORTED:
+    if text in RELEASES or text in UNSUPPORTED or text in BAGS:
         return True
     return not (Path(text).exists() or Path(text).suffix or "/" in text or os.sep in text)
 
 
-def _release(name: str, what: str = "model") -> Release:
+def _is_bag_yaml(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def _release(name: str) -> Release:
     if name in UNSUPPORTED:
         raise CheckpointError(f"{name!r} is a ConvTasNet model, which stemserve does not "
                               f"support; supported models: {', '.join(KNOWN_MODELS)}")
     try:
         return RELEASES[name]
     except KeyError:
-        raise CheckpointError(f"unknown {what} {name!r}; known models: "
+        raise CheckpointError(f"unknown model {name!r}; known models: "
                               f"{', '.join(KNOWN_MODELS)}") from None
 
 
-def _file_name(name: str) -> str:
-    return f"{name}-{_release(name).signature}.th"
+def _v2_file(name: str) -> _RemoteFile:
+    signature = _release(name).signature
+    file_name = f"{name}-{signature}.th"
+    return _RemoteFile(file_name, signature, ROOT_URL + file_name)
 
 
-def _fetch(name: str, cache_dir: str | Path | None, base_url: str | None,
+def _v4_file(signature: str) -> _RemoteFile:
+    """demucs 4's file of ``signature``, named as ``torch.hub`` names it in the cache."""
+    folder, checksum = DEMUCS4_FILES[signature]
+    file_name = f"{signature}-{checksum}.th"
+    return _RemoteFile(file_name, checksum, f"{DEMUCS4_ROOT_URL}{folder}/{file_name}")
+
+
+def _release_files(name: str) -> list[_RemoteFile]:
+    """Each distinct file of release ``name``, in the order of its models."""
+    if name in BAGS:
+        return [_v4_file(signature) for signature in dict.fromkeys(BAGS[name].models)]
+    return [_v2_file(name)]
+
+
+def _single_file(name: str) -> _RemoteFile:
+    files = _release_files(name)
+    if len(files) > 1:
+        raise CheckpointError(f"{name!r} is a bag of {len(BAGS[name].models)} models in "
+                              f"{len(files)} files ({', '.join(f.name for f in files)}); load "
+                              f"it with load_bag(), list its files with checkpoint_files()")
+    return files[0]
+
+
+def _url(remote: _RemoteFile, base_url: str | None) -> str:
+    base = base_url or os.environ.get(URL_ENV)
+    if not base:
+        return remote.url
+    if "://" not in base and not base.startswith("file:"):
+        base = Path(base).expanduser().absolute().as_uri()
+    return base.rstrip("/") + "/" + remote.name
+
+
+def _fetch(remote: _RemoteFile, cache_dir: str | Path | None, base_url: str | None,
            progress: bool) -> tuple[Path, str]:
-    """Verified cached file of release ``name`` and its sha256; downloads it if needed.
+    """Verified cached file ``remote`` and its sha256; downloads it if needed.
 
     A cached file that does not match its name is moved aside, never deleted: it may be a
     truncated download, or a user's own model saved under a release's name.
     """
-    signature = _release(name).signature
     folder = Path(cache_dir) if cache_dir is not None else checkpoint_cache_dir()
-    path = folder / _file_name(name)
+    path = folder / remote.name
     aside = None
     if path.is_file():
         sha256 = _sha256(path)
-        if sha256.startswith(signature):
+        if sha256.startswith(remote.checksum):
             return path, sha256
         aside = _move_aside(path, sha256)
-    url = checkpoint_url(name, base_url=base_url)
+    url = _url(remote, base_url)
     try:
-        return path, _download(url, path, signature, progress)
+        return path, _download(url, path, remote.checksum, progress)
     except CheckpointError as exc:
         if aside is None:
             raise
@@ -393,6 +897,166 @@ def _check_zip_crcs(path: Path) -> None:
                                       f"again") from exc
 
 
+# --------------------------------------------------------------------------- bags
+
+
+def _release_bag(name: str, config: str | None, cache_dir: str | Path | None,
+                 base_url: str | None, progress: bool) -> Bag:
+    """Release ``name``'s bag: every file fetched and verified first, then each loaded once."""
+    if config not in (None, name):
+        raise CheckpointError(f"config={config!r} applies to local files only; "
+                              f"release {name!r} has its own configuration")
+    if name not in BAGS:
+        path, sha256 = _fetch(_v2_file(name), cache_dir, base_url, progress)  # sha256 verified
+        loaded = _from_loaded(_torch_load(path, str(path)), name, str(path), config_given=False)
+        return _bag(name, [_member(loaded, name, path, sha256)], BagRelease((name,)), name)
+    release = BAGS[name]
+    files = {signature: _fetch(_v4_file(signature), cache_dir, base_url, progress)
+             for signature in dict.fromkeys(release.models)}
+    members = {}
+    for signature, (path, sha256) in files.items():
+        loaded = _from_loaded(_torch_load(path, str(path)), None, str(path), config_given=False)
+        members[signature] = _member(loaded, name if len(files) == 1 else signature, path,
+                                     sha256)
+    return _bag(name, [members[signature] for signature in release.models], release, name)
+
+
+def _local_bag(path: Path) -> Bag:
+    """The bag of a demucs 4 YAML file, its models found next to it."""
+    spec = _read_bag_yaml(path)
+    files = {signature: _local_member(path, signature) for signature in dict.fromkeys(spec.models)}
+    members = {signature: _load_local(file, None, signature, checksum)
+               for signature, (file, checksum) in files.items()}
+    return _bag(path.stem, [members[signature] for signature in spec.models], spec, str(path))
+
+
+def _read_bag_yaml(path: Path) -> BagRelease:
+    """A bag YAML's models, weights and segment, their types and counts checked."""
+    try:
+        if path.stat().st_size > _MAX_BAG_YAML:
+            raise CheckpointError(f"{path} is over {_MAX_BAG_YAML >> 10} KiB, which no bag of "
+                                  f"models needs")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read the bag of models {path}: {exc}") from exc
+    try:
+        import yaml
+    except ImportError as exc:
+        raise CheckpointError(f"{path} is a bag of models in YAML; reading it needs PyYAML "
+                              f"(pip install pyyaml)") from exc
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(spec, dict) or "models" not in spec:
+        raise CheckpointError(f"{path} is not a bag of models: demucs 4's format is a mapping "
+                              f"with 'models' (a list of signatures) and optional 'weights' "
+                              f"and 'segment'")
+    unknown = [key for key in spec if key not in _BAG_KEYS]
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key {unknown[0]!r}; a bag of models has "
+                              f"{', '.join(_BAG_KEYS)}")
+    models, weights, segment = spec["models"], spec.get("weights"), spec.get("segment")
+    _check_bag(models, weights, segment, str(path))
+    return BagRelease(tuple(models), None if weights is None else
+                      tuple(tuple(row) for row in weights), segment)
+
+
+def _check_bag(models: Any, weights: Any, segment: Any, what: str) -> None:
+    """Bound what a bag YAML lists before any model is loaded."""
+    if not (isinstance(models, (list, tuple)) and 1 <= len(models) <= _MAX_BAG_MODELS
+            and all(isinstance(s, str) and _SIGNATURE.fullmatch(s) for s in models)):
+        raise CheckpointError(f"{what}: models={models!r} is not a list of 1 to "
+                              f"{_MAX_BAG_MODELS} signatures (letters, digits and _)")
+    if weights is not None and not (
+            isinstance(weights, (list, tuple)) and len(weights) == len(models)
+            and all(isinstance(row, (list, tuple)) and 1 <= len(row) <= _MAX_SOURCES
+                    and all(_is_number(w) and w >= 0 for w in row) for row in weights)):
+        raise CheckpointError(f"{what}: weights={weights!r} is not one row of per-source "
+                              f"weights (numbers >= 0) for each of its {len(models)} models")
+    if segment is not None and not _is_segment(segment):
+        raise CheckpointError(f"{what}: segment={segment!r} is out of bounds: stemserve loads "
+                              f"seconds above 0 up to {_MAX_SEGMENT_S} (the releases use 44)")
+
+
+def _local_member(bag: Path, signature: str) -> tuple[Path, str | None]:
+    """The file of ``signature`` next to ``bag`` and the sha256 prefix its name gives, if any:
+    ``<signature>.th`` or ``<signature>-<sha256 prefix>.th``, as demucs 4's LocalRepo."""
+    folder = bag.parent
+    found = []
+    for file in sorted(folder.glob(f"{signature}*.th")):
+        head, dash, checksum = file.stem.partition("-")
+        if head == signature and (not dash or _HEX.fullmatch(checksum)):
+            found.append((file, checksum or None))
+    if not found:
+        raise CheckpointError(f"{bag}: model {signature!r} has no file next to it: put "
+                              f"{signature}.th or {signature}-<sha256 prefix>.th into {folder}")
+    if len(found) > 1:
+        raise CheckpointError(f"{bag}: model {signature!r} has {len(found)} files in {folder} "
+                              f"({', '.join(file.name for file, _ in found)}); keep one")
+    return found[0]
+
+
+def _load_local(path: Path, config: str | None, name: str,
+                checksum: str | None = None) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """A local checkpoint file's model: its name's sha256 prefix and zip CRCs checked first."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    sha256 = _sha256(path)
+    if checksum is not None and not sha256.startswith(checksum):
+        raise CheckpointError(f"{path} does not match the sha256 in its name: it starts with "
+                              f"{sha256[:len(checksum)]}, the name says {checksum}; copy or "
+                              f"download the file again")
+    _check_zip_crcs(path)
+    loaded = _from_loaded(_torch_load(path, str(path)), config or DEFAULT_CONFIG, str(path),
+                          config_given=config is not None)
+    return _member(loaded, name, path, sha256)
+
+
+def _member(loaded: _Loaded, name: str, path: Path,
+            sha256: str) -> tuple[torch.nn.Module, CheckpointInfo]:
+    return loaded.model.eval(), CheckpointInfo(name=name, path=path, sha256=sha256,
+                                               config=loaded.config, family=loaded.family)
+
+
+def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec: BagRelease,
+         what: str) -> Bag:
+    """The bag of loaded ``members``, once they agree on what they separate, as
+    ``BagOfModels`` checks; the segment override is set on the models, as it does."""
+    models, infos = [model for model, _ in members], [info for _, info in members]
+    first = models[0]
+
+    def separates(model: torch.nn.Module) -> tuple[list[str], int, int]:
+        return list(model.sources), model.samplerate, model.audio_channels
+
+    for model, info in zip(models[1:], infos[1:]):
+        for attribute, mine, theirs in zip(("sources", "samplerate", "audio_channels"),
+                                           separates(first), separates(model)):
+            if mine != theirs:
+                raise CheckpointError(f"{what}: its models disagree on {attribute}: "
+                                      f"{infos[0].name} has {mine!r}, {info.name} has "
+                                      f"{theirs!r}; a bag averages models of the same sources, "
+                                      f"sample rate and audio channels")
+    count = len(first.sources)
+    weights = [[1.] * count for _ in models] if spec.weights is None else \
+        [[float(w) for w in row] for row in spec.weights]
+    for row in weights:
+        if len(row) != count:
+            raise CheckpointError(f"{what}: its weights have a row of {len(row)}, but its "
+                                  f"models separate {count} sources "
+                                  f"({', '.join(first.sources)})")
+    silent = [source for index, source in enumerate(first.sources)
+              if not sum(row[index] for row in weights)]
+    if silent:
+        raise CheckpointError(f"{what}: its weights give {', '.join(silent)} no model (a "
+                              f"weight of 0 in every row)")
+    if spec.segment is not None:
+        for model, info in members:
+            if info.family != "demucs":
+                model.segment = spec.segment
+    return Bag(name=name, models=models, infos=infos, weights=weights, segment=spec.segment)
+
+
 # --------------------------------------------------------------------------- unpickling
 
 
@@ -414,10 +1078,8 @@ def _torch_load(source: Path | bytes, what: str) -> Any:
             raise CheckpointError(_refusal(what, sorted(forbidden)))
         try:
             return torch.load(opened(), map_location="cpu", weights_only=True)
-        except _CalledWhileUnpickling:
-            raise CheckpointError(f"{what} calls the Demucs class while unpickling, which no "
-                                  f"checkpoint does (it only names it); refused before building "
-                                  f"anything") from None
+        except _Refused as exc:
+            raise CheckpointError(f"{what} {exc}") from None
         except Exception as exc:
             refused = re.search(r"GLOBAL (\S+)", str(exc))  # torch's refusal of a global
             if refused:
@@ -442,19 +1104,49 @@ def _load_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {paragraphs[-1]}" if paragraphs else type(exc).__name__
 
 
+def _plain(value: Any, what: str, depth: int = 0) -> Any:
+    """``value`` with omegaconf placeholders replaced by the dicts, lists and values they
+    hold, as ``OmegaConf.to_container`` does (interpolations stay strings)."""
+    if depth > _MAX_NESTING:
+        raise CheckpointError(f"{what}: its configuration nests deeper than {_MAX_NESTING} "
+                              f"levels")
+    if isinstance(value, _OmegaConfNode):
+        held = value.held
+        if isinstance(value, _OmegaConfValue) or held is None or isinstance(held, str):
+            return _plain(held, what, depth + 1)  # a value, None, '???' or '${...}'
+        value = held
+    if isinstance(value, Mapping):
+        return {key: _plain(item, what, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, what, depth + 1) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
 # --------------------------------------------------------------------------- formats
 
 
-def _from_loaded(loaded: Any, config: str, what: str, *,
-                 config_given: bool) -> tuple[Demucs, dict[str, Any]]:
-    """Model of whichever of the :data:`_FORMATS` ``loaded`` is; anything else is refused."""
+class _Loaded(NamedTuple):
+    model: torch.nn.Module
+    family: str
+    config: dict[str, Any]
+
+
+def _from_loaded(loaded: Any, config: str | None, what: str, *, config_given: bool) -> _Loaded:
+    """Model of whichever of the :data:`_FORMATS` ``loaded`` is; anything else is refused.
+
+    ``config`` names the configuration of a plain state dict; None: the file must carry its
+    own (a demucs 4 release's files do).
+    """
     if isinstance(loaded, Mapping) and ("klass" in loaded or {"config", "state"} <= loaded.keys()):
         if config_given:
-            warnings.warn(f"{what} carries its own configuration; ignoring config={config!r}",
-                          stacklevel=3)
+            _warn(f"{what} carries its own configuration; ignoring config={config!r}")
         return _from_package(loaded, what) if "klass" in loaded else _from_saved(loaded, what)
     if isinstance(loaded, Mapping) and loaded and (
             "compressed" in loaded or all(isinstance(v, torch.Tensor) for v in loaded.values())):
+        if config is None:
+            raise CheckpointError(f"{what} holds a plain state dict without its configuration, "
+                                  f"where a training package was expected")
         return _from_state(loaded, config, what)
     if isinstance(loaded, Mapping):
         keys = list(loaded)
@@ -466,32 +1158,46 @@ def _from_loaded(loaded: Any, config: str, what: str, *,
                           f"loads. It loads {_FORMATS}.")
 
 
-def _from_state(state: Mapping[str, Any], config: str,
-                what: str) -> tuple[Demucs, dict[str, Any]]:
+def _from_state(state: Mapping[str, Any], config: str, what: str) -> _Loaded:
     """Model of release configuration ``config`` holding a plain or compressed state dict."""
-    release = _release(config, what="configuration")
+    if config in _STATE_CONFIGS:
+        family, kwargs = _STATE_CONFIGS[config]
+        used = _configuration_v4(family, (), kwargs, what)
+        return _Loaded(_assign(family, used, _state_dict(state, what), what,
+                               f"the {config!r} configuration, {_describe(used, family)}"),
+                       family, used)
+    if config not in RELEASES:
+        kind = ("a bag of models, not one configuration" if config in BAGS else
+                "a ConvTasNet model" if config in UNSUPPORTED else "no release")
+        raise CheckpointError(f"{what}: {config!r} is {kind}; a plain state dict is built "
+                              f"with the configuration of one of "
+                              f"{', '.join([*RELEASES, *_STATE_CONFIGS])} (--config)")
+    release = RELEASES[config]
     used = _configuration((), {"sources": SOURCES, **release.config}, what)
     fits = f"the {config!r} configuration, {_describe(used)}"
     if "compressed" in state:
         # demucs_quantized, as demucs/pretrained.py restores it.
-        return _restore_quantized(
+        return _Loaded(_restore_quantized(
             used, state, lambda diffq, m: diffq.DiffQuantizer(m, group_size=8, min_size=1),
-            what, fits), used
-    return _assign(used, _state_dict(state, what), what, fits,
-                   hint=lambda: _release_hint(state, config)), used
+            what, fits), "demucs", used)
+    return _Loaded(_assign("demucs", used, _state_dict(state, what), what, fits,
+                           hint=lambda: _release_hint(state, config)), "demucs", used)
 
 
-def _from_package(package: Mapping[str, Any], what: str) -> tuple[Demucs, dict[str, Any]]:
-    """Model of a demucs 2.x training package, restored like demucs' ``load_model``."""
+def _from_package(package: Mapping[str, Any], what: str) -> _Loaded:
+    """Model of a demucs training package, restored like demucs' ``load_model``."""
     klass = package["klass"]
-    if klass is not _DemucsClass:
+    if not (isinstance(klass, type) and issubclass(klass, _ClassMarker)):
         raise CheckpointError(f"{what} is a training package of {klass!r}, not of "
-                              f"demucs.model.Demucs")
+                              f"demucs.model.Demucs or demucs 4's HTDemucs, HDemucs or Demucs")
     missing = [key for key in ("kwargs", "state") if key not in package]
     if missing:
         raise CheckpointError(f"{what} is a training package without "
                               f"{' or '.join(map(repr, missing))}")
-    used = _configuration(package.get("args", ()), package["kwargs"], what)
+    args, kwargs = _plain(package.get("args", ()), what), _plain(package["kwargs"], what)
+    if klass.family != "demucs":
+        return _from_package_v4(package, klass.family, args, kwargs, what)
+    used = _configuration(args, kwargs, what)
     fits = f"its own configuration, {_describe(used)}"
     make_quantizer = _package_quantizer(package.get("training_args"), what)
     state = package["state"]
@@ -499,20 +1205,37 @@ def _from_package(package: Mapping[str, Any], what: str) -> tuple[Demucs, dict[s
         if isinstance(state, Mapping) and "compressed" in state:
             raise CheckpointError(f"{what}: its state is compressed, but its training_args "
                                   f"name no quantizer (diffq or qat) to restore it with")
-        return _assign(used, _state_dict(state, what), what, fits), used
-    return _restore_quantized(used, state, make_quantizer, what, fits), used
+        return _Loaded(_assign("demucs", used, _state_dict(state, what), what, fits), "demucs",
+                       used)
+    return _Loaded(_restore_quantized(used, state, make_quantizer, what, fits), "demucs", used)
 
 
-def _from_saved(saved: Mapping[str, Any], what: str) -> tuple[Demucs, dict[str, Any]]:
+def _from_package_v4(package: Mapping[str, Any], family: str, args: Any, kwargs: Any,
+                     what: str) -> _Loaded:
+    """Model of a demucs 3/4 package (``demucs.states.serialize_model``): a half-precision
+    state dict, or a diffq-quantized state that names its quantizer (``set_state``)."""
+    training = _plain(package.get("training_args"), what)
+    if training is not None and not isinstance(training, Mapping):
+        raise CheckpointError(f"{what}: 'training_args' is {_kind(training)}, not the dict "
+                              f"(or omegaconf DictConfig) demucs saves")
+    used = _configuration_v4(family, args, kwargs, what)
+    fits = f"its own configuration, {_describe(used, family)}"
+    state = package["state"]
+    if isinstance(state, Mapping) and state.get("__quantized"):
+        return _Loaded(_restore_v4_quantized(family, used, state, what, fits), family, used)
+    return _Loaded(_assign(family, used, _state_dict(state, what), what, fits), family, used)
+
+
+def _from_saved(saved: Mapping[str, Any], what: str) -> _Loaded:
     """Model of ``{'config': Demucs arguments, 'state': state dict}``, as benchmarks save it."""
     used = _configuration((), {"sources": SOURCES, **_mapping(saved["config"], "config", what)},
                           what)
-    return _assign(used, _state_dict(saved["state"], what), what,
-                   f"its own configuration, {_describe(used)}"), used
+    return _Loaded(_assign("demucs", used, _state_dict(saved["state"], what), what,
+                           f"its own configuration, {_describe(used)}"), "demucs", used)
 
 
 def _package_quantizer(training: Any, what: str) -> Callable[[Any, Demucs], Any] | None:
-    """demucs' ``get_quantizer``: the quantizer that a package's training arguments imply."""
+    """demucs 2's ``get_quantizer``: the quantizer that a package's training arguments imply."""
     if training is None:
         return None
     if not isinstance(training, argparse.Namespace):
@@ -541,20 +1264,7 @@ def _package_quantizer(training: Any, what: str) -> Callable[[Any, Demucs], Any]
 
 def _configuration(args: Any, kwargs: Any, what: str) -> dict[str, Any]:
     """Every :class:`Demucs` argument of ``args`` and ``kwargs``, checked against the bounds."""
-    if not isinstance(args, (tuple, list)):
-        raise CheckpointError(f"{what}: 'args' is {_kind(args)}, not a tuple of Demucs "
-                              f"arguments")
-    kwargs = dict(_mapping(kwargs, "kwargs", what))
-    parameters = inspect.signature(Demucs).parameters
-    for key in [key for key in kwargs if key not in parameters]:
-        warnings.warn(f"{what}: dropping unknown Demucs parameter {key!r}", stacklevel=5)
-        del kwargs[key]
-    try:
-        bound = inspect.signature(Demucs).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise CheckpointError(f"{what}: bad Demucs arguments ({exc})") from exc
-    bound.apply_defaults()
-    used = dict(bound.arguments)
+    used = _bind(Demucs, args, kwargs, what)
     used["sources"] = _sources(used["sources"], what)
     for name, limit in _LIMITS.items():
         value = used[name]
@@ -570,9 +1280,41 @@ def _configuration(args: Any, kwargs: Any, what: str) -> dict[str, Any]:
     return used
 
 
-def _mapping(value: Any, field_name: str, what: str) -> Mapping[str, Any]:
+def _configuration_v4(family: str, args: Any, kwargs: Any, what: str) -> dict[str, Any]:
+    """Every argument of ``family``'s class, checked against :data:`_V4_RULES`."""
+    used = _bind(MODEL_CLASSES[family], args, kwargs, what)
+    used["sources"] = _sources(used["sources"], what)
+    for name, value in used.items():
+        rule = _V4_RULES[name] if name != "sources" else None
+        if rule is not None and not rule.accepts(value):
+            raise CheckpointError(f"{what}: {name}={value!r} is out of bounds: stemserve loads "
+                                  f"{rule.accepted} (the releases use {rule.releases})")
+    return used
+
+
+def _bind(klass: type, args: Any, kwargs: Any, what: str) -> dict[str, Any]:
+    """``klass``'s arguments from ``args`` and ``kwargs``, defaults filled in; unknown keyword
+    arguments are dropped with a warning, as demucs' ``load_model`` does."""
+    name = klass.__name__
+    if not isinstance(args, (tuple, list)):
+        raise CheckpointError(f"{what}: 'args' is {_kind(args)}, not a tuple of {name} "
+                              f"arguments")
+    kwargs = dict(_mapping(kwargs, "kwargs", what, name))
+    parameters = inspect.signature(klass).parameters
+    for key in [key for key in kwargs if key not in parameters]:
+        _warn(f"{what}: dropping unknown {name} parameter {key!r}")
+        del kwargs[key]
+    try:
+        bound = inspect.signature(klass).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"{what}: bad {name} arguments ({exc})") from exc
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _mapping(value: Any, field_name: str, what: str, klass: str = "Demucs") -> Mapping[str, Any]:
     if not (isinstance(value, Mapping) and all(isinstance(key, str) for key in value)):
-        raise CheckpointError(f"{what}: {field_name!r} is {_kind(value)}, not a dict of Demucs "
+        raise CheckpointError(f"{what}: {field_name!r} is {_kind(value)}, not a dict of {klass} "
                               f"arguments by name")
     return value
 
@@ -596,9 +1338,14 @@ def _check_segment(used: Mapping[str, Any], what: str) -> None:
                               f"loads 1 sample to {_MAX_SEGMENT_S} s (the releases use 40 s)")
     padded = valid_length(segment, **{key: used[key] for key in
                                       ("resample", "depth", "kernel_size", "stride", "context")})
+    _check_padded(padded, segment / rate, used, what)
+
+
+def _check_padded(padded: int, segment_s: float, used: Mapping[str, Any], what: str) -> None:
+    rate = used["samplerate"]
     if padded > 2 * _MAX_SEGMENT_S * rate:
         raise CheckpointError(f"{what}: its network needs {padded / rate:.0f} s of input for "
-                              f"its {segment / rate:g} s segment (stride {used['stride']}, "
+                              f"its {segment_s:g} s segment (stride {used['stride']}, "
                               f"depth {used['depth']}); stemserve loads at most "
                               f"{2 * _MAX_SEGMENT_S} s")
 
@@ -609,26 +1356,40 @@ def _is_number(value: Any, *, integer: bool = False) -> bool:
             and math.isfinite(value))
 
 
-def _describe(config: Mapping[str, Any]) -> str:
-    defaults = inspect.signature(Demucs).parameters
+def _describe(config: Mapping[str, Any], family: str = "demucs") -> str:
+    klass = MODEL_CLASSES[family]
+    defaults = inspect.signature(klass).parameters
     changed = [f"{key}={value!r}" for key, value in config.items()
                if key != "sources" and value != defaults[key].default]
-    return f"Demucs({', '.join(changed)})" if changed else "Demucs with its default arguments"
+    name = "Demucs (v3)" if family == "demucs_v3" else klass.__name__
+    return f"{name}({', '.join(changed)})" if changed else f"{name} with its default arguments"
 
 
-def _skeleton(used: Mapping[str, Any], what: str) -> Demucs:
-    """The network laid out on torch's meta device: its exact size, without allocating it."""
-    with torch.device("meta"):
-        skeleton = Demucs(**used)
+def _skeleton(family: str, used: Mapping[str, Any], what: str) -> torch.nn.Module:
+    """The network laid out on torch's meta device: its exact size, without allocating it.
+
+    Building it also runs the class's own checks of its arguments against each other.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = MODEL_CLASSES[family](**used)
+    except (AssertionError, ArithmeticError, IndexError, KeyError, RuntimeError, TypeError,
+            ValueError) as exc:
+        raise CheckpointError(f"{what}: {_describe(used, family)} cannot be built "
+                              f"({type(exc).__name__}: {_first_lines(exc)})") from exc
     count = _parameter_count(skeleton)
     if count > _MAX_PARAMETERS:
-        raise CheckpointError(f"{what}: {_describe(used)} has {count / 1e6:.0f} M parameters; "
-                              f"stemserve loads at most {_MAX_PARAMETERS / 1e6:.0f} M (the "
-                              f"largest release has 266 M)")
+        raise CheckpointError(f"{what}: {_describe(used, family)} has {count / 1e6:.0f} M "
+                              f"parameters; stemserve loads at most {_MAX_PARAMETERS / 1e6:.0f} "
+                              f"M (the largest release has 266 M)")
+    if family == "demucs_v3":
+        rate = used["samplerate"]
+        _check_padded(skeleton.valid_length(int(used["segment"] * rate)),
+                      float(used["segment"]), used, what)
     return skeleton
 
 
-def _parameter_count(model: Demucs) -> int:
+def _parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
@@ -661,14 +1422,15 @@ def _kind(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _assign(used: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str, fits: str,
-            hint: Callable[[], str] | None = None) -> Demucs:
-    """The model of configuration ``used`` holding ``state``'s tensors themselves.
+def _assign(family: str, used: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str,
+            fits: str, hint: Callable[[], str] | None = None) -> torch.nn.Module:
+    """The model of configuration ``used`` holding ``state``'s tensors themselves (then made
+    float32: demucs 4 stores half precision).
 
     Assigned to the meta skeleton rather than copied into an initialised model: nothing is
     allocated before the file's tensors have been matched name by name and shape by shape.
     """
-    model = _skeleton(used, what)
+    model = _skeleton(family, used, what)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -719,25 +1481,110 @@ def _import_diffq(what: str) -> Any:
     return diffq
 
 
+# What a malformed quantized state makes diffq raise while restoring it.
+_RESTORE_ERRORS = (AssertionError, AttributeError, IndexError, KeyError, RuntimeError,
+                   TypeError, ValueError)
+
+
 def _restore_quantized(used: Mapping[str, Any], state: Any,
                        make_quantizer: Callable[[Any, Demucs], Any], what: str,
                        fits: str) -> Demucs:
-    """demucs' ``set_state`` for ``{'compressed': zlib(torch.save(quantized_state))}``.
+    """demucs 2's ``set_state`` for ``{'compressed': zlib(torch.save(quantized_state))}``.
 
     The quantizer is detached afterwards: its hooks go, the dequantized float weights stay.
     """
     diffq = _import_diffq(what)
-    raw = _inflate(state, _parameter_count(_skeleton(used, what)), what)
+    raw = _inflate(state, _parameter_count(_skeleton("demucs", used, what)), what)
     quantized = _torch_load(raw, f"the quantized state in {what}")
     model = Demucs(**used)
     quantizer = make_quantizer(diffq, model)
     try:
         quantizer.restore_quantized_state(quantized)
-    except (AssertionError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except _RESTORE_ERRORS as exc:
         raise CheckpointError(f"the quantized state in {what} does not fit {fits}:\n"
                               f"{_first_lines(exc) or type(exc).__name__}") from exc
     quantizer.detach()
     return model
+
+
+def _restore_v4_quantized(family: str, used: Mapping[str, Any], state: Mapping[str, Any],
+                          what: str, fits: str) -> torch.nn.Module:
+    """demucs 4's ``set_state`` of a quantized state: ``diffq.restore_quantized_state``,
+    which rebuilds the quantizer the state names (``meta``) on the model, restores the
+    weights and detaches it, leaving plain float weights.
+
+    diffq restores into a real model, so it is only built for a state that can fill it: every
+    weight takes at least a bit (1 to 15 bits, float16 or float32), whatever the packing.
+    """
+    klass, kwargs = _state_quantizer(state, what)
+    diffq = _import_diffq(what)
+    parameters = _parameter_count(_skeleton(family, used, what))
+    held = _storage_bytes([state.get(part) for part in ("quantized", "float16", "others")])
+    if 8 * held < parameters:
+        raise CheckpointError(f"{what}: its quantized state holds {held} bytes of tensors, less "
+                              f"than a bit for each of the {parameters / 1e6:.1f} M weights of "
+                              f"{_describe(used, family)}; refused before building it")
+    model = MODEL_CLASSES[family](**used)
+    try:
+        quantizer = {"diffq.diffq.DiffQuantizer": diffq.DiffQuantizer,
+                     "diffq.uniform.UniformQuantizer": diffq.UniformQuantizer}[klass](
+            model, **kwargs)
+    except _RESTORE_ERRORS as exc:
+        raise CheckpointError(f"{what}: its quantizer settings do not fit {fits}: "
+                              f"{_first_lines(exc) or type(exc).__name__}") from exc
+    try:
+        for part, expected in (("float16", quantizer._float16), ("others", quantizer._others)):
+            if len(state.get(part, ())) != len(expected):  # diffq would zip them silently
+                raise ValueError(f"{len(state.get(part, ()))} {part} tensors where the model "
+                                 f"has {len(expected)}")
+        quantizer.restore_quantized_state(state)
+    except _RESTORE_ERRORS as exc:
+        raise CheckpointError(f"the quantized state in {what} does not fit {fits}:\n"
+                              f"{_first_lines(exc) or type(exc).__name__}") from exc
+    quantizer.detach()
+    return model
+
+
+def _storage_bytes(value: Any) -> int:
+    """Bytes of the distinct tensor storages in nested lists and tuples: what a quantized state
+    really holds (a pickle can list one storage many times, or a list inside itself)."""
+    storages: dict[int, int] = {}
+    pending, seen = [value], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return sum(storages.values())
+
+
+def _state_quantizer(state: Mapping[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """The quantizer class a demucs 4 quantized state names and its checked arguments."""
+    meta = state.get("meta")
+    klass = meta.get("klass") if isinstance(meta, Mapping) else None
+    if klass not in _QUANTIZER_RULES:
+        raise CheckpointError(f"{what}: its state is quantized but names no diffq quantizer "
+                              f"(meta.klass is {klass!r}; expected "
+                              f"{' or '.join(_QUANTIZER_RULES)})")
+    kwargs = meta.get("init_kwargs", {})
+    if not (isinstance(kwargs, Mapping) and all(isinstance(key, str) for key in kwargs)):
+        raise CheckpointError(f"{what}: its quantizer arguments are {_kind(kwargs)}, not a "
+                              f"dict by name")
+    rules = _QUANTIZER_RULES[klass]
+    for name, value in kwargs.items():
+        rule = rules.get(name)
+        if rule is None:
+            raise CheckpointError(f"{what}: its quantizer {klass} has no argument {name!r}")
+        if not rule.accepts(value):
+            raise CheckpointError(f"{what}: quantizer {name}={value!r} is out of bounds: "
+                                  f"stemserve loads {rule.accepted} (demucs uses "
+                                  f"{rule.releases})")
+    return klass, dict(kwargs)
 
 
 def _inflate(state: Any, parameters: int, what: str) -> bytes:
@@ -765,6 +1612,14 @@ def _inflate(state: Any, parameters: int, what: str) -> bytes:
     if not inflater.eof:
         raise CheckpointError(f"{what}: its compressed quantized state is truncated")
     return raw
+
+
+def _warn(message: str) -> None:
+    """Warn at the caller's line outside this module, however deep the loader's call chain."""
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _first_lines(exc: Exception, count: int = 4, limit: int = 1000) -> str:

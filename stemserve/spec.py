@@ -226,10 +226,105 @@ class ModelSpec:
         return cls(**data)
 
 
-def load_export_spec(export_dir: Path) -> ModelSpec:
-    """The sidecar of an export folder, with an error that names the folder."""
+SIDECAR_FILE = "model.json"
+BAG_FILE = "bag.json"
+BAG_PARAMETER = "stemserve_bag"
+"""The config.pbtxt parameter of each served member of a bag: the bag's sidecar."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BagSpec:
+    """A bag of models (demucs 4's ``BagOfModels``) as exported and served: ``members`` are
+    the members' folders in the export and their model names on a server (each has its
+    own :class:`ModelSpec`), ``weights`` one row of per-source weights per member,
+    ``segment`` the bag's segment override in seconds (already in the members' specs).
+
+    A single model is a bag of one, with weights of one and no file of its own.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...]
+    segment: float | None = None
+    spec_version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.members or len(self.weights) != len(self.members):
+            raise SpecError(f"bag {self.name!r}: {len(self.members)} members but "
+                            f"{len(self.weights)} rows of weights")
+
+    @classmethod
+    def single(cls, spec: ModelSpec) -> "BagSpec":
+        return cls(spec.checkpoint, (spec.model_name,), ((1.0,) * len(spec.sources),))
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: Path) -> None:
+        with atomic_write(path, "w") as file:
+            file.write(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "bag sidecar") -> "BagSpec":
+        try:
+            data = json.loads(text)
+            if data.get("spec_version") != SPEC_VERSION:
+                raise SpecError(f"bag sidecar version {data.get('spec_version')!r}, expected "
+                                f"{SPEC_VERSION}", where=where)
+            return cls(name=str(data["name"]), members=tuple(data["members"]),
+                       weights=tuple(tuple(float(w) for w in row) for row in data["weights"]),
+                       segment=data.get("segment"))
+        except SpecError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SpecError(f"not a bag sidecar: {err!r}", where=where) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportLayout:
+    """What an export folder holds: a bag (of one, for a single model) and, per member,
+    its folder and sidecar. A single model's files are at the top of the folder; a bag's
+    members each have a subfolder named as the member, next to ``bag.json``."""
+
+    bag: BagSpec
+    members: tuple[tuple[Path, ModelSpec], ...]
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The first member's sidecar (sample rate, sources, channels are the bag's)."""
+        return self.members[0][1]
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` looks like a finished export (the sidecar is written last)."""
+    folder = Path(folder)
+    return (folder / SIDECAR_FILE).is_file() or (folder / BAG_FILE).is_file()
+
+
+def load_export(export_dir: Path) -> ExportLayout:
+    """The layout of an export folder, with an error that names the folder."""
+    export_dir = Path(export_dir)
     try:
-        return ModelSpec.load(Path(export_dir) / "model.json")
+        if (export_dir / BAG_FILE).is_file():
+            bag = BagSpec.from_json((export_dir / BAG_FILE).read_text(),
+                                    where=str(export_dir / BAG_FILE))
+            members = tuple((export_dir / name, ModelSpec.load(export_dir / name / SIDECAR_FILE))
+                            for name in bag.members)
+            return ExportLayout(bag, members)
+        spec = ModelSpec.load(export_dir / SIDECAR_FILE)
+        return ExportLayout(BagSpec.single(spec), ((export_dir, spec),))
+    except OSError as err:
+        raise SpecError(f"not a stemserve export: {err}", where=str(export_dir)) from None
+    except SpecError as err:
+        raise SpecError(f"not a stemserve export: {err.message}", where=str(export_dir)) \
+            from None
+
+
+def load_export_spec(export_dir: Path) -> ModelSpec:
+    """The sidecar of a single model's export folder, with an error that names the folder."""
+    try:
+        return ModelSpec.load(Path(export_dir) / SIDECAR_FILE)
     except SpecError as err:
         raise SpecError(f"not a stemserve export: {err.message}", where=str(export_dir)) \
             from None

@@ -175,7 +175,8 @@ def demucs_oracle():
 
 def test_release_names_resolve_to_official_urls():
     assert ROOT_URL == "https://dl.fbaipublicfiles.com/demucs/v3.0/"
-    assert set(KNOWN_MODELS) == set(OFFICIAL_URLS)
+    assert set(checkpoints.RELEASES) == set(OFFICIAL_URLS)
+    assert KNOWN_MODELS[:len(OFFICIAL_URLS)] == tuple(checkpoints.RELEASES)  # then demucs 4's
     for name, url in OFFICIAL_URLS.items():
         assert checkpoint_url(name) == url
     assert checkpoints.RELEASES["demucs48_hq"].config == {"channels": 48}
@@ -186,8 +187,9 @@ def test_release_names_resolve_to_official_urls():
 
 def test_signature_table_matches_demucs_2_0_3(demucs_oracle):
     pretrained = demucs_oracle[2]
-    assert set(KNOWN_MODELS) | {"tasnet", "tasnet_extra"} == set(pretrained.PRETRAINED_MODELS)
-    for name in KNOWN_MODELS:
+    assert set(checkpoints.RELEASES) | {"tasnet", "tasnet_extra"} == \
+        set(pretrained.PRETRAINED_MODELS)
+    for name in checkpoints.RELEASES:
         assert checkpoint_url(name) == pretrained.get_url(name)
 
 

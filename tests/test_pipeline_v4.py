@@ -1,4 +1,5 @@
-"""The pipeline reproduces demucs 4.0.1's separate.py + apply_model, bags of models included.
+"""The pipeline reproduces demucs 4.0.1's separate.py + apply_model, bags of models included,
+on every backend: PyTorch, the exported ONNX graphs in-process, and a real tritonserver.
 
 The official package is the oracle (``tests/oracle_v4.py``: it runs in a subprocess): the
 same random weights go through its ``apply_model`` (a ``BagOfModels`` where a case has
@@ -11,18 +12,24 @@ has several segments and a short last one.
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from oracle_v4 import run_oracle
-from stemserve.checkpoints import CheckpointInfo
+from stemserve.checkpoints import Bag, CheckpointInfo
 from stemserve.client import separate_array
+from stemserve.client.backends import open_backend
 from stemserve.client.backends.bag import BagBackend
 from stemserve.client.backends.pytorch import TorchBackend
+from stemserve.export.to_onnx import export_bag
+from stemserve.model_repository.local import local_server
 from stemserve.models import DemucsV3, HDemucs, HTDemucs
 from stemserve.models.configs import DEMUCS_MDX, HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
+from stemserve.models.families import family_of
 from test_models_v4 import OFFICIAL_NAMES, SMALL_HT, random_state
 from test_pipeline_core import RATE, make_mix
 
@@ -107,26 +114,73 @@ def official(tmp_path_factory) -> dict:
     return {key: value.numpy() for key, value in result["results"].items()}
 
 
-def torch_bag(name: str) -> BagBackend:
+def bag_of(name: str) -> Bag:
+    """The case as ``load_bag`` returns a release: models, infos, weights, segment."""
     models, _ = build(name)
     _, weights, segment = CASES[name]
-    members = [TorchBackend(model, CheckpointInfo(f"{name}-{index}", None, f"{index:064d}", {}),
-                            segment=segment)
-               for index, model in enumerate(models)]
-    return BagBackend(members, weights, name)
+    infos = [CheckpointInfo(name if len(models) == 1 else f"{name}-{index}", None,
+                            f"{index:064d}", {}, family_of(model))
+             for index, model in enumerate(models)]
+    ones = [[1.] * len(models[0].sources) for _ in models]
+    return Bag(name, models, infos, weights or ones, segment)
+
+
+def torch_bag(name: str) -> BagBackend:
+    bag = bag_of(name)
+    members = [TorchBackend(model, info, segment=bag.segment)
+               for model, info in zip(bag.models, bag.infos)]
+    return BagBackend(members, bag.weights, name)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Callable[[str], Path]:
+    """``stemserve export`` of a case (every member of a bag), made once per module."""
+    made: dict[str, Path] = {}
+
+    def export(name: str) -> Path:
+        if name not in made:
+            folder = tmp_path_factory.mktemp("export") / name
+            export_bag(bag_of(name), folder)
+            made[name] = folder
+        return made[name]
+    return export
+
+
+def check_stems(name: str, backend, official: dict) -> None:
+    for (channels, shifts), (mix, _) in RUNS.items():
+        stems = separate_array(mix[0] if channels == 1 else mix, RATE, backend=backend,
+                               shifts=shifts, seed=SEED)
+        got = np.stack([stems[source] for source in backend.spec.sources])
+        expected = official[name, (channels, shifts)]
+        assert got.shape == expected.shape
+        error = np.abs(got - expected).max()
+        print(f"{name}, {channels} channel(s), shifts {shifts}: max abs error {error:.2e}")
+        assert error < TOLERANCE, (name, channels, shifts, error)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_demucs_4(name, official):
     with torch_bag(name) as bag:
-        for (channels, shifts), (mix, _) in RUNS.items():
-            stems = separate_array(mix[0] if channels == 1 else mix, RATE, backend=bag,
-                                   shifts=shifts, seed=SEED)
-            got = np.stack([stems[source] for source in bag.spec.sources])
-            expected = official[name, (channels, shifts)]
-            assert got.shape == expected.shape
-            error = np.abs(got - expected).max()
-            assert error < TOLERANCE, (name, channels, shifts, error)
+        check_stems(name, bag, official)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_onnx_matches_demucs_4(name, official, exports):
+    """In-process ONNX Runtime on the exported graphs (a bag: one per member)."""
+    with open_backend("onnx", model=exports(name)) as backend:
+        assert isinstance(backend, BagBackend) == (len(CASES[name][0]) > 1)
+        check_stems(name, backend, official)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", ["htdemucs", "htdemucs_ft", "hdemucs_mmi", "mdx"])
+def test_triton_matches_demucs_4(name, official, exports, tmp_path):
+    """A real tritonserver filled from the export (a bag: one served model per member,
+    found by the client on the server) with dynamic batching."""
+    with local_server(exports(name), root=tmp_path) as server, \
+            open_backend("triton", url=server.grpc_url) as backend:
+        assert backend.spec.checkpoint == name
+        check_stems(name, backend, official)
 
 
 def test_another_seed_draws_other_shifts(official):

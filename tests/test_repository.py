@@ -83,7 +83,7 @@ def test_written_config_parses_and_matches_the_sidecar(case, small_export, expor
     assert warmup.batch_size == 1
     assert dict(warmup.inputs)[spec.input_name].dims == [spec.audio_channels,
                                                           spec.padded_length]
-    assert check_repository(tmp_path) == spec
+    assert check_repository(tmp_path).members == ((model_dir, spec),)
     model_file = "model.plan" if variant == "gpu-trt" else spec.onnx_file
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == sorted(
         ["model.json", FILL_RECORD, model_file] + (["model.py"] if variant == "cpu" else []))

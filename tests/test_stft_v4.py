@@ -9,7 +9,7 @@ import torch
 
 from stemserve.models import HTDemucs
 from stemserve.models.configs import HTDEMUCS
-from stemserve.models.exportable import (HTDemucsConvSTFT, HTDemucsCore, htdemucs_from_core,
+from stemserve.models.exportable import (HybridConvSTFT, HTDemucsCore, htdemucs_from_core,
                                          htdemucs_spec)
 from stemserve.models.stft import ConvISTFT, ConvSTFT, hybrid_ispec, hybrid_spec, ispectro, spectro
 
@@ -51,13 +51,13 @@ def test_wrappers_compute_the_model(tiny):
     mix = torch.randn(2, 2, 21_011, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = tiny(mix)
-        assert (HTDemucsConvSTFT(tiny)(mix) - expected).abs().max() < 1e-5
+        assert (HybridConvSTFT(tiny)(mix) - expected).abs().max() < 1e-5
         padded = torch.nn.functional.pad(mix, (0, tiny.training_length - mix.shape[-1]))
         freq, time = HTDemucsCore(tiny)(padded, htdemucs_spec(tiny, padded))
         got = htdemucs_from_core(tiny, freq, time)[..., :mix.shape[-1]]
     assert torch.equal(got, expected)
     # The STFT kernels are not state: the wrapper's state is the model's.
-    assert list(HTDemucsConvSTFT(tiny).state_dict()) == [
+    assert list(HybridConvSTFT(tiny).state_dict()) == [
         "model." + key for key in tiny.state_dict()]
 
 
@@ -68,7 +68,7 @@ def test_onnx_export_matches_torch(tiny, way, tmp_path):
     length = tiny.training_length
     mix = torch.randn(2, 2, length, generator=torch.Generator().manual_seed(3))
     if way == "conv-stft":
-        module, inputs = HTDemucsConvSTFT(tiny).eval(), (mix[:1],)
+        module, inputs = HybridConvSTFT(tiny).eval(), (mix[:1],)
         names, outputs = ["mix"], ["stems"]
     else:
         module, inputs = HTDemucsCore(tiny).eval(), (mix[:1], htdemucs_spec(tiny, mix[:1]))

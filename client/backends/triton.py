@@ -35,7 +35,7 @@ from stemserve.defaults import DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, TRITON_MODEL
 from stemserve.errors import (ServerError, ServerUnreachable, StemserveError,
                               TransientError)
 from stemserve.files import pid_alive
-from stemserve.spec import SPEC_PARAMETER, ModelSpec
+from stemserve.spec import BAG_PARAMETER, SPEC_PARAMETER, BagSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,37 @@ def spec_from_config(config: dict, where: str) -> ModelSpec | None:
     if not text:
         return None
     return ModelSpec.from_json(text, where=f"{where}: '{SPEC_PARAMETER}' parameter")
+
+
+def served_bag(url: str) -> BagSpec | None:
+    """The bag of models the stemserve server at ``url`` serves (one Triton model per
+    member, each config carrying the bag as the ``stemserve_bag`` parameter), or None when
+    it serves a single model."""
+    client = grpc_client(url)
+    try:
+        try:
+            index = client.get_model_repository_index(as_json=True,
+                                                      client_timeout=CONNECT_TIMEOUT)
+        except InferenceServerException as err:
+            raise ServerUnreachable(unreachable_message(url, err.message())) from None
+        names = {model["name"] for model in index.get("models", [])}
+        members = sorted(name for name in names if name.startswith(f"{TRITON_MODEL}_"))
+        if TRITON_MODEL in names or not members:
+            return None
+        try:
+            config = client.get_model_config(members[0], as_json=True,
+                                             client_timeout=CONTROL_TIMEOUT)
+        except InferenceServerException as err:
+            raise ServerError(f"the Triton server at {url} has no ready model "
+                              f"'{members[0]}' ({err.message()})") from None
+        text = (config.get("config", config).get("parameters", {}).get(BAG_PARAMETER, {})
+                .get("string_value"))
+        if not text:
+            return None
+        return BagSpec.from_json(text, where=f"model '{members[0]}' at {url}: "
+                                             f"'{BAG_PARAMETER}' parameter")
+    finally:
+        _close_channel(client, url)
 
 
 @dataclass

@@ -17,7 +17,10 @@ from torch.nn import functional as F
 def center_trim(tensor: torch.Tensor, reference: Union[torch.Tensor, int]) -> torch.Tensor:
     """Trim the last axis of ``tensor`` to the length of ``reference`` (a tensor or an int),
     centred; an odd surplus loses its extra sample on the right, as demucs does."""
-    length = reference.shape[-1] if isinstance(reference, torch.Tensor) else int(reference)
+    if isinstance(reference, torch.Tensor) and reference.dim():
+        length = reference.shape[-1]
+    else:  # a length; under tracing a 0-d tensor, kept as one so the trim stays dynamic
+        length = reference
     delta = tensor.shape[-1] - length
     if delta < 0:
         raise ValueError(f"tensor must be at least {length} long, got {tensor.shape[-1]}")
@@ -36,7 +39,16 @@ def pad1d(x: torch.Tensor, paddings: Tuple[int, int], mode: str = "constant",
     """
     left, right = paddings
     length = x.shape[-1]
-    if mode == "reflect" and length <= max(left, right):
+    if mode == "reflect" and torch.jit.is_tracing():
+        # A traced graph cannot branch on the length: zero-pad by what reflection cannot
+        # cover, which is nothing for long inputs.
+        left, right = torch.as_tensor(left), torch.as_tensor(right)
+        extra = torch.clamp(torch.maximum(left, right) - length + 1, min=0)
+        extra_right = torch.minimum(right, extra)
+        extra_left = extra - extra_right
+        x = F.pad(x, (extra_left, extra_right))
+        left, right = left - extra_left, right - extra_right
+    elif mode == "reflect" and length <= max(left, right):
         extra = max(left, right) - length + 1
         extra_right = min(right, extra)
         extra_left = extra - extra_right
@@ -47,11 +59,17 @@ def pad1d(x: torch.Tensor, paddings: Tuple[int, int], mode: str = "constant",
 
 def frames_of(x: torch.Tensor, width: int, stride: int) -> torch.Tensor:
     """Overlapping frames of the last axis, zero-padded at the end so that every sample is
-    covered: [*, T] -> [*, ceil(T / stride), width] (demucs' ``utils.unfold``)."""
+    covered: [*, T] -> [*, ceil(T / stride), width] (demucs' ``utils.unfold``).
+
+    Gathered by index rather than ``Tensor.unfold``, which ONNX cannot export when ``T``
+    is a dynamic axis; the values are the same.
+    """
     length = x.shape[-1]
-    n_frames = math.ceil(length / stride)
+    # Integer ops keep a traced length dynamic; no negative operands (ONNX's Div truncates).
+    n_frames = (length + stride - 1) // stride
     x = F.pad(x, (0, (n_frames - 1) * stride + width - length))
-    return x.unfold(-1, width, stride)
+    starts = torch.arange(n_frames, device=x.device)[:, None] * stride
+    return x[..., starts + torch.arange(width, device=x.device)]
 
 
 def rescale_module(module: nn.Module, reference: float) -> None:
@@ -108,23 +126,42 @@ class BLSTM(nn.Module):
         return self.linear(y).permute(1, 2, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, length = x.shape
-        if self.max_steps is None or length <= self.max_steps:
+        length = x.shape[-1]
+        if self.max_steps is None:
+            y = self._run(x)
+        elif torch.jit.is_tracing():
+            y = self._either(x)
+        elif length <= self.max_steps:
             y = self._run(x)
         else:
-            width = self.max_steps
-            stride = width // 2
-            margin = stride // 2
-            frames = frames_of(x, width, stride)  # [B, C, n, width]
-            n_frames = frames.shape[2]
-            y = self._run(frames.permute(0, 2, 1, 3).reshape(-1, channels, width))
-            y = y.reshape(batch, n_frames, channels, width)
-            # Keep the centre (stride steps) of every frame, plus the outer margins of the
-            # first and last frames, which nothing else covers.
-            centre = y[..., margin:width - margin].permute(0, 2, 1, 3)
-            y = torch.cat([y[:, 0, :, :margin], centre.reshape(batch, channels, -1),
-                           y[:, -1, :, width - margin:]], dim=-1)[..., :length]
+            y = self._framed(x)
         return x + y if self.skip else y
+
+    def _framed(self, x: torch.Tensor) -> torch.Tensor:
+        """The LSTM run on frames of ``max_steps`` overlapping by half; the centre
+        (``stride`` steps) of every frame is kept, plus the outer margins of the first and
+        last frames, which nothing else covers."""
+        batch, channels, length = x.shape
+        width = self.max_steps
+        stride = width // 2
+        margin = stride // 2
+        frames = frames_of(x, width, stride)  # [B, C, n, width]
+        n_frames = frames.shape[2]
+        y = self._run(frames.permute(0, 2, 1, 3).reshape(-1, channels, width))
+        y = y.reshape(batch, n_frames, channels, width)
+        centre = y[..., margin:width - margin].permute(0, 2, 1, 3)
+        return torch.cat([y[:, 0, :, :margin], centre.reshape(batch, channels, -1),
+                          y[:, -1, :, width - margin:]], dim=-1)[..., :length]
+
+    def _either(self, x: torch.Tensor) -> torch.Tensor:
+        """Both ways, chosen by the length inside the graph: a traced graph cannot branch
+        in Python, and an exported graph takes many lengths. The unframed run only looks
+        at the first ``max_steps`` steps (all of them when it is chosen), which bounds its
+        cost."""
+        length = x.shape[-1]
+        whole = self._run(x[..., :self.max_steps])
+        whole = F.pad(whole, (0, length - whole.shape[-1]))
+        return torch.where(length <= self.max_steps, whole, self._framed(x))
 
 
 class LocalState(nn.Module):
@@ -174,7 +211,7 @@ class LocalState(nn.Module):
             decay_q = torch.sigmoid(self.query_decay(x).view(batch, heads, -1, length)) / 2
             decay_kernel = -decays.view(-1, 1, 1) * delta.abs() / self.ndecay ** 0.5
             dots += torch.einsum("fts,bhfs->bhts", decay_kernel, decay_q)
-        dots.masked_fill_(torch.eye(length, device=dots.device, dtype=torch.bool), -100)
+        dots.masked_fill_(delta == 0, -100)  # not torch.eye: ONNX Runtime lacks a bool EyeLike
         weights = torch.softmax(dots, dim=2)
 
         content = self.content(x).view(batch, heads, -1, length)

@@ -151,7 +151,7 @@ class DemucsV3(nn.Module):
         """Smallest length >= ``length`` that leaves no sample over in any convolution;
         :meth:`forward` pads its input to it."""
         if self.resample:
-            length *= 2
+            length = length * 2  # not *=: under tracing, length is the input's shape
         for _ in range(self.depth):
             length = max(1, math.ceil((length - self.kernel_size) / self.stride) + 1)
         for _ in range(self.depth):
@@ -171,8 +171,9 @@ class DemucsV3(nn.Module):
         else:
             mean, std = 0, 1
 
-        delta = self.valid_length(length) - length
-        x = F.pad(x, (delta // 2, delta - delta // 2))
+        if not torch.jit.is_tracing():  # an exported graph takes valid lengths only
+            delta = self.valid_length(length) - length
+            x = F.pad(x, (delta // 2, delta - delta // 2))
         if self.resample:
             x = julius.resample_frac(x, 1, 2)
 

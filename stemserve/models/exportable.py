@@ -1,19 +1,18 @@
-"""HTDemucs with ONNX-exportable STFTs, on the same weights (wrappers, no copies).
+"""Hybrid Demucs (v3) and HTDemucs (v4) with ONNX-exportable STFTs, on the same weights
+(wrappers, no copies).
 
 ``torch.onnx`` cannot export ``torch.stft`` with complex outputs. Two ways around it:
 
-- :class:`HTDemucsConvSTFT`: the STFT and iSTFT inside the graph, as convolutions with
+- :class:`HybridConvSTFT`: the STFT and iSTFT inside the graph, as convolutions with
   DFT kernels (:class:`~stemserve.models.stft.ConvSTFT`/``ConvISTFT``): one graph, mix in,
-  stems out.
+  stems out. This is what ``stemserve export`` writes (the README has the figures).
 - :class:`HTDemucsCore`: the STFT outside the graph. The graph takes the mix and its
   spectrogram (complex as channels) and returns both branches' outputs; the caller does
-  the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`).
-
-Both need ``cac=True`` (the released models' setting) and run on the training segment.
+  the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`). Kept for the
+  export probe that measured both (``benchmarks/htdemucs_export_probe.py``).
 """
 from __future__ import annotations
 
-import math
 import typing as tp
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import pad1d
+from .hdemucs import HDemucs, _openunmix_atan2
 from .htdemucs import HTDemucs
 from .stft import ConvISTFT, ConvSTFT
 
@@ -30,55 +30,77 @@ def _check(model: HTDemucs) -> None:
         raise ValueError("exportable HTDemucs needs cac=True (complex as channels)")
 
 
-class HTDemucsConvSTFT(nn.Module):
-    """HTDemucs computing its STFT and iSTFT with convolutions (real tensors only).
+class HybridConvSTFT(nn.Module):
+    """An HDemucs or HTDemucs computing its STFT and iSTFT with convolutions (real tensors
+    only): the same function as ``model.forward`` to float32 rounding of the DFT sums.
 
-    Same function as ``model.forward`` (to float32 rounding of the DFT sums).
+    Spectrograms are real tensors [B, C, 2 (real, imag), nfft // 2, frames]. All length
+    arithmetic is integer tensor arithmetic, so a traced graph keeps the time axis dynamic
+    for Hybrid Demucs (any length); HTDemucs runs on its training segment.
     Shapes: mix [batch, audio_channels, length] -> stems [batch, sources, audio_channels,
-    length], ``length`` at most the training segment.
+    length].
     """
 
-    def __init__(self, model: HTDemucs):
+    def __init__(self, model: tp.Union[HDemucs, HTDemucs]):
         super().__init__()
-        _check(model)
+        if not model._hybrid:
+            raise ValueError("only hybrid models (time and spectral branches) export")
+        if not model.cac and model.wiener_iters > 0:
+            raise ValueError("Wiener filtering with iterations does not export")
         self.model = model
         bins = model.nfft // 2  # the hybrid models drop the Nyquist bin
         self.stft = ConvSTFT(model.nfft, model.hop_length, n_bins=bins)
         self.istft = ConvISTFT(model.nfft, model.hop_length, n_bins=bins)
 
     def spec(self, mix: torch.Tensor) -> torch.Tensor:
-        """The spectral branch's input, as ``model._magnitude(model._spec(mix))``.
-
-        Shapes: [B, C, L] -> [B, 2 C, nfft // 2, ceil(L / hop)] (channel 2 c + real/imag).
-        """
-        batch, channels, length = mix.shape
+        """``model._spec``: [B, C, L] -> [B, C, 2, nfft // 2, ceil(L / hop)]."""
+        length = mix.shape[-1]
         hop = self.model.hop_length
-        frames = int(math.ceil(length / hop))
+        frames = (length + hop - 1) // hop
         pad = hop // 2 * 3
-        x = pad1d(mix, (pad, pad + frames * hop - length), mode="reflect")
-        z = self.stft(x)[..., 2:2 + frames]  # [B, C, 2, F, frames]
-        return z.reshape(batch, channels * 2, z.shape[-2], frames)
+        x = pad1d(mix, (pad, pad + frames * hop - length),
+                  mode="constant" if self.model._hybrid_old else "reflect")
+        return self.stft(x)[..., 2:2 + frames]
 
-    def ispec(self, x: torch.Tensor, length: int) -> torch.Tensor:
-        """The waveform of the spectral branch's output, as
-        ``model._ispec(model._mask(z, x), length)``.
+    def magnitude(self, z: torch.Tensor) -> torch.Tensor:
+        """``model._magnitude``: the spectral branch's input, [B, C, 2, F, T] -> [B, 2 C, F,
+        T] with CaC (channel ``2 c + {0: real, 1: imag}``), else the magnitude [B, C, F, T]."""
+        batch, channels, _, freqs, frames = z.shape
+        if self.model.cac:
+            return z.reshape(batch, channels * 2, freqs, frames)
+        return torch.sqrt(z[:, :, 0] ** 2 + z[:, :, 1] ** 2)
 
-        Shapes: [B, S, 2 C, F, T] -> [B, S, C, length].
-        """
-        batch, sources, channels2, freqs, frames = x.shape
+    def mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``model._mask``: each source's spectrogram [B, S, C, 2, F, T] from the spectral
+        output ``m`` [B, S, C', F, T] (and the mixture's ``z`` when ``m`` is a magnitude)."""
+        batch, sources, _, freqs, frames = m.shape
+        if self.model.cac:
+            return m.reshape(batch, sources, -1, 2, freqs, frames)
+        real, imag = z[:, None, :, 0], z[:, None, :, 1]
+        if self.model.wiener_iters < 0:
+            scale = m / (1e-8 + torch.sqrt(real ** 2 + imag ** 2))
+            return torch.stack([real * scale, imag * scale], dim=3)
+        angle = _openunmix_atan2(imag, real)
+        return torch.stack([m * torch.cos(angle), m * torch.sin(angle)], dim=3)
+
+    def ispec(self, z: torch.Tensor, length) -> torch.Tensor:
+        """``model._ispec``: [B, S, C, 2, F, T] -> [B, S, C, length]."""
         hop = self.model.hop_length
+        frames = z.shape[-1]
+        z = F.pad(z, (2, 2))
+        if self.model._hybrid_old:
+            return self.istft(z, hop * frames)[..., :length]
         pad = hop // 2 * 3
-        z = F.pad(x.reshape(batch, sources, channels2 // 2, 2, freqs, frames), (2, 2))
-        y = self.istft(z, hop * int(math.ceil(length / hop)) + 2 * pad)
-        return y[..., pad:pad + length]
+        return self.istft(z, hop * frames + 2 * pad)[..., pad:pad + length]
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         length = mix.shape[-1]
-        run_length = self.model.valid_length(length)
-        if run_length > length:
+        if isinstance(self.model, HTDemucs):
+            run_length = self.model.valid_length(length)
             mix = F.pad(mix, (0, run_length - length))
-        x, xt = self.model.separate(mix, self.spec(mix))
-        return (xt + self.ispec(x, run_length))[..., :length]
+        z = self.spec(mix)
+        x, xt = self.model.separate(mix, self.magnitude(z))
+        return (xt + self.ispec(self.mask(z, x), mix.shape[-1]))[..., :length]
 
 
 class HTDemucsCore(nn.Module):

@@ -79,8 +79,9 @@ class HEncLayer(nn.Module):
         if not self.freq:
             if x.dim() == 4:
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if x.shape[-1] % self.stride:
-                x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
+            remainder = x.shape[-1] % self.stride
+            if remainder or torch.jit.is_tracing():  # traced: no branch on the length
+                x = F.pad(x, (0, (self.stride - remainder) % self.stride))
         y = self.conv(x)
         if self.empty:
             return y
@@ -201,7 +202,7 @@ class MultiWrap(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor] = None,
                 length: tp.Optional[int] = None):
-        freqs = x.shape[2]
+        freqs = int(x.shape[2])  # a fixed size, also in a traced graph
         ratios = list(self.split_ratios) + [1]
         start = 0
         outs = []
@@ -495,19 +496,31 @@ class HDemucs(_HybridSpectrogram, nn.Module):
         return self.hybrid_old
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        length = mix.shape[-1]
         z = self._spec(mix)
-        x = self._magnitude(z).to(mix.device)
-        batch, _, freqs, frames = x.shape
+        x, xt = self.separate(mix, self._magnitude(z).to(mix.device))
+        x = self._ispec(self._mask(z, x), mix.shape[-1])
+        return xt + x if self.hybrid else x
+
+    def separate(self, mix: torch.Tensor, mag: torch.Tensor
+                 ) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """The network proper, on real tensors only (as :meth:`HTDemucs.separate`).
+
+        Shapes: mix [B, C, L] and its spectral input ``mag`` [B, C', F, T] (C' = 2 C with
+        CaC, else C; see :meth:`_magnitude`) -> spectral output [B, S, C', F, T] (before
+        :meth:`_mask`) and, for hybrid models, waveform output [B, S, C, L] (else None),
+        both scaled back to the inputs' levels.
+        """
+        length = mix.shape[-1]
+        batch, _, freqs, frames = mag.shape
         # Both branches see standardised inputs; outputs are scaled back.
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
+        mean = mag.mean(dim=(1, 2, 3), keepdim=True)
+        std = mag.std(dim=(1, 2, 3), keepdim=True)
+        x = (mag - mean) / (1e-5 + std)
+        xt = None
         if self.hybrid:
-            xt = mix
-            meant = xt.mean(dim=(1, 2), keepdim=True)
-            stdt = xt.std(dim=(1, 2), keepdim=True)
-            xt = (xt - meant) / (1e-5 + stdt)
+            meant = mix.mean(dim=(1, 2), keepdim=True)
+            stdt = mix.std(dim=(1, 2), keepdim=True)
+            xt = (mix - meant) / (1e-5 + stdt)
 
         saved, saved_t = [], []  # skip connections
         lengths, lengths_t = [], []  # lengths before each layer, to trim the padding
@@ -552,9 +565,7 @@ class HDemucs(_HybridSpectrogram, nn.Module):
         sources = len(self.sources)
         x = x.view(batch, sources, -1, freqs, frames)
         x = x * std[:, None] + mean[:, None]
-        x = self._ispec(self._mask(z, x), length)
         if self.hybrid:
             xt = xt.view(batch, sources, -1, length)
             xt = xt * stdt[:, None] + meant[:, None]
-            x = xt + x
-        return x
+        return x, xt

@@ -70,7 +70,7 @@ def create_sin_embedding_cape(length: int, dim: int, batch_size: int, mean_norma
     pos = 1.0 * torch.arange(length).view(-1, 1, 1)
     pos = pos.repeat(1, batch_size, 1)
     if mean_normalize:
-        pos -= torch.nanmean(pos, dim=0, keepdim=True)
+        pos -= pos.mean(dim=0, keepdim=True)  # demucs' nanmean: no NaN here, and it exports
     pos = pos.to(device)
     half_dim = dim // 2
     adim = torch.arange(half_dim, device=device).view(1, 1, -1)

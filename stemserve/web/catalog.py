@@ -17,7 +17,7 @@ from stemserve.client import open_backend
 from stemserve.defaults import DEFAULT_MODEL, export_root
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend
-from stemserve.spec import load_export_spec
+from stemserve.spec import is_export, load_export
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class ModelCatalog:
         if self._served is not None:
             return {self._served: self._served}
         models = {_model_name(self._default): self._default}
-        for sidecar in sorted(export_root().glob("*/model.json")):
-            models.setdefault(sidecar.parent.name, str(sidecar.parent))
+        for folder in sorted(export_root().glob("*/")):
+            if is_export(folder):
+                models.setdefault(folder.name, str(folder))
         for release in _cached_releases():
             models.setdefault(release, release)
         return models
@@ -102,9 +103,10 @@ class ModelCatalog:
 
 
 def _model_name(model: str) -> str:
-    """How the page names ``model``: an export folder by its checkpoint, else by its stem."""
-    if (Path(model) / "model.json").is_file():
-        return load_export_spec(Path(model)).checkpoint
+    """How the page names ``model``: an export folder by its model (or bag), else by its
+    stem."""
+    if is_export(Path(model)):
+        return load_export(Path(model)).bag.name
     return Path(model).stem
 
 
@@ -112,8 +114,8 @@ def _cached_releases() -> list[str]:
     """Release names whose checkpoint is in torch hub's cache; none without PyTorch."""
     if importlib.util.find_spec("torch") is None:
         return []
-    from stemserve.checkpoints import KNOWN_MODELS, checkpoint_cache_dir, checkpoint_url
+    from stemserve.checkpoints import KNOWN_MODELS, checkpoint_cache_dir, checkpoint_files
 
     folder = checkpoint_cache_dir()
     return [name for name in KNOWN_MODELS
-            if (folder / checkpoint_url(name).rsplit("/", 1)[-1]).is_file()]
+            if all((folder / file).is_file() for file in checkpoint_files(name))]
