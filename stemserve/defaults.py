@@ -39,7 +39,9 @@ def repository_root() -> Path:
 
 
 SOURCES = ("drums", "bass", "other", "vocals")
-"""What every Demucs v2 release separates, in its output order."""
+"""What every Demucs v2 release separates, in its output order (and most v3/v4 releases)."""
+STEM_NAMES = SOURCES + ("guitar", "piano")
+"""Every stem a release separates: htdemucs_6s adds guitar and piano."""
 TRITON_MODEL = "demucs"
 """The model's name in every Triton model repository stemserve fills."""
 DEFAULT_URL = "127.0.0.1:8001"

@@ -17,7 +17,7 @@ from stemserve.export.tensorrt import trtexec_command
 from stemserve.model_repository.writer import (FILL_RECORD, TEMPLATES, VARIANTS,
                                                check_repository, fill_repository,
                                                load_config, render_config)
-from stemserve.spec import ModelSpec, load_export_spec
+from stemserve.spec import ModelSpec, load_export, load_export_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keys the onnxruntime backend of Triton 24.10 accepts for the TensorRT accelerator; any
@@ -300,3 +300,73 @@ def test_every_variant_admits_a_one_sample_tail_and_a_shifted_segment(small_expo
         shapes = dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--m"))
         assert _time_range(shapes["minShapes"])[1] <= shortest
         assert _time_range(shapes["maxShapes"]) == (config.max_batch_size, longest)
+
+
+# -- HT Demucs (a fixed length) and bags of models -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bag_export(tmp_path_factory) -> Path:
+    """A bag of two tiny HTDemucs (htdemucs_ft's layout: identity-like weights), exported."""
+    import torch
+
+    from stemserve.checkpoints import Bag, CheckpointInfo
+    from stemserve.export.to_onnx import export_bag
+    from stemserve.models import HTDemucs
+    from stemserve.models.configs import HTDEMUCS
+    from test_models_v4 import SMALL_HT
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(HTDemucs(**dict(HTDEMUCS, **SMALL_HT)).eval())
+    infos = [CheckpointInfo(f"member{i}", None, f"{i}" * 64, {}, "htdemucs") for i in (0, 1)]
+    folder = tmp_path_factory.mktemp("bag") / "tiny_ft"
+    export_bag(Bag("tiny_ft", models, infos, [[1., 1., 0., 0.], [0., 0., 1., 1.]], None),
+               folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_a_bag_is_one_served_model_per_member_carrying_the_bag(tiny_bag_export, variant,
+                                                               tmp_path):
+    from stemserve.spec import BAG_PARAMETER, BagSpec
+
+    fill_repository(tiny_bag_export, tmp_path, variant)
+    layout = check_repository(tmp_path)
+    assert layout.bag.name == "tiny_ft" and layout.bag.members == ("demucs_0", "demucs_1")
+    assert layout.bag.weights == ((1., 1., 0., 0.), (0., 0., 1., 1.))
+    for model_dir, member in layout.members:
+        config = _parse(model_dir / "config.pbtxt")
+        assert BagSpec.from_json(config.parameters[BAG_PARAMETER].string_value) == layout.bag
+        # HT Demucs takes its training segment only: the time axis is that number.
+        assert list(config.input[0].dims) == [2, member.segment_length] == [2, 44100]
+        assert list(config.output[0].dims) == [4, 2, 44100]
+        if variant == "gpu":
+            (accelerator,) = _accelerators(config)
+            shapes = {key: value for key, value in accelerator.parameters.items()
+                      if key.startswith("trt_profile")}
+            assert shapes == {"trt_profile_min_shapes": "mix:1x2x44100",
+                              "trt_profile_opt_shapes": "mix:8x2x44100",
+                              "trt_profile_max_shapes": "mix:8x2x44100"}
+    # one engine per member, each for its own graph
+    commands = [trtexec_command(folder) for folder, _ in load_export(tiny_bag_export).members]
+    assert [c[1] for c in commands] == [f"--onnx={tiny_bag_export / m / 'model.onnx'}"
+                                        for m in ("demucs_0", "demucs_1")]
+
+
+@pytest.mark.slow
+def test_filling_another_model_replaces_the_bag_and_a_foreign_model_is_refused(
+        tiny_bag_export, small_export, tmp_path):
+    fill_repository(tiny_bag_export, tmp_path, "cpu")
+    fill_repository(small_export, tmp_path, "cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demucs"]
+    assert check_repository(tmp_path).bag.members == ("demucs",)
+
+    shutil.copytree(tmp_path / "demucs", tmp_path / "demucs_7")  # not a bag member
+    with pytest.raises(StemserveError, match="one model folder, or the members of one bag"):
+        check_repository(tmp_path)
+    (tmp_path / "demucs_7" / "config.pbtxt").write_text('name: "mine"\n')
+    with pytest.raises(StemserveError, match="stemserve did not write"):
+        fill_repository(tiny_bag_export, tmp_path, "cpu")

@@ -170,7 +170,7 @@ def test_config_offers_the_served_model_and_cli_defaults(client):
     assert config["backend"] == "triton"
     assert config["models"] == ["small"] and config["default_model"] == "small"
     assert (config["default_format"], config["default_shifts"]) == ("wav", 0)
-    assert config["sources"] == SOURCES
+    assert config["sources"] == SOURCES and config["model_sources"] == {"small": SOURCES}
     assert (config["max_upload_mb"], config["max_duration"]) == (MAX_UPLOAD_MB, MAX_DURATION)
 
 
@@ -181,8 +181,10 @@ def test_config_offers_the_served_model_and_cli_defaults(client):
     (dict(shifts="99"), 422, "shifts: Input should be less than or equal to 10"),
     (dict(shifts="two"), 422, "shifts: Input should be a valid integer, unable to parse "
                               "string as an integer"),
-    (dict(two_stems="piano"), 422, "two_stems: Input should be 'drums', 'bass', 'other' or "
-                                   "'vocals'"),
+    (dict(two_stems="ukulele"), 422, "two_stems: Input should be 'drums', 'bass', 'other', "
+                                     "'vocals', 'guitar' or 'piano'"),
+    (dict(two_stems="piano"), 400, "small separates drums, bass, other, vocals: it has no "
+                                   "piano stem."),
 ])
 def test_bad_options_are_refused_with_one_readable_message(client, track, form, status,
                                                            message):

@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 from test_web import make_track
 
+from stemserve.defaults import SOURCES, STEM_NAMES
 from stemserve.errors import (InputError, JobFailed, JobNotDone, ModelError, QueueFull,
                               StemserveError, TooLarge, UnknownJob)
 from stemserve.web.jobs import MARKER, Job, JobQueue
@@ -26,12 +27,15 @@ from stemserve.web.settings import MB, Settings
 
 
 class Catalog:
-    """Offers two models and opens nothing."""
+    """Offers two models, a 4-source and a 6-source one, and opens nothing."""
 
     kind = "onnx"
 
     def models(self) -> dict[str, str]:
         return {"small": "/exports/small", "other": "/exports/other"}
+
+    def sources(self, name: str) -> tuple[str, ...] | None:
+        return {"small": SOURCES, "other": STEM_NAMES}.get(name)
 
     def close(self) -> None:
         pass
@@ -118,6 +122,8 @@ def test_an_upload_becomes_a_job_that_is_followed_to_its_files(service, wav):
      "Unknown model 'demucs': choose one of small, other."),
     (b"just text\n" * 50, "notes.txt", JobOptions(), InputError,
      "notes.txt: not audio that libsndfile can read"),
+    (None, "song.wav", JobOptions(two_stems="guitar"), InputError,
+     "small separates drums, bass, other, vocals: it has no guitar stem."),
 ])
 def test_refused_uploads_leave_nothing_behind(service, wav, content, name, options, error,
                                               message):
@@ -126,6 +132,12 @@ def test_refused_uploads_leave_nothing_behind(service, wav, content, name, optio
     assert str(refused.value).startswith(message)
     assert str(service.settings.jobs_dir) not in str(refused.value)
     assert jobs_left(service) == []
+
+
+def test_a_six_source_model_takes_two_stems_of_guitar(service, wav):
+    job = service.accept(io.BytesIO(wav), "song.wav", JobOptions(model="other",
+                                                                   two_stems="guitar"))
+    assert asyncio.run(service.wait(job.id)).options["two_stems"] == "guitar"
 
 
 def test_a_track_over_the_duration_limit_is_too_large(service, tmp_path):
@@ -180,6 +192,8 @@ def test_config_offers_the_catalog_and_the_limits(service):
     config = service.config()
     assert (config.backend, config.models, config.default_model) == \
         ("onnx", ["small", "other"], "small")
+    assert config.sources == list(SOURCES)
+    assert config.model_sources == {"small": list(SOURCES), "other": list(STEM_NAMES)}
     assert (config.default_format, config.default_shifts, config.max_shifts) == ("wav", 0, 10)
     assert (config.max_upload_mb, config.max_duration) == (1, 5)
 
@@ -187,7 +201,8 @@ def test_config_offers_the_catalog_and_the_limits(service):
 @pytest.mark.parametrize("options,message", [
     (dict(format="ogg"), "format must be one of wav, wav24, wav32f, flac, flac24, mp3"),
     (dict(shifts=11), "shifts must be from 0 to 10"),
-    (dict(two_stems="piano"), "two_stems must be one of drums, bass, other, vocals"),
+    (dict(two_stems="ukulele"), "two_stems must be one of drums, bass, other, vocals, guitar, "
+                                "piano"),
 ])
 def test_job_options_are_checked_without_the_form(options, message):
     with pytest.raises(InputError, match=message):

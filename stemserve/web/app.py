@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from stemserve.defaults import SOURCES
+from stemserve.defaults import STEM_NAMES
 from stemserve.errors import StemserveError
 from stemserve.web.guards import (TOKEN_COOKIE, AccessGuard, UploadGuard, is_loopback,
                                   parse_origins, same_token, upload_reservation)
@@ -48,7 +48,7 @@ LEGACY_OPTIONS = JobOptions(format="mp3")
 """What the demucs image's API always gave: the default model's four stems, MP3 320 kb/s."""
 
 FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
-StemName = Literal[SOURCES]  # type: ignore[valid-type]
+StemName = Literal[STEM_NAMES]  # type: ignore[valid-type]
 
 
 class StemFile(BaseModel):

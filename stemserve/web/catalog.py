@@ -95,6 +95,17 @@ class ModelCatalog:
                 self._backends[name] = open_backend("onnx", model=models[name], config=config)
             return self._backends[name]
 
+    def sources(self, name: str) -> tuple[str, ...] | None:
+        """The stems model ``name`` separates, when known without loading it: from its open
+        backend or its export's sidecar; None for a release not exported yet."""
+        backend = self._backends.get(name)
+        if backend is not None:
+            return tuple(backend.spec.sources)
+        target = self.models().get(name)
+        if target is not None and is_export(Path(target)):
+            return tuple(load_export(Path(target)).spec.sources)
+        return None
+
     def close(self) -> None:
         with self._lock:
             backends, self._backends = list(self._backends.values()), {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from stemserve.audio import OutputFormat
-from stemserve.defaults import SOURCES
+from stemserve.defaults import STEM_NAMES
 from stemserve.errors import InputError
 
 FORMATS: dict[str, OutputFormat] = {
@@ -36,8 +36,8 @@ class JobOptions:
     format: str = DEFAULT_FORMAT
 
     def __post_init__(self) -> None:
-        if self.two_stems is not None and self.two_stems not in SOURCES:
-            raise InputError(f"two_stems must be one of {', '.join(SOURCES)}, "
+        if self.two_stems is not None and self.two_stems not in STEM_NAMES:
+            raise InputError(f"two_stems must be one of {', '.join(STEM_NAMES)}, "
                              f"not {self.two_stems!r}")
         if not 0 <= self.shifts <= MAX_SHIFTS:
             raise InputError(f"shifts must be from 0 to {MAX_SHIFTS}, not {self.shifts}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from stemserve.audio import probe
-from stemserve.defaults import SOURCES
+from stemserve.defaults import SOURCES, STEM_NAMES
 from stemserve.errors import (InputError, JobFailed, JobNotDone, ModelError, StemserveError,
                               TooLarge, UnknownJob)
 from stemserve.web.catalog import ModelCatalog
@@ -41,6 +41,10 @@ class ServiceConfig:
     models: list[str]
     default_model: str
     sources: list[str]
+    """The default model's stems."""
+    model_sources: dict[str, list[str]]
+    """Each model's stems, where known without loading it (a model not yet exported: not
+    listed; its job checks two_stems when it runs)."""
     formats: list[str]
     default_format: str
     default_shifts: int
@@ -125,9 +129,12 @@ class JobService:
         """Models, stems, formats and limits, for the page's form (lists the export folder
         and checkpoint cache: call it off the event loop)."""
         models = list(self.catalog.models())
+        known = {name: list(sources) for name in models
+                 if (sources := self.catalog.sources(name)) is not None}
         return ServiceConfig(
             backend=self.catalog.kind, models=models, default_model=models[0],
-            sources=list(SOURCES), formats=list(FORMATS), default_format=DEFAULT_FORMAT,
+            sources=known.get(models[0], list(SOURCES)), model_sources=known,
+            formats=list(FORMATS), default_format=DEFAULT_FORMAT,
             default_shifts=JobOptions().shifts, max_shifts=MAX_SHIFTS,
             max_upload_mb=self.settings.max_upload_mb,
             max_duration=self.settings.max_duration, job_ttl=self.settings.job_ttl)
@@ -163,6 +170,11 @@ class JobService:
         model = options.model or next(iter(models))
         if model not in models:
             raise ModelError(f"Unknown model {model!r}: choose one of {', '.join(models)}.")
+        sources = self.catalog.sources(model)
+        if options.two_stems is not None and sources is not None \
+                and options.two_stems not in sources:
+            raise InputError(f"{model} separates {', '.join(sources)}: it has no "
+                             f"{options.two_stems} stem.")
         job_id, folder = self.queue.new_folder()
         try:
             path = folder / upload_name(label)
@@ -178,7 +190,7 @@ class JobService:
             if info.seconds > self.settings.max_duration:
                 raise TooLarge(f"{label} is {_minutes(info.seconds)} long: tracks up to "
                                f"{_minutes(self.settings.max_duration)} are accepted.")
-            stems = 2 if options.two_stems else len(SOURCES)
+            stems = 2 if options.two_stems else len(sources or STEM_NAMES)
             job = self.queue.submit(Job(
                 id=job_id, name=label, folder=folder, upload=path.name, seconds=info.seconds,
                 options=dataclasses.asdict(dataclasses.replace(options, model=model)),

@@ -62,6 +62,17 @@ const FORMAT_LABELS = {
 };
 const formatLabel = (name) => FORMAT_LABELS[name] || name;
 
+// The two-stems choices of the chosen model (a 6-source model adds guitar and piano).
+function fillStems() {
+  const sources = config.model_sources[$("#model").value] || config.sources;
+  const select = $("#two-stems");
+  const chosen = select.value;
+  select.length = 1;  // keep "all stems"
+  select.options[0].textContent = `all ${sources.length}`;
+  fillSelect(select, sources, sources.includes(chosen) ? chosen : null,
+             (stem) => `${stem} + no_${stem}`);
+}
+
 async function loadConfig() {
   let response = await fetch("/api/config");
   if (response.status === 401) {
@@ -71,7 +82,8 @@ async function loadConfig() {
   if (!response.ok) throw new Error(errorDetail(await response.text(), response.status));
   config = await response.json();
   fillSelect($("#model"), config.models, config.default_model);
-  fillSelect($("#two-stems"), config.sources, null, (stem) => `${stem} + no_${stem}`);
+  fillStems();
+  $("#model").addEventListener("change", fillStems);
   fillSelect($("#format"), config.formats, config.default_format, formatLabel);
   $("#shifts").value = config.default_shifts;
   $("#shifts").max = config.max_shifts;
