@@ -28,6 +28,7 @@ REQUIREMENTS=(
     retrying==1.4.2             # dora (1.4 needs no six)
     omegaconf==2.3.0            # states, dora
     antlr4-python3-runtime==4.9.3  # omegaconf
+    lameenc==1.9.0              # demucs.audio (MP3 encoding, imported at import time)
 )
 STUB_VERSION=1
 WANT="${REQUIREMENTS[*]} torchaudio-stub-$STUB_VERSION"
@@ -64,7 +65,7 @@ PY
 
 PYTHONPATH="$work" "$PYTHON" - <<'PY'
 import demucs
-import demucs.apply, demucs.demucs, demucs.hdemucs, demucs.htdemucs, demucs.pretrained  # noqa
+import demucs.apply, demucs.audio, demucs.demucs, demucs.hdemucs, demucs.htdemucs, demucs.pretrained  # noqa
 assert demucs.__version__ == "4.0.1", demucs.__version__
 PY
 
