@@ -23,6 +23,11 @@ from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, R
 from stemserve.errors import ServerError, StemserveError, print_error
 
 
+INT8_HELP = ("the int8 graph (dynamic quantization of the LSTM and matrix products; "
+             "opt-in: the stems differ from demucs' by what benchmarks/quality.py "
+             "measures)")
+
+
 def _add_model(parser: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
     """``-n/--model`` and ``--config``: the one way every command names a model."""
     parser.add_argument("-n", "--model", default=default, help=help_text)
@@ -42,6 +47,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         help="segment length in seconds (default: the model's training "
                              "segment, what demucs' apply_model splits by)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 graph")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write the int8 graph, the CPU fast path (ONNX Runtime's "
+                             "dynamic quantization of the LSTM and matrix products)")
     parser.add_argument("-o", "--out", type=Path, default=None,
                         help="output folder (default: <cache>/export/<model>, where every "
                              "command looks for it; the cache is $STEMSERVE_CACHE or "
@@ -88,6 +96,9 @@ def _export_onnx(args: argparse.Namespace) -> Path:
     from stemserve.client.models import load_models, local_export
 
     if args.tensorrt and args.out is None and (local := local_export(args.model)) is not None:
+        if args.int8:
+            raise StemserveError("--int8 is the CPU fast path; TensorRT builds its own "
+                                 "engine from the fp32 graph")
         return local
     from stemserve.export.to_onnx import export_bag, onnx_parity
     from stemserve.spec import load_export
@@ -104,6 +115,11 @@ def _export_onnx(args: argparse.Namespace) -> Path:
 
     start = time.perf_counter()
     specs = export_bag(bag, out, segment_length=segment, fp16=args.fp16, on_member=announce)
+    if args.int8:
+        from stemserve.export.quantize import quantize_export
+
+        print("quantizing to int8", file=sys.stderr, flush=True)
+        quantize_export(out)
     print(f"exported {bag.name} to {out} in {time.perf_counter() - start:.1f} s: "
           + ", ".join(f"{spec.checkpoint} ({spec.family}, segment {spec.segment_seconds:g} s, "
                       f"requests of {spec.padded_length} samples)" for spec in specs))
@@ -135,6 +151,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--no-batching", action="store_true",
                         help="run every request alone (no dynamic batching)")
+    parser.add_argument("--int8", action="store_true",
+                        help=INT8_HELP + " (quantized once if need be; a CPU server)")
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", action="store_true",
                         help="require the NGC tritonserver image on this host's GPUs (docker)")
@@ -149,15 +167,20 @@ def _run_serve(args: argparse.Namespace) -> int:
                                                    docker_gpu_unavailable)
     from stemserve.model_repository.writer import fill_repository
 
-    export_dir = export_dir_for(args.model, args.config)
-    reason = "--cpu was given" if args.cpu else docker_gpu_unavailable()
+    if args.int8 and args.gpu:
+        raise StemserveError("--int8 is the CPU fast path: drop --gpu")
+    precision = "int8" if args.int8 else "fp32"
+    export_dir = export_dir_for(args.model, args.config, precision)
+    reason = ("--cpu was given" if args.cpu else "--int8 was given" if args.int8
+              else docker_gpu_unavailable())
     if reason and args.gpu:
         raise ServerError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
     if reason:
         print(f"serving on the CPU: {reason}", file=sys.stderr)
     variant = "cpu" if reason else "gpu"
     repository = args.repository or repository_root() / variant
-    fill_repository(export_dir, repository, variant, dynamic_batching=not args.no_batching)
+    fill_repository(export_dir, repository, variant, precision=precision,
+                    dynamic_batching=not args.no_batching)
 
     server_class = TritonServer if reason else DockerTritonServer
     server = server_class(repository, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -235,6 +258,8 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     triton.add_argument("--retries", type=int, default=3,
                         help="retries of a request after a transient gRPC error, on another "
                              "server when there are several (default: %(default)s)")
+    parser.add_argument("--int8", action="store_true",
+                        help=INT8_HELP + "; with Triton, checks that the server serves it")
     triton.add_argument("--serve", action="store_true",
                         help="start a local tritonserver with the model for this run "
                              "(on free loopback ports; --url is ignored) and stop it after")
@@ -242,14 +267,15 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def _served(model: str | None, config: str | None, quiet: bool) -> Iterator[str]:
+def _served(model: str | None, config: str | None, precision: str,
+            quiet: bool) -> Iterator[str]:
     """A CPU tritonserver for ``model`` on free loopback ports for this run; its gRPC URL."""
     from stemserve.client.models import export_dir_for
     from stemserve.model_repository.local import local_server
 
-    export_dir = export_dir_for(model or DEFAULT_MODEL, config)
+    export_dir = export_dir_for(model or DEFAULT_MODEL, config, precision)
     start = time.perf_counter()
-    with local_server(export_dir) as server:
+    with local_server(export_dir, precision=precision) as server:
         if not quiet:
             print(f"tritonserver ready at {server.grpc_url} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -267,10 +293,12 @@ def _run_separate(args: argparse.Namespace) -> int:
             if args.backend not in (None, "triton"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
-            args.url = stack.enter_context(_served(args.model, args.config, args.quiet))
+            args.url = stack.enter_context(_served(args.model, args.config,
+                                                   "int8" if args.int8 else "fp32", args.quiet))
             args.backend = "triton"
         url = args.url or triton_url_from_env() or DEFAULT_URL
-        options = dict(model=args.model, config=args.config, url=url,
+        options = dict(model=args.model, config=args.config,
+                       precision="int8" if args.int8 else None, url=url,
                        server_window=args.server_window, shared_memory=args.shared_memory,
                        timeout=args.timeout, retries=args.retries)
         servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0
@@ -353,6 +381,7 @@ class _TqdmStream:
 
 def _add_repository(sub: argparse._SubParsersAction) -> None:
     from stemserve.model_repository.writer import VARIANTS
+    from stemserve.spec import PRECISION_SIDECARS as PRECISIONS
 
     parser = sub.add_parser("repository", help="fill or check a Triton model repository")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -360,6 +389,8 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
     fill.add_argument("export_dir", type=Path, help="folder with model.json and its graph")
     fill.add_argument("repo_dir", type=Path, help="Triton model repository to fill")
     fill.add_argument("--variant", choices=VARIANTS, default="cpu")
+    fill.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                      help="which graph of the export: fp32, fp16 (gpu) or int8 (cpu)")
     fill.add_argument("--no-tensorrt", action="store_true",
                       help="gpu variant: ONNX Runtime's CUDA provider without TensorRT")
     fill.add_argument("--version", type=int, default=1, help="version folder to fill")
@@ -376,7 +407,8 @@ def _run_repository(args: argparse.Namespace) -> int:
 
     if args.action == "fill":
         fill_repository(args.export_dir, args.repo_dir, args.variant,
-                        tensorrt=not args.no_tensorrt, version=args.version,
+                        precision=args.precision, tensorrt=not args.no_tensorrt,
+                        version=args.version,
                         max_batch_size=args.max_batch_size,
                         dynamic_batching=not args.no_batching)
         print(f"filled {args.repo_dir} ({args.variant})")

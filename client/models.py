@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from stemserve.defaults import export_root
 from stemserve.errors import CheckpointError, ModelError
 from stemserve.files import file_sha256
-from stemserve.spec import SIDECAR_FILE, is_export, load_export
+from stemserve.spec import SIDECAR_FILE, has_precision, is_export, load_export
 
 if TYPE_CHECKING:
     from stemserve.checkpoints import Bag
@@ -22,17 +22,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def export_dir_for(model: str | Path, config: str | None = None) -> Path:
+def export_dir_for(model: str | Path, config: str | None = None,
+                   precision: str = "fp32") -> Path:
     """An ONNX export of ``model``: the folder itself, ``<export root>/<name>``, or a new one.
 
     Exporting needs PyTorch and happens once; later runs, from any working directory, reuse
     the folder under :func:`~stemserve.defaults.export_root` (a checkpoint file changed
     since its export is exported again). ``config`` is the release whose configuration a
-    plain state-dict file has. A bag of models exports every member.
+    plain state-dict file has. A bag of models exports every member. ``precision``
+    ``int8`` also quantizes the export once (ONNX Runtime only, no PyTorch).
     """
     local = local_export(model)
-    if local is not None:
-        return local
+    if local is None:
+        local = _export(model, config)
+    if precision == "int8" and not has_precision(local, "int8"):
+        from stemserve.export.quantize import quantize_export
+
+        logger.info("quantizing %s to int8 (once)", local)
+        quantize_export(local)
+    return local
+
+
+def _export(model: str | Path, config: str | None) -> Path:
     bag = load_models(model, config)
     from stemserve.export.to_onnx import export_bag  # torch is there: the load needed it
 

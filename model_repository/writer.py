@@ -33,7 +33,7 @@ from stemserve.errors import RepositoryError
 from stemserve.export.tensorrt import PLAN_FILE
 from stemserve.files import atomic_write, file_sha256
 from stemserve.spec import (BAG_PARAMETER, SPEC_PARAMETER, BagSpec, ExportLayout, ModelSpec,
-                            load_export)
+                            load_export, sidecar_name)
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
@@ -144,19 +144,29 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
-                    tensorrt: bool = True, version: int = 1, max_batch_size: int | None = None,
-                    dynamic_batching: bool = True, intra_op_threads: int | None = None) -> Path:
+                    precision: str = "fp32", tensorrt: bool = True, version: int = 1,
+                    max_batch_size: int | None = None, dynamic_batching: bool = True,
+                    intra_op_threads: int | None = None) -> Path:
     """Fill ``repo_dir`` (a Triton model repository) from ``export_dir``; returns the (first)
     model dir.
 
     ``export_dir`` is a single model's export or a bag's (one model per member); each holds
     ``model.json`` and the graph it names (``model.plan``, built by the export's TensorRT
     script, for ``gpu-trt``). Models an earlier fill left in ``repo_dir`` are removed (a
-    repository serves one model or one bag). Each version folder is rebuilt from scratch,
-    config.pbtxt is written last, and the result is checked with :func:`check_repository`.
+    repository serves one model or one bag). ``precision`` picks the export's graph:
+    ``int8`` (the CPU fast path; ``cpu`` only: its dynamically quantized operators are ONNX
+    Runtime's CPU kernels) or ``fp16`` (``gpu``). Each version folder is rebuilt from
+    scratch, config.pbtxt is written last, and the result is checked with
+    :func:`check_repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    layout = load_export(export_dir)
+    if precision == "int8" and variant != "cpu":
+        raise RepositoryError("the int8 graph runs on ONNX Runtime's CPU kernels: fill the "
+                              "cpu variant with it")
+    if variant == "gpu-trt" and precision != "fp32":
+        raise RepositoryError("gpu-trt serves the engine `stemserve export --tensorrt` built "
+                              "(its precision is chosen there): leave precision out")
+    layout = load_export(export_dir, precision)
     bag = layout.bag if len(layout.members) > 1 else None
     options = dict(tensorrt=tensorrt, max_batch_size=max_batch_size,
                    dynamic_batching=dynamic_batching, intra_op_threads=intra_op_threads)
@@ -169,7 +179,7 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
             raise RepositoryError(f"{model_file} is missing: {hint}")
     _remove_other_models(repo_dir, {spec.model_name for _, spec in layout.members})
     for (folder, spec), config in zip(layout.members, configs):
-        _fill_model(folder, spec, config, repo_dir, variant, version)
+        _fill_model(folder, spec, config, repo_dir, variant, version, precision)
     check_repository(repo_dir)
     return repo_dir / layout.spec.model_name
 
@@ -189,11 +199,12 @@ def _remove_other_models(repo_dir: Path, keep: set[str]) -> None:
 
 
 def _fill_model(export_dir: Path, spec: ModelSpec, config: mc.ModelConfig, repo_dir: Path,
-                variant: str, version: int) -> None:
-    """One model folder: the version folder with the model file, sidecar and fill record
-    (and the python backend's model.py), then config.pbtxt."""
+                variant: str, version: int, precision: str) -> None:
+    """One model folder: the version folder with the model file, sidecar (the precision's,
+    as ``model.json``) and fill record (and the python backend's model.py), then
+    config.pbtxt."""
     template = _template_dir(variant)
-    sidecar = export_dir / SIDECAR
+    sidecar = export_dir / sidecar_name(precision)
     model_file = export_dir / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
     model_dir = repo_dir / spec.model_name
     version_dir = model_dir / str(version)

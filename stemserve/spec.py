@@ -227,6 +227,11 @@ class ModelSpec:
 
 
 SIDECAR_FILE = "model.json"
+PRECISION_SIDECARS = {"fp32": SIDECAR_FILE, "fp16": "model.fp16.json",
+                      "int8": "model.int8.json"}
+"""An export's graphs by precision, each named by its sidecar: the fp32 graph, the fp16 one
+(``stemserve export --fp16``, for GPUs) and the dynamically quantized int8 one
+(``stemserve export --int8``, the CPU fast path). Every variant has the same tensors."""
 BAG_FILE = "bag.json"
 BAG_PARAMETER = "stemserve_bag"
 """The config.pbtxt parameter of each served member of a bag: the bag's sidecar."""
@@ -302,17 +307,38 @@ def is_export(folder: Path) -> bool:
     return (folder / SIDECAR_FILE).is_file() or (folder / BAG_FILE).is_file()
 
 
-def load_export(export_dir: Path) -> ExportLayout:
-    """The layout of an export folder, with an error that names the folder."""
+def sidecar_name(precision: str) -> str:
+    """The sidecar file of an export's ``precision`` variant (:data:`PRECISION_SIDECARS`)."""
+    if precision not in PRECISION_SIDECARS:
+        raise SpecError(f"precision must be one of {', '.join(PRECISION_SIDECARS)}, "
+                        f"not {precision!r}")
+    return PRECISION_SIDECARS[precision]
+
+
+def has_precision(export_dir: Path, precision: str) -> bool:
+    """Whether every model of the export has a graph of ``precision``."""
+    layout = load_export(export_dir)
+    return all((folder / sidecar_name(precision)).is_file() for folder, _ in layout.members)
+
+
+def load_export(export_dir: Path, precision: str = "fp32") -> ExportLayout:
+    """The layout of an export folder (its ``precision`` variant), with an error that names
+    the folder."""
     export_dir = Path(export_dir)
+    sidecar = sidecar_name(precision)
+    if precision != "fp32" and is_export(export_dir) and not has_precision(export_dir,
+                                                                            precision):
+        flag = {"int8": "--int8", "fp16": "--fp16"}[precision]
+        raise SpecError(f"no {precision} graph in this export: `stemserve export {flag}` "
+                        "makes one", where=str(export_dir))
     try:
         if (export_dir / BAG_FILE).is_file():
             bag = BagSpec.from_json((export_dir / BAG_FILE).read_text(),
                                     where=str(export_dir / BAG_FILE))
-            members = tuple((export_dir / name, ModelSpec.load(export_dir / name / SIDECAR_FILE))
+            members = tuple((export_dir / name, ModelSpec.load(export_dir / name / sidecar))
                             for name in bag.members)
             return ExportLayout(bag, members)
-        spec = ModelSpec.load(export_dir / SIDECAR_FILE)
+        spec = ModelSpec.load(export_dir / sidecar)
         return ExportLayout(BagSpec.single(spec), ((export_dir, spec),))
     except OSError as err:
         raise SpecError(f"not a stemserve export: {err}", where=str(export_dir)) from None
@@ -321,10 +347,11 @@ def load_export(export_dir: Path) -> ExportLayout:
             from None
 
 
-def load_export_spec(export_dir: Path) -> ModelSpec:
-    """The sidecar of a single model's export folder, with an error that names the folder."""
+def load_export_spec(export_dir: Path, precision: str = "fp32") -> ModelSpec:
+    """The sidecar of a single model's export folder (of its ``precision`` variant), with an
+    error that names the folder."""
     try:
-        return ModelSpec.load(Path(export_dir) / SIDECAR_FILE)
+        return ModelSpec.load(Path(export_dir) / sidecar_name(precision))
     except SpecError as err:
         raise SpecError(f"not a stemserve export: {err.message}", where=str(export_dir)) \
             from None

@@ -45,12 +45,12 @@ def test_every_setting_has_a_flag(served, tmp_path):
                   config="demucs_unittest", max_upload_mb=2.5, max_duration=60.0, workers=2,
                   queue_size=3, job_ttl=10.0, jobs_dir=tmp_path / "jobs", max_disk_mb=50.0,
                   token="secret", allow_origins=("https://a.example", "https://b.example"),
-                  header_timeout=1.0, body_timeout=2.0)
+                  header_timeout=1.0, body_timeout=2.0, int8=True)
     assert set(values) == {field.name for field in dataclasses.fields(Settings)}
     argv = ["--allow-origin", values["allow_origins"][0],
-            "--allow-origin", values["allow_origins"][1]]
+            "--allow-origin", values["allow_origins"][1], "--int8"]
     for name, value in values.items():
-        if name != "allow_origins":
+        if name not in ("allow_origins", "int8"):
             argv += ["--url" if name == "triton_url" else "--" + name.replace("_", "-"),
                      str(value)]
     assert web(*argv) == 0

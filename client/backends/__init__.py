@@ -16,16 +16,17 @@ from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, R
                                 TRITON_MODEL)
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend
-from stemserve.spec import BagSpec, load_export
+from stemserve.spec import BagSpec, has_precision, load_export
 
 BackendKind = Literal["triton", "onnx", "torch"]
 BACKEND_KINDS: tuple[str, ...] = ("triton", "onnx", "torch")
 
 
 def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
-                 config: str | None = None, url: str = DEFAULT_URL,
-                 server_window: int = DEFAULT_IN_FLIGHT, shared_memory: bool | None = None,
-                 timeout: float = REQUEST_TIMEOUT, retries: int = 3) -> Backend:
+                 config: str | None = None, precision: str | None = None,
+                 url: str = DEFAULT_URL, server_window: int = DEFAULT_IN_FLIGHT,
+                 shared_memory: bool | None = None, timeout: float = REQUEST_TIMEOUT,
+                 retries: int = 3) -> Backend:
     """A backend of ``kind``; close it when done (it is a context manager).
 
     ``model`` is a release name, a checkpoint file, a bag YAML or an export folder;
@@ -35,6 +36,10 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     models (``htdemucs_ft``, ``mdx``, ...) is a :class:`~.bag.BagBackend` over one backend
     per member: on Triton, one served model per member, found on the server.
 
+    ``precision``: ``int8`` runs the dynamically quantized graph (quantized once if need
+    be; the CPU fast path), ``fp16`` the half-precision one; for Triton, what the server
+    must serve (None: whatever it serves); for PyTorch, ``fp16``/``bf16`` autocast.
+
     Triton: ``url`` may name several servers (``host:port,host:port`` or ``@file``, see
     :func:`~stemserve.client.backends.fleet.parse_endpoints`): each member is then a
     :class:`~stemserve.client.backends.fleet.FleetBackend` spreading segments over all of
@@ -43,21 +48,31 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     is on this host; ``timeout`` and ``retries`` apply to each request.
     """
     if kind == "triton":
-        backend = _triton_backend(model, url, server_window=server_window,
+        backend = _triton_backend(model, url, precision or "fp32", server_window=server_window,
                                   shared_memory=shared_memory, timeout=timeout,
                                   retries=retries)
+        problem = None
         if model is not None and local_export(model) is None \
                 and Path(model).stem != backend.spec.checkpoint:
+            problem = (f"Triton at {url} serves '{backend.spec.checkpoint}', not "
+                       f"'{Path(model).stem}': serve that model, or leave -n/--model out")
+        elif precision is not None and backend.spec.precision != precision:
+            problem = (f"Triton at {url} serves the {backend.spec.precision} graph of "
+                       f"'{backend.spec.checkpoint}', not {precision}: start it with "
+                       f"`stemserve serve{' --int8' if precision == 'int8' else ''}`")
+        if problem:
             backend.close()
-            raise ModelError(f"Triton at {url} serves '{backend.spec.checkpoint}', not "
-                             f"'{Path(model).stem}': serve that model, or leave -n/--model out")
+            raise ModelError(problem)
         return backend
     if kind == "onnx":
         from stemserve.client.backends.onnx import OnnxBackend
 
-        layout = load_export(export_dir_for(model or DEFAULT_MODEL, config))
-        return _bag_or_single(layout.bag, [lambda folder=folder: OnnxBackend(folder)
-                                           for folder, _ in layout.members])
+        precision = precision or "fp32"
+        layout = load_export(export_dir_for(model or DEFAULT_MODEL, config, precision),
+                             precision)
+        return _bag_or_single(layout.bag, [
+            lambda folder=folder: OnnxBackend(folder, precision=precision)
+            for folder, _ in layout.members])
     if kind == "torch":
         from stemserve.client.backends.pytorch import TorchBackend
 
@@ -65,19 +80,24 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
         return _bag_or_single(
             BagSpec(bag.name, tuple(info.name for info in bag.infos),
                     tuple(tuple(row) for row in bag.weights), bag.segment),
-            [lambda net=net, info=info: TorchBackend(net, info, segment=bag.segment)
+            [lambda net=net, info=info: TorchBackend(net, info, segment=bag.segment,
+                                                     precision=precision or "fp32")
              for net, info in zip(bag.models, bag.infos)])
     raise ModelError(f"unknown backend {kind!r}: use {', '.join(BACKEND_KINDS)}")
 
 
-def _triton_backend(model: str | Path | None, url: str, **options) -> Backend:
+def _triton_backend(model: str | Path | None, url: str, precision: str, **options) -> Backend:
     """The Triton (or fleet) backend of what the servers at ``url`` serve, checked against
-    the local export ``model`` names, if any."""
+    the local export ``model`` names (its ``precision`` graph), if any."""
     from stemserve.client.backends.fleet import FleetBackend, parse_endpoints
     from stemserve.client.backends.triton import ServerUnreachable, TritonBackend, served_bag
 
     local = local_export(model)
-    layout = None if local is None else load_export(local)
+    layout = None
+    if local is not None and has_precision(local, precision):
+        layout = load_export(local, precision)
+    elif local is not None:
+        layout = load_export(local)
     urls = parse_endpoints(url)
     if layout is not None:
         bag = layout.bag if len(layout.members) > 1 else None

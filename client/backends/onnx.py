@@ -21,13 +21,15 @@ class OnnxBackend(LocalBackend):
     """:class:`~stemserve.pipeline.Backend` running an export folder's graph in-process.
 
     ``export_dir`` holds ``model.json`` and the graph it names (what ``stemserve export``
-    writes). ``threads`` sets ONNX Runtime's intra-op threads (0: one per core).
+    writes); ``precision`` ``int8`` (or ``fp16``) takes that variant's sidecar and graph
+    instead. ``threads`` sets ONNX Runtime's intra-op threads (0: one per core).
     """
 
-    def __init__(self, export_dir: Path, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 threads: int = 0, providers: list[str] | None = None):
+    def __init__(self, export_dir: Path, *, precision: str = "fp32",
+                 max_batch: int = DEFAULT_MAX_BATCH, threads: int = 0,
+                 providers: list[str] | None = None):
         export_dir = Path(export_dir)
-        spec = load_export_spec(export_dir)
+        spec = load_export_spec(export_dir, precision)
         try:
             import onnxruntime as ort
         except ImportError:

@@ -29,17 +29,19 @@ class ModelCatalog:
     may name its export folder when the server's config carries no sidecar). Without it,
     jobs run in-process with ONNX Runtime on ``model`` (default: the command line's) or on
     any other exported or cached model. ``config`` is the release whose configuration a
-    plain state-dict ``model`` has.
+    plain state-dict ``model`` has; ``precision`` ``int8`` runs the int8 graphs (see
+    :func:`~stemserve.client.backends.open_backend`).
 
     Nothing opens until :meth:`open`, so that the caller decides what must succeed first.
     """
 
     def __init__(self, triton_url: str | None = None, model: str | None = None,
-                 config: str | None = None):
+                 config: str | None = None, precision: str | None = None):
         self.triton_url = triton_url
         self._default = model or DEFAULT_MODEL
         self._given = model
         self._config = config
+        self._precision = precision
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._served: str | None = None
@@ -49,7 +51,7 @@ class ModelCatalog:
         cannot be downloaded, exported or loaded, raises its error now, not on every job."""
         if self.triton_url:
             backend = open_backend("triton", url=self.triton_url, model=self._given,
-                                   config=self._config)
+                                   config=self._config, precision=self._precision)
             self._served = backend.spec.checkpoint
             self._backends[self._served] = backend
             logger.info("separating on the Triton server at %s (model %s)", self.triton_url,
@@ -92,7 +94,8 @@ class ModelCatalog:
                     raise ModelError(f"model {name!r} is not available here; choose one "
                                      f"of {', '.join(models)}")
                 config = self._config if models[name] == self._default else None
-                self._backends[name] = open_backend("onnx", model=models[name], config=config)
+                self._backends[name] = open_backend("onnx", model=models[name], config=config,
+                                                    precision=self._precision)
             return self._backends[name]
 
     def sources(self, name: str) -> tuple[str, ...] | None:

@@ -105,7 +105,8 @@ class JobService:
         exports a model or cleans up; the model next, so that a Triton server that does not
         answer or a model that cannot load stops the start instead of failing every upload.
         """
-        catalog = ModelCatalog(settings.triton_url, settings.model, settings.config)
+        catalog = ModelCatalog(settings.triton_url, settings.model, settings.config,
+                               precision="int8" if settings.int8 else None)
         queue = JobQueue(settings.jobs_dir, functools.partial(run_job, catalog),
                          workers=settings.workers, queue_size=settings.queue_size,
                          ttl=settings.job_ttl, max_disk_bytes=settings.max_disk_bytes)

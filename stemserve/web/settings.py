@@ -37,6 +37,9 @@ class Settings:
     ``-n/--model``."""
     config: str | None = None
     """The release whose configuration a plain state-dict ``model`` has. Flag: ``--config``."""
+    int8: bool = dataclasses.field(default=False, metadata={
+        "help": "separate in-process with the int8 graphs (the CPU fast path); with Triton, "
+                "check that the server serves one"})
     max_upload_mb: float = dataclasses.field(default=100.0, metadata={
         "help": "largest upload in MB", "metavar": "MB"})
     max_duration: float = dataclasses.field(default=900.0, metadata={
