@@ -48,12 +48,14 @@ DEFAULT_URL = "127.0.0.1:8001"
 """Triton's gRPC address when none is given: a `stemserve serve` on this host."""
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 """Where a track's stems go under the output folder, as demucs lays them out."""
-DEFAULT_IN_FLIGHT = 8
+DEFAULT_IN_FLIGHT = 4
 """Segment requests in flight per track (and per Triton server): twice the CPU server's
-max_batch_size (one batch runs while the next forms) and the GPU server's, so a full batch
-can form. Measured against the CPU Triton server with the small test model on 2 cores:
-windows of 1 to 16 all ran at 19 to 21x real time (compute-bound); at 8 the dynamic batcher
-formed batches of 4 on average, and 16 only added client memory."""
+max_batch_size of 2, so one batch runs while the next forms (a window of 3 left every other
+batch a single request). The client's memory follows it: each request in flight holds its
+input, a shared-memory region, its answer and a stride of the overlap-add (about 140 MB with
+40 s segments), so a 60-minute track stays within 2x of a 1-minute one only up to a window
+of about 4. A GPU server (max_batch_size 8) forms full batches with ``--in-flight 16
+--server-window 16``."""
 REQUEST_TIMEOUT = 600.0
 """Seconds one segment request to a server may take. A CPU server runs the full model at
 about half real time, so a 40-second segment queued behind a batch of four waits minutes; a

@@ -401,14 +401,19 @@ class _OverlapAdd:
         self.base = 0
         self._start = 0
         self._sum = np.zeros((sources, channels, capacity), np.float32)
+        self._scratch = np.zeros(0, np.float32)
 
     def reserve(self, end: int) -> None:
         """Make room up to output sample ``end``, growing only if the window needs it."""
         size = self._sum.shape[-1]
         if end - self.base <= size:
             return
-        live = size - self._start
-        self._sum[..., :live] = self._sum[..., self._start:]
+        live, gap = size - self._start, self._start
+        # Move the live samples to the front a gap at a time: the pieces never overlap, so
+        # numpy copies them in place instead of through a temporary as large as all of them.
+        for at in range(0, live if gap else 0, gap or 1):
+            self._sum[..., at:min(at + gap, live)] = \
+                self._sum[..., gap + at:gap + min(at + gap, live)]
         self._sum[..., live:] = 0
         self.base += self._start
         self._start = 0
@@ -416,8 +421,18 @@ class _OverlapAdd:
         if grow > 0:
             self._sum = np.pad(self._sum, ((0, 0), (0, 0), (0, grow)))
 
-    def add(self, offset: int, values: np.ndarray) -> None:
-        self._sum[..., offset - self.base:offset - self.base + values.shape[-1]] += values
+    def add(self, offset: int, values: np.ndarray, factors: np.ndarray,
+            scale: np.ndarray) -> None:
+        """Add ``values * factors * scale`` (in that order: the same float32 rounding as
+        demucs) at output sample ``offset``, through one reused scratch buffer: a segment's
+        product is as large as its output, and a fresh one per answer would hold that much
+        more memory for each answer collected at once."""
+        if self._scratch.size < values.size:
+            self._scratch = np.empty(values.size, np.float32)
+        product = self._scratch[:values.size].reshape(values.shape)
+        np.multiply(values, factors, out=product)
+        product *= scale
+        self._sum[..., offset - self.base:offset - self.base + values.shape[-1]] += product
 
     def pop(self, until: int) -> np.ndarray:
         """The finished samples up to output sample ``until``."""
@@ -447,8 +462,10 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     mean, std = np.float32(stats.mean), np.float32(stats.std)
     planner = _Planner([member.spec for member in members], weights, stats.length, options)
     inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
+    # At most ``window`` segments are unfinished: the live output spans ``window`` strides
+    # and a segment (and a shift) at most.
     output = _OverlapAdd(len(spec.sources), spec.audio_channels,
-                         (window + 1) * planner.stride + spec.segment_length + spec.max_shift)
+                         window * planner.stride + spec.segment_length + spec.max_shift)
     segments: collections.deque[_Segment] = collections.deque()
     factors: dict[_Segment, np.ndarray] = {}
     pending: dict[Future, _Request] = {}
@@ -466,7 +483,7 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
             segment = request.segment
             result = center_trim(future.result(), request.keep)[..., request.drop:]
             scale = segment.pass_.scale[:, None, None] * np.float32(request.scale)
-            output.add(segment.start, result[..., segment.cut:] * factors[segment] * scale)
+            output.add(segment.start, result[..., segment.cut:], factors[segment], scale)
             segment.pending -= 1
             if not segment.pending:
                 del factors[segment]

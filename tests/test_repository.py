@@ -111,11 +111,14 @@ def test_written_config_parses_and_matches_the_sidecar(case, small_export, expor
     assert (config.backend, config.platform) == expected
 
 
-def test_max_batch_size_override_keeps_preferred_sizes_within_it(small_export, tmp_path):
-    config = _parse(fill_repository(small_export, tmp_path, "cpu", max_batch_size=6)
+@pytest.mark.parametrize("variant, batch, sizes", [("cpu", 6, [2, 6]), ("cpu", 1, [1]),
+                                                   ("gpu", 6, [4, 6]), ("gpu", 16, [4, 8, 16])])
+def test_max_batch_size_override_keeps_preferred_sizes_within_it(small_export, tmp_path,
+                                                                 variant, batch, sizes):
+    config = _parse(fill_repository(small_export, tmp_path, variant, max_batch_size=batch)
                     / "config.pbtxt")
-    assert config.max_batch_size == 6
-    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 6]
+    assert config.max_batch_size == batch
+    assert list(config.dynamic_batching.preferred_batch_size) == sizes
 
 
 def test_model_file_is_hard_linked(small_export, spec, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stemserve.client.backends.local import LocalBackend
+from stemserve.client.backends.ort_session import cpu_session
 from stemserve.errors import ModelError
 from stemserve.spec import load_export_spec
 
@@ -22,7 +23,8 @@ class OnnxBackend(LocalBackend):
 
     ``export_dir`` holds ``model.json`` and the graph it names (what ``stemserve export``
     writes); ``precision`` ``int8`` (or ``fp16``) takes that variant's sidecar and graph
-    instead. ``threads`` sets ONNX Runtime's intra-op threads (0: one per core).
+    instead. ``threads`` sets ONNX Runtime's intra-op threads (0: one per core). Without
+    ``providers``, the session is the CPU server's (:mod:`.ort_session`).
     """
 
     def __init__(self, export_dir: Path, *, precision: str = "fp32",
@@ -35,14 +37,16 @@ class OnnxBackend(LocalBackend):
         except ImportError:
             raise ModelError("the onnx backend needs ONNX Runtime: "
                              "pip install 'stemserve[onnx]'") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        model_file = export_dir / spec.onnx_file
         try:
-            session = ort.InferenceSession(str(export_dir / spec.onnx_file), options,
-                                           providers=providers or ["CPUExecutionProvider"])
+            if providers is None:
+                session = cpu_session(model_file, threads)
+            else:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as err:  # ORT raises its own untyped errors for bad files
-            raise ModelError(f"cannot load it: {err}",
-                             where=str(export_dir / spec.onnx_file)) from None
+            raise ModelError(f"cannot load it: {err}", where=str(model_file)) from None
         self.session = session
 
         def run(batch: np.ndarray) -> np.ndarray:

@@ -8,13 +8,13 @@ the others in the same call are still served.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from stemserve.client.backends.ort_session import cpu_session_options
 from stemserve.spec import ModelSpec
 
 
@@ -32,12 +32,9 @@ class TritonPythonModel:
 
         threads = int(config.get("parameters", {}).get("intra_op_threads", {})
                       .get("string_value", "0"))
-        options = ort.SessionOptions()
-        # Threads inside each operator use every core; the graph is one chain, so one
-        # inter-op thread loses nothing and avoids oversubscription.
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The in-process backend's session: intra-op threads on every core (or "threads"),
+        # sequential, an arena that grows by what is requested (ort_session's docstring).
+        options = cpu_session_options(threads)
         self.session = ort.InferenceSession(str(version_dir / self.spec.onnx_file), options,
                                             providers=["CPUExecutionProvider"])
         pb_utils.Logger.log_info(
