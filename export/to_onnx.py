@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from stemserve.defaults import TRITON_MODEL
+from stemserve.errors import ModelError
 from stemserve.files import atomic_path
 from stemserve.models.exportable import HybridConvSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
-from stemserve.spec import BAG_FILE, SIDECAR_FILE, BagSpec, ModelSpec
+from stemserve.spec import BAG_FILE, PRECISION_SIDECARS, SIDECAR_FILE, BagSpec, ModelSpec
 
 if TYPE_CHECKING:
     from stemserve.checkpoints import Bag, CheckpointInfo
@@ -88,12 +89,22 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
     """Write ``model.onnx`` and ``model.json`` (and ``model.fp16.*`` if asked) into ``out_dir``.
 
     ``segment_length`` defaults to what demucs splits by (the model's segment, which a
-    bag's override has already set). Returns the fp32 spec.
+    bag's override has already set). Returns the fp32 spec. The other precisions' graphs of
+    an earlier export in ``out_dir`` are removed: they belong to the model exported before.
     """
+    if fp16 and family_of(model) == "htdemucs":
+        raise ModelError("no fp16 graph of HT Demucs: its transformer adds float32 positional "
+                         "embeddings to half-precision tokens, which does not trace; export "
+                         "it in fp32 (fp16 on a GPU: the PyTorch backend's autocast, "
+                         "TorchBackend(precision='fp16'))")
     model = model.eval()
     segment_length = int(segment_length or segment_samples(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for precision, sidecar in PRECISION_SIDECARS.items():
+        if precision != "fp32":
+            (out_dir / sidecar).unlink(missing_ok=True)
+            (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
     spec = build_spec(model, info, segment_length, model_name=model_name)
     module = graph_module(model)
     _export_graph(module, spec, out_dir, opset)

@@ -462,10 +462,10 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     mean, std = np.float32(stats.mean), np.float32(stats.std)
     planner = _Planner([member.spec for member in members], weights, stats.length, options)
     inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
-    # At most ``window`` segments are unfinished: the live output spans ``window`` strides
-    # and a segment (and a shift) at most.
+    # A segment's room is reserved once fewer than ``window`` requests are pending, so the
+    # live output spans ``window - 1`` strides and a segment (and a shift) at most.
     output = _OverlapAdd(len(spec.sources), spec.audio_channels,
-                         window * planner.stride + spec.segment_length + spec.max_shift)
+                         (window - 1) * planner.stride + spec.segment_length + spec.max_shift)
     segments: collections.deque[_Segment] = collections.deque()
     factors: dict[_Segment, np.ndarray] = {}
     pending: dict[Future, _Request] = {}
@@ -500,7 +500,6 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
         keep_from = planner.keep_from(plan)
         for index, segment in enumerate(plan):
             inputs.release(keep_from[index])
-            output.reserve(segment.start + segment.length)
             factors[segment] = planner.weights(segment)
             requests = planner.requests(segment)
             segment.pending = len(requests)
@@ -509,6 +508,7 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
                 while len(pending) >= window:
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
                     emit(segments[0].start if segments else segment.start)
+                output.reserve(segment.start + segment.length)
                 mix = inputs.take(request.start, request.size, request.lo, request.hi)
                 pending[members[segment.pass_.member].submit(mix)] = request
         while pending:

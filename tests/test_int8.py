@@ -113,6 +113,7 @@ def test_open_backend_quantizes_a_cached_export_once(small_model, stemserve_cach
 
 
 def test_refusals_name_the_way_out(small_export, tmp_path, capsys):
+    from stemserve.client.backends import open_backend
     from stemserve.client.cli import main
     from stemserve.model_repository.writer import fill_repository
 
@@ -128,6 +129,8 @@ def test_refusals_name_the_way_out(small_export, tmp_path, capsys):
     assert not (tmp_path / "repo").exists()
     assert main(["serve", "--int8", "--gpu", "-n", str(small_export)]) != 0
     assert "--int8 is the CPU fast path: drop --gpu" in capsys.readouterr().err
+    with pytest.raises(ModelError, match="--int8 takes --backend onnx or triton"):
+        open_backend("torch", model=small_export, precision="int8")
 
 
 @pytest.mark.server
@@ -155,3 +158,17 @@ def test_a_served_int8_repository_answers_with_its_precision(small_export, int8_
         with pytest.raises(ModelError, match="serves the int8 graph"):
             open_backend("triton", url=server.grpc_url, precision="fp32")
     assert max(np.abs(got[name] - expected[name]).max() for name in got) < 1e-5
+
+
+def test_exporting_again_drops_the_earlier_int8_graph(small_model, int8_export, tmp_path):
+    """A re-export in place (a changed checkpoint) must not leave the old int8 graph to be
+    served as the new model's."""
+    from stemserve.export.to_onnx import export_onnx
+
+    model, info = small_model
+    folder = tmp_path / "export"
+    shutil.copytree(int8_export, folder)
+    assert has_precision(folder, "int8")
+    export_onnx(model, info, folder)
+    assert not has_precision(folder, "int8")
+    assert not (folder / "model.int8.onnx").exists()

@@ -76,6 +76,10 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     if kind == "torch":
         from stemserve.client.backends.pytorch import TorchBackend
 
+        if precision == "int8":
+            raise ModelError("the int8 graph runs on ONNX Runtime: --int8 takes --backend "
+                             "onnx or triton, not torch")
+
         bag = load_models(model or DEFAULT_MODEL, config)
         return _bag_or_single(
             BagSpec(bag.name, tuple(info.name for info in bag.infos),
