@@ -20,6 +20,18 @@ def _status_mib(pid: int | str, field: str) -> float | None:
     return None
 
 
+def pss_mib(pid: int | str) -> float | None:
+    """The proportional set size of ``pid`` in MiB (each shared page divided among the
+    processes mapping it), or None once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib(pid: int | str = "self") -> float | None:
     """The peak resident memory (VmHWM) of ``pid`` (this process by default), in MiB."""
     return _status_mib(pid, "VmHWM")
@@ -43,25 +55,32 @@ class GroupMemory:
 
     The sum of each process's own peak (VmHWM) over-counts when the peaks came at different
     times; sampling the sum gives the footprint the machine actually had to hold, to within
-    the sampling interval. Both are reported.
+    the sampling interval. Both are reported. The summed RSS still counts shared memory
+    once per process that maps it (Triton's python backend exchanges tensors through a
+    region mapped by the server and its stub, and the server maps the client's regions
+    too): the peak of the summed PSS (``peak_pss_mib``), which divides each shared page
+    among its mappers, is the de-duplicated figure.
     """
 
     def __init__(self, pgid: int, interval: float = 0.2):
         self.pgid = pgid
         self.interval = interval
         self.peak_mib = 0.0
+        self.peak_pss_mib = 0.0
         self._hwm: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="group-memory", daemon=True)
 
     def _sample(self) -> None:
-        total = 0.0
+        total = proportional = 0.0
         for pid in group_pids(self.pgid):
             total += _status_mib(pid, "VmRSS") or 0.0
+            proportional += pss_mib(pid) or 0.0
             hwm = peak_rss_mib(pid)
             if hwm is not None:
                 self._hwm[pid] = max(hwm, self._hwm.get(pid, 0.0))
         self.peak_mib = max(self.peak_mib, total)
+        self.peak_pss_mib = max(self.peak_pss_mib, proportional)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -1,6 +1,6 @@
 """One command for every benchmark, then the plots.
 
-    python -m benchmarks.run_all                 # the full configuration (about 60 min on 2 CPUs)
+    python -m benchmarks.run_all                 # the full configuration (about 115 min on 2 CPUs)
     python -m benchmarks.run_all --quick         # a tiny configuration, to check the scripts run
     python -m benchmarks.run_all --only model_forward --machine my-box
 
@@ -53,6 +53,17 @@ SCRIPTS = (
            what="item 3: 1- and 10-minute tracks: wall time, RTF, peak memory per path"),
     Script("transport", full=("--segments", "1,10,40"), quick=("--quick",),
            what="item 4: plain gRPC vs system shared memory for the segment tensors"),
+    Script("releases", full=("--tracks", "60,600", "--repeats", "2", "--forward-repeats", "3",
+                             "--budget", "60"), quick=("--quick",),
+           what="issue 13: htdemucs forward (torch, ORT), cost vs demucs_quantized, 1- and "
+                "10-minute tracks: Triton / in-process vs demucs 4.0.1"),
+    Script("cpu_levers", full=(), quick=("--quick",),
+           what="issue 14: batch sizes, int8, ONNX Runtime's arena, two-segment tracks on "
+                "the CPU"),
+    Script("quality", full=("--train-minutes", "4", "--mixes", "6", "--mix-seconds", "8"),
+           quick=("--quick",),
+           what="issue 14: SDR of each fast path (torch bf16, ONNX fp16, int8) against fp32, "
+                "small models trained on synthetic stems"),
 )
 
 
