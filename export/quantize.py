@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stemserve.errors import ModelError
 from stemserve.files import atomic_path
-from stemserve.spec import PRECISION_SIDECARS, ModelSpec, load_export_spec
+from stemserve.spec import PRECISION_SIDECARS, ModelSpec, load_export, load_export_spec
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,5 @@ def quantize_int8(export_dir: Path, *, reduce_range: bool | None = None) -> Mode
 
 def quantize_export(export_dir: Path, *, reduce_range: bool | None = None) -> list[ModelSpec]:
     """:func:`quantize_int8` for every model of an export (a bag's members too)."""
-    from stemserve.spec import load_export
-
     return [quantize_int8(folder, reduce_range=reduce_range)
             for folder, _ in load_export(export_dir).members]
