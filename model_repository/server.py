@@ -31,6 +31,7 @@ NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 TRT_CACHE_VOLUME = "stemserve-trt-cache"
 LOG_TAIL_LINES = 20
 PROBE_TIMEOUT = 5.0
+WAIT_POLL = 0.2  # seconds between checks of a served tritonserver (see wait)
 """Deadline of each readiness probe at start-up: a server that hangs is waited for by the
 start timeout, not by one probe."""
 # Lines worth quoting when the server fails: Triton's "E<mmdd> ..." lines and its final
@@ -260,10 +261,17 @@ class TritonServer:
         self.start()
 
     def wait(self) -> int:
-        """Block until the server exits on its own; returns its exit code (for the CLI)."""
+        """Block until the server exits on its own; returns its exit code (for the CLI).
+
+        Polls instead of blocking in waitpid: a SIGTERM the kernel hands to another thread
+        (the log reader's) would not interrupt the main thread's waitpid, so its Python
+        handler would never run and ``serve`` would outlive the signal.
+        """
         if self._process is None:
             raise ServerError("the server is not started")
-        return self._process.wait()
+        while (code := self._process.poll()) is None:
+            time.sleep(WAIT_POLL)
+        return code
 
     def __enter__(self) -> "TritonServer":
         self.start()

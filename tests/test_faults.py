@@ -209,18 +209,49 @@ def _child(shell: subprocess.Popen) -> int:
     return int(children[0])
 
 
+def _assert_stopped(shell: subprocess.Popen, ports: list[int]) -> None:
+    """serve exits within a minute and its tritonserver stops listening soon after."""
+    shell.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _listening(ports[1]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _listening(ports[1]), "tritonserver outlived stemserve serve"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_tritonserver_on_signals(small_export, signum):
     shell, ports = _serve(small_export)
     try:
         os.kill(_child(shell), signum)
-        shell.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while _listening(ports[1]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _listening(ports[1]), "tritonserver outlived stemserve serve"
+        _assert_stopped(shell, ports)
     finally:
         with contextlib.suppress(ProcessLookupError):  # nothing left: as it should be
+            os.killpg(shell.pid, signal.SIGKILL)
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to one thread of ``pid``, as the kernel may pick any thread for a
+    signal sent to the process."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+def test_serve_stops_on_a_signal_another_thread_receives(small_export):
+    """A SIGTERM handled by the log reader thread, not the main one, still stops serve:
+    the main thread must not sit in a waitpid that only its own signals interrupt."""
+    shell, ports = _serve(small_export)
+    try:
+        pid = _child(shell)
+        threads = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+        others = [tid for tid in threads if tid != pid]
+        assert others, "serve runs a log reader thread"
+        _tgkill(pid, others[0], signal.SIGTERM)
+        _assert_stopped(shell, ports)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(shell.pid, signal.SIGKILL)
 
 
