@@ -8,8 +8,9 @@
 same random-weight htdemucs (the released configuration, 42 M parameters) and the same
 input, one training segment (343,980 samples, 7.8 s) per item:
 
-(a) ``conv-stft``: STFT and iSTFT inside the graph as DFT convolutions
-    (:class:`stemserve.models.exportable.HybridConvSTFT`): mix in, stems out.
+(a) ``graph-stft``: STFT and iSTFT inside the graph as real matrix products, one
+    Cooley-Tukey step per frame (:class:`stemserve.models.exportable.HybridGraphSTFT`):
+    mix in, stems out.
 (b) ``core``: the STFT outside the graph (:class:`~stemserve.models.exportable.
     HTDemucsCore`): mix and spectrogram in, both branches out; the client does the STFT,
     the iSTFT and the sum with torch (timed separately as ``client``).
@@ -73,7 +74,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     import onnx
     import onnxruntime as ort
 
-    from stemserve.models.exportable import (HybridConvSTFT, HTDemucsCore,
+    from stemserve.models.exportable import (HybridGraphSTFT, HTDemucsCore,
                                              htdemucs_from_core, htdemucs_spec)
 
     torch.set_num_threads(threads)
@@ -84,7 +85,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     with torch.no_grad():
         expected = model(mix)
         torch_times = {b: _best_time(lambda b=b: model(mix[:b]), repeats) for b in (1, 2)}
-        wrapper_error = (HybridConvSTFT(model)(mix) - expected).abs().max().item()
+        wrapper_error = (HybridGraphSTFT(model)(mix) - expected).abs().max().item()
     info = dict(params=sum(p.numel() for p in model.parameters()), length=length,
                 torch_times=torch_times, wrapper_error=wrapper_error,
                 output_scale=expected.abs().max().item())
@@ -92,15 +93,16 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     with torch.no_grad():
         spec = htdemucs_spec(model, mix)
         # The STFT front and iSTFT back ends alone, batch 1, in PyTorch eager.
-        conv = HybridConvSTFT(model)
+        graph = HybridGraphSTFT(model)
         freq_out = torch.randn(1, len(model.sources), *spec.shape[1:])
         info["ends_torch"] = _best_time(lambda: (htdemucs_spec(model, mix[:1]), model._ispec(
             model._mask(None, freq_out), length)), repeats)
-        info["ends_conv"] = _best_time(lambda: (conv.spec(mix[:1]), conv.ispec(freq_out, length)),
-                                       repeats)
+        info["ends_graph"] = _best_time(
+            lambda: (graph.spec(mix[:1]), graph.ispec(graph.mask(None, freq_out), length)),
+            repeats)
 
     ways = {
-        "(a) conv-stft": (HybridConvSTFT(model).eval(), ["mix"], ["stems"]),
+        "(a) graph-stft": (HybridGraphSTFT(model).eval(), ["mix"], ["stems"]),
         "(b) core": (HTDemucsCore(model).eval(), ["mix", "spec"], ["freq", "time"]),
     }
     rows = []
@@ -171,10 +173,10 @@ def render(rows: list[dict], info: dict, threads: int, repeats: int) -> str:
         f"load average {info['load'][0]:.1f} before, {info['load'][1]:.1f} after",
         f"- PyTorch eager `HTDemucs.forward` (torch.stft): batch 1 "
         f"{info['torch_times'][1]:.2f} s, batch 2 {info['torch_times'][2]:.2f} s",
-        f"- DFT-convolution STFT vs torch.stft, both in PyTorch: max abs error "
+        f"- in-graph STFT vs torch.stft, both in PyTorch: max abs error "
         f"{info['wrapper_error']:.1e} on stems up to {info['output_scale']:.2f}",
         f"- STFT + iSTFT alone (batch 1, PyTorch eager): torch.stft/istft "
-        f"{info['ends_torch']:.2f} s, DFT convolutions {info['ends_conv']:.2f} s",
+        f"{info['ends_torch']:.2f} s, in-graph matrix-product DFTs {info['ends_graph']:.2f} s",
         "",
         "| way | export | graph MB | nodes | ORT vs PyTorch max abs error | ORT batch 1 (s) "
         "| ORT batch 2 (s) | ORT s per segment (batch 2) | client STFT+iSTFT, batch 1 (s) |",

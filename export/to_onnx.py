@@ -10,7 +10,7 @@ The batch axis is always dynamic. The time axis depends on the family (the sidec
   ``apply_model``. v2 returns fewer samples; the caller center-trims, as ``apply_model``.
 - Hybrid Demucs takes any length (the last segment of a track is as short as the track's
   end): its STFT, iSTFT and every length computation are inside the graph
-  (:class:`~stemserve.models.exportable.HybridConvSTFT`).
+  (:class:`~stemserve.models.exportable.HybridGraphSTFT`).
 - HT Demucs takes exactly its training segment (343,980 samples for the releases): the
   time axis is fixed, so every request batches with every other.
 
@@ -36,7 +36,7 @@ from torch import nn
 from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.files import atomic_path
-from stemserve.models.exportable import HybridConvSTFT
+from stemserve.models.exportable import HybridGraphSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
 from stemserve.spec import BAG_FILE, PRECISION_SIDECARS, SIDECAR_FILE, BagSpec, ModelSpec
 
@@ -65,7 +65,7 @@ def graph_module(model: nn.Module) -> nn.Module:
     """What is traced for ``model``: the network itself, or for the hybrid models the
     network with its STFTs as convolutions (the complex ``torch.stft`` does not export)."""
     if family_of(model) in ("hdemucs", "htdemucs"):
-        return HybridConvSTFT(model).eval()
+        return HybridGraphSTFT(model).eval()
     return model
 
 

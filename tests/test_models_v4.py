@@ -162,7 +162,7 @@ def test_forward_matches_official(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - NOT_EXPORTED - {"htdemucs"}))
 def test_onnx_graph_matches_official(name, tmp_path):
-    """The exported graph (STFTs as convolutions; HT Demucs on its segment, the others on
+    """The exported graph (STFTs as matrix products; HT Demucs on its segment, the others on
     any length they take, tails included) computes what the official module does."""
     klass, kwargs, shapes = CASES[name]
     check_case(name, klass, kwargs, shapes, tmp_path, graph=True)

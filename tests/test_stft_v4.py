@@ -1,4 +1,4 @@
-"""The convolutional STFT and the exportable HTDemucs wrappers compute what the model
+"""The matrix-product STFT and the exportable HTDemucs wrappers compute what the model
 computes, and export to ONNX (opset 17, TorchScript exporter, dynamic batch)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from stemserve.models import HTDemucs
 from stemserve.models.configs import HTDEMUCS
-from stemserve.models.exportable import (HybridConvSTFT, HTDemucsCore, htdemucs_from_core,
+from stemserve.models.exportable import (HybridGraphSTFT, HTDemucsCore, htdemucs_from_core,
                                          htdemucs_spec)
-from stemserve.models.stft import ConvISTFT, ConvSTFT, hybrid_ispec, hybrid_spec, ispectro, spectro
+from stemserve.models.stft import DftISTFT, DftSTFT, hybrid_ispec, hybrid_spec, ispectro, spectro
 
 TINY = dict(HTDEMUCS, channels=8, bottom_channels=32, segment=Fraction(1, 2), t_layers=2)
 
@@ -22,17 +22,22 @@ def tiny():
     return HTDemucs(**TINY).eval()
 
 
-@pytest.mark.parametrize("n_bins", [None, 2048])
-def test_conv_stft_is_spectro(n_bins):
+@pytest.mark.parametrize("n_fft,hop,n_bins", [(4096, 1024, None), (4096, 1024, 2048),
+                                               (512, 128, None), (300, 100, 150)])
+def test_dft_stft_is_spectro(n_fft, hop, n_bins):
+    """Powers of two as the models use them, and sizes whose factors are not (300 = 10 x 30,
+    a hop of 3 frames per window)."""
     x = torch.randn(3, 20_011, generator=torch.Generator().manual_seed(0))
-    z = torch.view_as_real(spectro(x, 4096, 1024)).permute(0, 3, 1, 2)[:, :, :n_bins]
-    got = ConvSTFT(4096, 1024, n_bins=n_bins)(x)
+    spectrum = spectro(x, n_fft, hop)
+    z = torch.view_as_real(spectrum).permute(0, 3, 1, 2)[:, :, :n_bins]
+    got = DftSTFT(n_fft, hop, n_bins=n_bins)(x)
     assert got.shape == z.shape
     assert (got - z).abs().max() < 1e-5 * z.abs().max()
-    # and back
-    wave = ispectro(spectro(x, 4096, 1024), 1024, length=x.shape[-1])
-    z_full = torch.view_as_real(spectro(x, 4096, 1024)).permute(0, 3, 1, 2)
-    assert (ConvISTFT(4096, 1024)(z_full, x.shape[-1]) - wave).abs().max() < 1e-5
+    # and back, from the bins kept (the others taken as zero)
+    kept = torch.zeros_like(spectrum)
+    kept[:, :z.shape[-2]] = spectrum[:, :z.shape[-2]]
+    wave = ispectro(kept, hop, length=x.shape[-1])
+    assert (DftISTFT(n_fft, hop, n_bins=n_bins)(z, x.shape[-1]) - wave).abs().max() < 1e-5
 
 
 def test_hybrid_spec_round_trip():
@@ -51,24 +56,24 @@ def test_wrappers_compute_the_model(tiny):
     mix = torch.randn(2, 2, 21_011, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = tiny(mix)
-        assert (HybridConvSTFT(tiny)(mix) - expected).abs().max() < 1e-5
+        assert (HybridGraphSTFT(tiny)(mix) - expected).abs().max() < 1e-5
         padded = torch.nn.functional.pad(mix, (0, tiny.training_length - mix.shape[-1]))
         freq, time = HTDemucsCore(tiny)(padded, htdemucs_spec(tiny, padded))
         got = htdemucs_from_core(tiny, freq, time)[..., :mix.shape[-1]]
     assert torch.equal(got, expected)
     # The STFT kernels are not state: the wrapper's state is the model's.
-    assert list(HybridConvSTFT(tiny).state_dict()) == [
+    assert list(HybridGraphSTFT(tiny).state_dict()) == [
         "model." + key for key in tiny.state_dict()]
 
 
-@pytest.mark.parametrize("way", ["conv-stft", "core"])
+@pytest.mark.parametrize("way", ["graph-stft", "core"])
 @pytest.mark.slow
 def test_onnx_export_matches_torch(tiny, way, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     length = tiny.training_length
     mix = torch.randn(2, 2, length, generator=torch.Generator().manual_seed(3))
-    if way == "conv-stft":
-        module, inputs = HybridConvSTFT(tiny).eval(), (mix[:1],)
+    if way == "graph-stft":
+        module, inputs = HybridGraphSTFT(tiny).eval(), (mix[:1],)
         names, outputs = ["mix"], ["stems"]
     else:
         module, inputs = HTDemucsCore(tiny).eval(), (mix[:1], htdemucs_spec(tiny, mix[:1]))

@@ -3,8 +3,8 @@
 
 ``torch.onnx`` cannot export ``torch.stft`` with complex outputs. Two ways around it:
 
-- :class:`HybridConvSTFT`: the STFT and iSTFT inside the graph, as convolutions with
-  DFT kernels (:class:`~stemserve.models.stft.ConvSTFT`/``ConvISTFT``): one graph, mix in,
+- :class:`HybridGraphSTFT`: the STFT and iSTFT inside the graph, as real matrix
+  products (:class:`~stemserve.models.stft.DftSTFT`/``DftISTFT``): one graph, mix in,
   stems out. This is what ``stemserve export`` writes (the README has the figures).
 - :class:`HTDemucsCore`: the STFT outside the graph. The graph takes the mix and its
   spectrogram (complex as channels) and returns both branches' outputs; the caller does
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from .blocks import pad1d
 from .hdemucs import HDemucs, _openunmix_atan2
 from .htdemucs import HTDemucs
-from .stft import ConvISTFT, ConvSTFT
+from .stft import DftISTFT, DftSTFT
 
 
 def _check(model: HTDemucs) -> None:
@@ -30,9 +30,9 @@ def _check(model: HTDemucs) -> None:
         raise ValueError("exportable HTDemucs needs cac=True (complex as channels)")
 
 
-class HybridConvSTFT(nn.Module):
-    """An HDemucs or HTDemucs computing its STFT and iSTFT with convolutions (real tensors
-    only): the same function as ``model.forward`` to float32 rounding of the DFT sums.
+class HybridGraphSTFT(nn.Module):
+    """An HDemucs or HTDemucs computing its STFT and iSTFT with real matrix products (real
+    tensors only): the same function as ``model.forward`` to float32 rounding of the DFTs.
 
     Spectrograms are real tensors [B, C, 2 (real, imag), nfft // 2, frames]. All length
     arithmetic is integer tensor arithmetic, so a traced graph keeps the time axis dynamic
@@ -49,8 +49,8 @@ class HybridConvSTFT(nn.Module):
             raise ValueError("Wiener filtering with iterations does not export")
         self.model = model
         bins = model.nfft // 2  # the hybrid models drop the Nyquist bin
-        self.stft = ConvSTFT(model.nfft, model.hop_length, n_bins=bins)
-        self.istft = ConvISTFT(model.nfft, model.hop_length, n_bins=bins)
+        self.stft = DftSTFT(model.nfft, model.hop_length, n_bins=bins)
+        self.istft = DftISTFT(model.nfft, model.hop_length, n_bins=bins)
 
     def spec(self, mix: torch.Tensor) -> torch.Tensor:
         """``model._spec``: [B, C, L] -> [B, C, 2, nfft // 2, ceil(L / hop)]."""
