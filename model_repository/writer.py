@@ -69,7 +69,8 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
 
     ``tensorrt`` only matters for ``gpu`` (ONNX Runtime's TensorRT provider on or off);
     ``dynamic_batching=False`` serves each request alone (the benchmark's baseline);
-    ``intra_op_threads`` sets the CPU model's ONNX Runtime threads (0: one per core).
+    ``intra_op_threads`` sets the CPU model's ONNX Runtime threads (0: one per core);
+    without ``max_batch_size`` the CPU batch is the family's (:attr:`Family.cpu_batch`).
     """
     config = load_config(_template_dir(variant) / "config.pbtxt")
     if intra_op_threads is not None:
@@ -85,6 +86,8 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
         if max_batch_size < 1:
             raise RepositoryError(f"max_batch_size must be at least 1, got {max_batch_size}")
         config.max_batch_size = max_batch_size
+    elif variant == "cpu":
+        config.max_batch_size = spec.rules.cpu_batch
     batch = config.max_batch_size
     if variant == "gpu":
         config.default_model_filename = spec.onnx_file

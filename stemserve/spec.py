@@ -46,13 +46,18 @@ class Family:
     shifts_around_split: bool
     """demucs 4's apply_model shifts the whole track, then splits it; 2.0.3 splits, then
     shifts each segment."""
+    cpu_batch: int = 2
+    """The largest batch the CPU server forms. Batching pays where a BiLSTM reads all its
+    recurrent weights at every time step whatever the batch; HT Demucs has none, and
+    batches cost it more per segment (full htdemucs, 2-core Xeon, ``benchmarks/releases.py``:
+    2.25 s at batch 1, 2.47 s at 2, 2.43 s at 4) and memory besides."""
 
 
 FAMILIES = {
     "demucs": Family("valid", output_as_input=False, shifts_around_split=False),
     "demucs_v3": Family("valid", output_as_input=True, shifts_around_split=True),
     "hdemucs": Family("any", output_as_input=True, shifts_around_split=True),
-    "htdemucs": Family("fixed", output_as_input=True, shifts_around_split=True),
+    "htdemucs": Family("fixed", output_as_input=True, shifts_around_split=True, cpu_batch=1),
 }
 """Demucs v2 (demucs 2.0.3), and demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3)
 and Hybrid Transformer Demucs (v4). The v3 waveform model's formula is v2's without the

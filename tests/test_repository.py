@@ -293,6 +293,8 @@ def test_every_variant_admits_a_one_sample_tail_and_a_shifted_segment(small_expo
     assert (spec.min_request_length, spec.max_request_length) == (shortest, longest)
     config = render_config(spec, variant)
     assert list(config.input[0].dims) == [spec.audio_channels, -1]  # any length in between
+    if variant == "cpu":  # v2's BiLSTM: batches of 2 (Family.cpu_batch)
+        assert config.max_batch_size == 2
     if variant == "gpu":
         (tensorrt,) = _accelerators(config)
         low = _time_range(tensorrt.parameters["trt_profile_min_shapes"])
@@ -346,6 +348,9 @@ def test_a_bag_is_one_served_model_per_member_carrying_the_bag(tiny_bag_export, 
         # HT Demucs takes its training segment only: the time axis is that number.
         assert list(config.input[0].dims) == [2, member.segment_length] == [2, 44100]
         assert list(config.output[0].dims) == [4, 2, 44100]
+        if variant == "cpu":  # no BiLSTM to amortise: each segment alone (Family.cpu_batch)
+            assert config.max_batch_size == 1
+            assert list(config.dynamic_batching.preferred_batch_size) == [1]
         if variant == "gpu":
             (accelerator,) = _accelerators(config)
             shapes = {key: value for key, value in accelerator.parameters.items()
