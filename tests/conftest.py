@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 SMALL_CONFIG = dict(channels=4, segment_length=44100)
+BENCH_MACHINE = "test-box"
+"""The machine name of the benchmark quick runs' results files."""
 SERVER_FIXTURES = {"triton_server"}
 ORACLE_FIXTURES = {"oracle", "oracle_model", "demucs_oracle"}
 
@@ -35,6 +39,20 @@ def stemserve_cache(tmp_path_factory) -> Path:
         del os.environ["STEMSERVE_CACHE"]
     else:
         os.environ["STEMSERVE_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def bench_quick_run(tmp_path_factory) -> Path:
+    """``python -m benchmarks.run_all --quick`` once for every test of a benchmark script:
+    the results folder it wrote (a temporary one, never benchmarks/results), with the
+    ``BENCH_MACHINE`` files of every script's section."""
+    out = tmp_path_factory.mktemp("bench-results")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--machine",
+                           BENCH_MACHINE, "--results-dir", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="session")

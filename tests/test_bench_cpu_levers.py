@@ -5,7 +5,6 @@ No timing is asserted: which batch size or arena wins depends on the machine and
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,22 +15,18 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an inst
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import results  # noqa: E402
+from conftest import BENCH_MACHINE  # noqa: E402
 
 pytestmark = pytest.mark.bench
-
-MACHINE = "test-box"
 
 
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_cpu_levers_quick_writes_a_valid_section(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.cpu_levers", "--quick",
-                           "--machine", MACHINE, "--results-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    section = results.load(tmp_path / f"{MACHINE}.json")["sections"]["cpu_levers"]
+def test_cpu_levers_quick_writes_a_valid_section(bench_quick_run):
+    """``run_all --quick`` ran ``benchmarks.cpu_levers --quick`` (the shared fixture)."""
+    section = results.load(bench_quick_run / f"{BENCH_MACHINE}.json")["sections"]["cpu_levers"]
     assert "--quick" in section["command"] and section["config"]["batches"] == [1, 2]
     rows = section["rows"]
     assert all(row["status"] == "ok" for row in rows), rows
@@ -46,5 +41,5 @@ def test_cpu_levers_quick_writes_a_valid_section(tmp_path):
         assert _finite_positive(value) and _finite_positive(row["peak_rss_mib"]), row
     notes = " ".join(section["notes"])
     assert "int8 vs fp32 at batch 2" in notes and "Two-segment track, int8" in notes
-    markdown = (tmp_path / f"{MACHINE}.md").read_text()
+    markdown = (bench_quick_run / f"{BENCH_MACHINE}.md").read_text()
     assert "CPU levers" in markdown

@@ -23,10 +23,10 @@ from benchmarks import results  # noqa: E402
 from benchmarks.flops import demucs_flops  # noqa: E402
 from benchmarks.run_all import SCRIPTS  # noqa: E402
 from benchmarks.timing import Stats, measure, percentiles  # noqa: E402
+from conftest import BENCH_MACHINE as MACHINE  # noqa: E402
 
 pytestmark = pytest.mark.bench
 
-MACHINE = "test-box"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,22 +35,12 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """``run_all --quick`` into a temporary results folder (never benchmarks/results)."""
-    out = tmp_path_factory.mktemp("bench-results")
-    done = _run("benchmarks.run_all", "--quick", "--machine", MACHINE, "--results-dir", str(out),
-                timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
-
-
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_quick_run_writes_a_valid_model_forward_section(quick_run):
-    data = json.loads((quick_run / f"{MACHINE}.json").read_text())
+def test_quick_run_writes_a_valid_model_forward_section(bench_quick_run):
+    data = json.loads((bench_quick_run / f"{MACHINE}.json").read_text())
     results.validate(data)
     assert data["machine_name"] == MACHINE
     machine = data["machine"]
@@ -92,8 +82,8 @@ def test_quick_run_writes_a_valid_model_forward_section(quick_run):
     assert backends["ort_saved_extended"]["graph_nodes"] < backends["ort_saved_extended"]["source_nodes"]
 
 
-def test_quick_run_writes_markdown_with_the_tables(quick_run):
-    text = (quick_run / f"{MACHINE}.md").read_text()
+def test_quick_run_writes_markdown_with_the_tables(bench_quick_run):
+    text = (bench_quick_run / f"{MACHINE}.md").read_text()
     assert text.startswith(f"# Benchmarks on `{MACHINE}`")
     assert "## Model forward pass (item 1) (`model_forward`)" in text
     assert "Command: `python -m benchmarks.model_forward" in text
@@ -104,13 +94,13 @@ def test_quick_run_writes_markdown_with_the_tables(quick_run):
     assert "### Backends: preparation, session start, memory" in text
 
 
-def test_quick_run_writes_plots(quick_run):
+def test_quick_run_writes_plots(bench_quick_run):
     pytest.importorskip("matplotlib", reason="the bench extras (matplotlib) are not installed")
     for plot in ("per_item", "cpu_per_item", "gflops"):
         name = results.plot_name(MACHINE, "model_forward", plot)
-        png = quick_run / name
+        png = bench_quick_run / name
         assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 5000
-        assert f"]({name})" in (quick_run / f"{MACHINE}.md").read_text()
+        assert f"]({name})" in (bench_quick_run / f"{MACHINE}.md").read_text()
 
 
 def test_a_torch_compile_past_its_budget_is_recorded_as_failed(tmp_path):
@@ -261,10 +251,10 @@ def test_server_sweep_quick_writes_a_valid_section(tmp_path):
         assert f"]({name})" in markdown
 
 
-def test_quick_run_writes_an_end_to_end_section(quick_run):
+def test_quick_run_writes_an_end_to_end_section(bench_quick_run):
     """Every path on one tiny track, the same stems (the int8 ones close), and the
     client-memory table."""
-    section = results.load(quick_run / f"{MACHINE}.json")["sections"]["end_to_end"]
+    section = results.load(bench_quick_run / f"{MACHINE}.json")["sections"]["end_to_end"]
     assert "--quick" in section["command"] and section["config"]["model"] == "small"
     rows = {row["path"]: row for row in section["rows"]}
     assert set(rows) == {"triton", "onnx", "triton_int8", "onnx_int8", "torch"}
@@ -292,12 +282,12 @@ def test_quick_run_writes_an_end_to_end_section(quick_run):
     assert all(row["status"] == "ok" and _finite_positive(row["client_peak_mib"])
                for row in memory)
     assert memory[0]["client_peak_vs_shortest"] == 1
-    markdown = (quick_run / f"{MACHINE}.md").read_text()
+    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
     assert "(`end_to_end`)" in markdown and "### Client peak memory vs track length" in markdown
 
 
 @pytest.mark.oracle
-def test_quick_run_writes_the_releases_sections(quick_run):
+def test_quick_run_writes_the_releases_sections(bench_quick_run):
     """Issue 13 on a tiny HT Demucs: forward per batch (eager, ORT), the cost table against
     the v2 model, and every end-to-end path on one track with demucs 4.0.1's stems."""
     from oracle_v4 import oracle_available, require_oracle
@@ -305,7 +295,7 @@ def test_quick_run_writes_the_releases_sections(quick_run):
     if os.environ.get("CI"):
         require_oracle()  # CI compares with demucs 4.0.1: a missing oracle fails
     reference = oracle_available()
-    data = results.load(quick_run / f"{MACHINE}.json")
+    data = results.load(bench_quick_run / f"{MACHINE}.json")
 
     forward = data["sections"]["releases_forward"]
     assert "benchmarks.releases" in forward["command"] and "--quick" in forward["command"]
@@ -359,12 +349,12 @@ def test_quick_run_writes_the_releases_sections(quick_run):
     assert target["target_x"] == 2 and set(target["speedups"]) == {"3"}
     assert (target["speedups"]["3"] is not None) == reference
     assert any("Target (issue 13" in note for note in section["notes"])
-    markdown = (quick_run / f"{MACHINE}.md").read_text()
+    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
     assert "(`releases_forward`)" in markdown and "(`releases_end_to_end`)" in markdown
     assert "### Cost per audio second: htdemucs vs demucs_quantized" in markdown
     if importlib.util.find_spec("matplotlib"):
         for name, plot in (("releases_forward", "per_item"), ("releases_end_to_end", "stages")):
-            png = quick_run / results.plot_name(MACHINE, name, plot)
+            png = bench_quick_run / results.plot_name(MACHINE, name, plot)
             assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 

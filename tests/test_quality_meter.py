@@ -6,7 +6,6 @@ is checked is that every path separates and is scored, and that the deltas are t
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,9 +20,8 @@ pytest.importorskip("fast_bss_eval", reason="the dev extra (fast_bss_eval) is no
 
 from benchmarks import results  # noqa: E402
 from benchmarks.quality import (MIXTURE, NO_MODEL, PATHS, REFERENCE, SOURCES,  # noqa: E402
-                                TEST_SEED_OFFSET, sdr_db, song)
-
-MACHINE = "test-box"
+                                TEST_SEED_OFFSET, WORK_DIR, sdr_db, song)
+from conftest import BENCH_MACHINE  # noqa: E402
 
 
 def _finite(value) -> bool:
@@ -53,13 +51,9 @@ def test_sdr_is_bss_evals_per_source():
 
 
 @pytest.mark.bench
-def test_quality_quick_writes_a_section_for_every_path(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick",
-                           "--machine", MACHINE, "--results-dir", str(tmp_path / "results"),
-                           "--work-dir", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    data = results.load(tmp_path / "results" / f"{MACHINE}.json")  # validates the whole file
+def test_quality_quick_writes_a_section_for_every_path(bench_quick_run):
+    """``run_all --quick`` ran ``benchmarks.quality --quick`` (the shared fixture)."""
+    data = results.load(bench_quick_run / f"{BENCH_MACHINE}.json")  # validates the whole file
     section = data["sections"]["quality"]
     assert "benchmarks.quality" in section["command"] and "--quick" in section["command"]
     assert section["config"]["quick"] is True and section["config"]["max_steps"] == 3
@@ -93,8 +87,8 @@ def test_quality_quick_writes_a_section_for_every_path(tmp_path):
     assert {row["model"] for row in training["rows"]} == models
     for row in training["rows"]:
         assert row["steps"] == 3 and row["parameters"] > 0 and _finite(row["final_loss"])
-        assert Path(row["checkpoint"]).parent == tmp_path / "work"
+        assert Path(row["checkpoint"]).parent == WORK_DIR  # run_all's default cache
     assert set(section["extra"]["target"]) == models
     assert any(note.startswith("Target (issue 14") for note in section["notes"])
-    markdown = (tmp_path / "results" / f"{MACHINE}.md").read_text()
+    markdown = (bench_quick_run / f"{BENCH_MACHINE}.md").read_text()
     assert "(`quality`)" in markdown and "### The trained models" in markdown
