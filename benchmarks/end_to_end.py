@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,36 +100,47 @@ def write_track(path: Path, seconds: float, seed: int = SEED) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Child side: one path, one track, a few repetitions
 
+def path_precision(kind: str) -> str:
+    """The graph a path runs: the ``*_int8`` paths the int8 one, the others fp32."""
+    return "int8" if kind.endswith("_int8") else "fp32"
+
+
+def timed_separations(separator, track: str, out: str, repeats: int) -> list[dict]:
+    """``separator.separate_file`` ``repeats`` times, each into ``out/repeat-N``: the wall
+    time of each and its stages (separating until the progress callback's last
+    "separating" call, writing after it)."""
+    runs = []
+    for repeat in range(repeats):
+        marks: list[float] = []
+
+        def mark(stage: str, done: float, total: float) -> None:
+            if stage == "separating":
+                marks.append(time.perf_counter())
+
+        start = time.perf_counter()
+        separator.separate_file(track, Path(out) / f"repeat-{repeat}", progress=mark)
+        end = time.perf_counter()
+        separated = marks[-1] if marks else end
+        runs.append({"wall_s": end - start,
+                     "stages_s": {"separate": separated - start, "write": end - separated}})
+    return runs
+
+
 def _stemserve_path(job: dict) -> dict:
-    """``Separator.separate_file`` ``repeats`` times; stages from the progress callback's
-    last "separating" call."""
+    """``Separator.separate_file`` ``repeats`` times (:func:`timed_separations`)."""
     from stemserve.client import Separator
     from stemserve.client.backends.onnx import OnnxBackend
     from stemserve.client.backends.triton import TritonBackend
 
     began = time.perf_counter()
     window = job.get("window", DEFAULT_IN_FLIGHT)
-    precision = "int8" if job["kind"].endswith("_int8") else "fp32"
     backend = (TritonBackend(job["url"], timeout=REQUEST_TIMEOUT, shm_slots=window)
                if job["kind"].startswith("triton")
-               else OnnxBackend(Path(job["export"]), precision=precision))
+               else OnnxBackend(Path(job["export"]), precision=path_precision(job["kind"])))
     load_s = time.perf_counter() - began
-    runs = []
-    separator = Separator(backend, in_flight=window)
     try:
-        for repeat in range(job["repeats"]):
-            out = Path(job["out"]) / f"repeat-{repeat}"
-            marks: list[float] = []
-
-            def mark(stage: str, done: float, total: float) -> None:
-                if stage == "separating":
-                    marks.append(time.perf_counter())
-
-            start = time.perf_counter()
-            separator.separate_file(job["track"], out, progress=mark)
-            end = time.perf_counter()
-            runs.append({"wall_s": end - start,
-                         "stages_s": {"separate": marks[-1] - start, "write": end - marks[-1]}})
+        runs = timed_separations(Separator(backend, in_flight=window), job["track"],
+                                 job["out"], job["repeats"])
     finally:
         backend.close()
     extra = ({"shared_memory": backend.shared_memory} if job["kind"].startswith("triton")
@@ -195,18 +207,19 @@ def _run_child(job: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _serve(export: Path, work: Path, job: dict, log) -> tuple[dict, dict]:
-    """Run ``job`` against a fresh server of ``export`` (its int8 graph for ``triton_int8``);
-    returns (result, server figures)."""
+def served_run(export: Path, work: Path, job: dict, run: Callable[[dict], dict],
+               log) -> tuple[dict, dict]:
+    """``run(job)`` (the script's child runner) against a fresh server of ``export`` (its
+    int8 graph for the ``*_int8`` paths), the server's memory sampled meanwhile; returns
+    (result, server figures)."""
     from stemserve.model_repository.local import local_server
 
-    precision = "int8" if job["kind"].endswith("_int8") else "fp32"
     began = time.perf_counter()
     with local_server(export, root=work, logs=work, start_timeout=900,
-                      precision=precision) as server:
+                      precision=path_precision(job["kind"])) as server:
         start_s = time.perf_counter() - began
         with GroupMemory(server.pid) as memory:
-            result = _run_child({**job, "url": server.grpc_url})
+            result = run({**job, "url": server.grpc_url})
     log(f"  server start {start_s:.1f} s, peak {memory.peak_mib:.0f} MiB "
         f"(PSS {memory.peak_pss_mib:.0f} MiB)")
     return result, {"server_start_s": start_s, "server_peak_mib": memory.peak_mib,
@@ -214,11 +227,14 @@ def _serve(export: Path, work: Path, job: dict, log) -> tuple[dict, dict]:
                     "server_sum_of_peaks_mib": memory.sum_of_peaks_mib}
 
 
-def _row(kind: str, model: str, seconds: float, result: dict, server: dict | None) -> dict:
+def track_row(series: str, kind: str, model: str, seconds: float, result: dict,
+              server: dict | None, carried: tuple[str, ...] = ("shared_memory",)) -> dict:
+    """A track's row from a child's ``result`` (its runs, load time, client figures) and
+    the server's figures; ``carried`` names the result's other keys the row keeps."""
     runs = result["runs"]
     walls = Stats.of([run["wall_s"] for run in runs])
     median_run = sorted(runs, key=lambda run: run["wall_s"])[(len(runs) - 1) // 2]
-    return {"series": PATHS[kind], "path": kind, "model": model, "track_s": seconds,
+    return {"series": series, "path": kind, "model": model, "track_s": seconds,
             "status": "ok", "repeats": walls.n, "wall_s": walls.median,
             "spread": (walls.max - walls.min) / walls.median, "wall": walls.to_dict(),
             "rtf": walls.median / seconds, "load_s": result["load_s"],
@@ -226,7 +242,7 @@ def _row(kind: str, model: str, seconds: float, result: dict, server: dict | Non
             "stages_s": {"load": result["load_s"], **median_run["stages_s"]},
             "client_peak_mib": result["peak_rss_mib"],
             "client_cpu_s": result["cpu_s"], **(server or {}),
-            **({"shared_memory": result["shared_memory"]} if "shared_memory" in result else {})}
+            **{key: result[key] for key in carried if key in result}}
 
 
 def _max_difference(ours: Path, reference: Path) -> int:
@@ -263,14 +279,14 @@ def _measure(kind: str, model: str, export: Path, track: Path, seconds: float, r
     load = loadavg()
     try:
         if kind.startswith("triton"):
-            result, server = _serve(export, work, job, log)
+            result, server = served_run(export, work, job, _run_child, log)
         else:
             result, server = _run_child(job), None
     except Exception as err:  # noqa: BLE001 - recorded in the row
         log(f"  failed: {err}")
         return {"series": PATHS[kind], "path": kind, "model": model, "track_s": seconds,
                 "status": f"failed: {type(err).__name__}: {err}"}
-    row = _row(kind, model, seconds, result, server)
+    row = track_row(PATHS[kind], kind, model, seconds, result, server)
     row["loadavg_before"] = load
     log(f"  {row['wall_s']:.1f} s (RTF {row['rtf']:.3f}), client peak "
         f"{row['client_peak_mib']:.0f} MiB")

@@ -59,12 +59,13 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from .end_to_end import _max_difference, write_track
+from .end_to_end import (_max_difference, path_precision, served_run, timed_separations,
+                         track_row, write_track)
 from .machine import describe, machine_name, now, usable_cpus
-from .memory import GroupMemory, peak_rss_mib
+from .memory import peak_rss_mib
 from .plots import save_and_plot
 from .results import add_output_arguments, new_section
-from .timing import Stats, loadavg, measure
+from .timing import loadavg, measure
 
 SCRIPT = "releases"
 FORWARD = "releases_forward"
@@ -300,30 +301,16 @@ def _stemserve_child(job: dict) -> dict:
     from stemserve.client import Separator, open_backend
 
     began = time.perf_counter()
-    precision = "int8" if job["kind"].endswith("_int8") else None
+    precision = path_precision(job["kind"])
     backend = (open_backend("triton", url=job["url"], timeout=REQUEST_TIMEOUT,
                             precision=precision)
                if job["kind"].startswith("triton")
                else open_backend("onnx", model=job["export"], precision=precision))
     load_s = time.perf_counter() - began
-    runs = []
     try:
         separator = Separator(backend, shifts=job["shifts"], seed=job["seed"],
                               overlap=job["overlap"])
-        for repeat in range(job["repeats"]):
-            out = Path(job["out"]) / f"repeat-{repeat}"
-            marks: list[float] = []
-
-            def mark(stage: str, done: float, total: float) -> None:
-                if stage == "separating":
-                    marks.append(time.perf_counter())
-
-            start = time.perf_counter()
-            separator.separate_file(job["track"], out, progress=mark)
-            end = time.perf_counter()
-            separated = marks[-1] if marks else end
-            runs.append({"wall_s": end - start,
-                         "stages_s": {"separate": separated - start, "write": end - separated}})
+        runs = timed_separations(separator, job["track"], job["out"], job["repeats"])
     finally:
         backend.close()
     extra = ({"shared_memory": getattr(backend, "shared_memory", None)}
@@ -532,42 +519,6 @@ def cost_part(args, ht: Path, ht_info: dict, v2: Path, v2_info: dict, log) -> li
     return rows
 
 
-def _serve(export: Path, work: Path, job: dict, timeout: float, log) -> tuple[dict, dict]:
-    """Run ``job`` against a fresh server of ``export`` (its int8 graph for ``triton_int8``);
-    returns (result, server figures)."""
-    from stemserve.model_repository.local import local_server
-
-    precision = "int8" if job["kind"].endswith("_int8") else "fp32"
-    began = time.perf_counter()
-    with local_server(export, root=work, logs=work, start_timeout=900,
-                      precision=precision) as server:
-        start_s = time.perf_counter() - began
-        with GroupMemory(server.pid) as memory:
-            _, result = _run_child({**job, "url": server.grpc_url}, timeout=timeout)
-    log(f"  server start {start_s:.1f} s, peak {memory.peak_mib:.0f} MiB")
-    return result, {"server_start_s": start_s, "server_peak_mib": memory.peak_mib,
-                    "server_peak_pss_mib": memory.peak_pss_mib,
-                    "server_sum_of_peaks_mib": memory.sum_of_peaks_mib}
-
-
-def _track_row(kind: str, seconds: float, result: dict, server: dict | None) -> dict:
-    runs = result["runs"]
-    walls = Stats.of([run["wall_s"] for run in runs])
-    median_run = sorted(runs, key=lambda run: run["wall_s"])[(len(runs) - 1) // 2]
-    row = {"series": PATHS[kind], "path": kind, "model": "htdemucs", "track_s": seconds,
-           "status": "ok", "repeats": walls.n, "wall_s": walls.median,
-           "spread": (walls.max - walls.min) / walls.median, "wall": walls.to_dict(),
-           "rtf": walls.median / seconds, "load_s": result["load_s"],
-           "total_s": result["load_s"] + walls.median,
-           "stages_s": {"load": result["load_s"], **median_run["stages_s"]},
-           "client_peak_mib": result["peak_rss_mib"], "client_cpu_s": result["cpu_s"],
-           **(server or {})}
-    for key in ("shared_memory", "torch_threads", "demucs"):
-        if key in result:
-            row[key] = result[key]
-    return row
-
-
 def _measure_track(kind: str, export: Path, track: Path, seconds: float, repeats: int, args,
                    log) -> dict:
     out = args.work_dir / "out" / f"{kind}-{track.stem}"
@@ -579,7 +530,9 @@ def _measure_track(kind: str, export: Path, track: Path, seconds: float, repeats
     load = loadavg()
     try:
         if kind.startswith("triton"):
-            result, server = _serve(export, args.work_dir, job, args.timeout, log)
+            result, server = served_run(
+                export, args.work_dir, job,
+                lambda job: _run_child(job, timeout=args.timeout)[1], log)
         else:
             _, result = _run_child(job, timeout=args.timeout,
                                    oracle=args.oracle_dir if kind == "demucs4" else None)
@@ -588,7 +541,8 @@ def _measure_track(kind: str, export: Path, track: Path, seconds: float, repeats
         log(f"  failed: {err}")
         return {"series": PATHS[kind], "path": kind, "model": "htdemucs", "track_s": seconds,
                 "status": f"failed: {type(err).__name__}: {err}"}
-    row = _track_row(kind, seconds, result, server)
+    row = track_row(PATHS[kind], kind, "htdemucs", seconds, result, server,
+                    carried=("shared_memory", "torch_threads", "demucs"))
     row["loadavg_before"] = load
     log(f"  {row['wall_s']:.1f} s (RTF {row['rtf']:.3f}), client peak "
         f"{row['client_peak_mib']:.0f} MiB")

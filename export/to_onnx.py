@@ -63,7 +63,8 @@ def build_spec(model: nn.Module, info: CheckpointInfo, segment_length: int,
 
 def graph_module(model: nn.Module) -> nn.Module:
     """What is traced for ``model``: the network itself, or for the hybrid models the
-    network with its STFTs as convolutions (the complex ``torch.stft`` does not export)."""
+    network with its STFTs as real matrix products (the complex ``torch.stft`` does not
+    export)."""
     if family_of(model) in ("hdemucs", "htdemucs"):
         return HybridGraphSTFT(model).eval()
     return model

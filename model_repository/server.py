@@ -31,9 +31,10 @@ NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 TRT_CACHE_VOLUME = "stemserve-trt-cache"
 LOG_TAIL_LINES = 20
 PROBE_TIMEOUT = 5.0
-WAIT_POLL = 0.2  # seconds between checks of a served tritonserver (see wait)
 """Deadline of each readiness probe at start-up: a server that hangs is waited for by the
 start timeout, not by one probe."""
+WAIT_POLL = 0.2
+"""Seconds between checks of a served tritonserver (see :meth:`TritonServer.wait`)."""
 # Lines worth quoting when the server fails: Triton's "E<mmdd> ..." lines and its final
 # "error: ..." line.
 ERROR_LINE = re.compile(r"^(E\d{4} |error: )")
