@@ -293,21 +293,24 @@ def _measure(kind: str, model: str, export: Path, track: Path, seconds: float, r
     return row
 
 
-def _compare_outputs(rows: list[dict], work: Path, model: str) -> None:
-    """Speed-up over the reference and stem difference from it, per track."""
+def compare_with_reference(rows: list[dict], reference: str,
+                           stems: Callable[[str, str], Path]) -> None:
+    """Per track, each row's speed-up over the ``reference`` path's row and the largest
+    difference of its stems from the reference's (``stems(path, stem)``: the folder of a
+    path's first repetition's stems of track ``stem``): ``speedup_vs_<reference>``,
+    ``speedup_vs_<reference>_with_load`` and ``max_diff_lsb_vs_<reference>``."""
     for row in rows:
-        reference = next((other for other in rows if other["path"] == "torch"
-                          and other["track_s"] == row["track_s"] and other["status"] == "ok"),
-                         None)
-        if row["status"] != "ok" or reference is None:
+        base = next((other for other in rows if other["path"] == reference
+                     and other["track_s"] == row["track_s"] and other["status"] == "ok"),
+                    None)
+        if row["status"] != "ok" or base is None:
             continue
-        row["speedup_vs_torch"] = reference["wall_s"] / row["wall_s"]
-        row["speedup_vs_torch_with_load"] = reference["total_s"] / row["total_s"]
-        if row["path"] != "torch":
+        row[f"speedup_vs_{reference}"] = base["wall_s"] / row["wall_s"]
+        row[f"speedup_vs_{reference}_with_load"] = base["total_s"] / row["total_s"]
+        if row["path"] != reference:
             stem = f"track-{row['track_s']:g}s"
-            row["max_diff_lsb_vs_torch"] = _max_difference(
-                _stems_dir(work) / f"{row['path']}-{model}-{stem}" / "repeat-0" / stem,
-                _stems_dir(work) / f"torch-{model}-{stem}" / "repeat-0" / stem)
+            row[f"max_diff_lsb_vs_{reference}"] = _max_difference(
+                stems(row["path"], stem), stems(reference, stem))
 
 
 def _kept_rows(args, machine: dict) -> tuple[list[dict], dict]:
@@ -421,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"{kind}: {seconds:g} s track, {repeats} repetition(s)")
             rows.append(_measure(kind, args.config, export, track, seconds, repeats, work, log))
-    _compare_outputs(rows, work, args.config)
+    compare_with_reference(rows, "torch", lambda path, stem: (
+        _stems_dir(work) / f"{path}-{args.config}-{stem}" / "repeat-0" / stem))
 
     memory_rows = []
     if memory_tracks:

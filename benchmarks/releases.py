@@ -59,8 +59,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from .end_to_end import (_max_difference, path_precision, served_run, timed_separations,
-                         track_row, write_track)
+from .end_to_end import (compare_with_reference, path_precision, served_run,
+                         timed_separations, track_row, write_track)
 from .machine import describe, machine_name, now, usable_cpus
 from .memory import peak_rss_mib
 from .plots import save_and_plot
@@ -549,23 +549,6 @@ def _measure_track(kind: str, export: Path, track: Path, seconds: float, repeats
     return row
 
 
-def _compare_tracks(rows: list[dict], work: Path) -> None:
-    """Speed-up over demucs 4.0.1 and the stems' difference from its, per track."""
-    for row in rows:
-        reference = next((other for other in rows if other["path"] == "demucs4"
-                          and other["track_s"] == row["track_s"] and other["status"] == "ok"),
-                         None)
-        if row["status"] != "ok" or reference is None:
-            continue
-        row["speedup_vs_demucs4"] = reference["wall_s"] / row["wall_s"]
-        row["speedup_vs_demucs4_with_load"] = reference["total_s"] / row["total_s"]
-        if row["path"] != "demucs4":
-            stem = f"track-{row['track_s']:g}s"
-            row["max_diff_lsb_vs_demucs4"] = _max_difference(
-                work / "out" / f"{row['path']}-{stem}" / "repeat-0" / stem,
-                work / "out" / f"demucs4-{stem}" / "repeat-0" / stem)
-
-
 def end_to_end_part(args, ht: Path, log) -> list[dict]:
     rows = []
     skip = oracle_skip(args.oracle_dir)
@@ -586,7 +569,8 @@ def end_to_end_part(args, ht: Path, log) -> list[dict]:
                 continue
             log(f"{kind}: {seconds:g} s track, {repeats} repetition(s)")
             rows.append(_measure_track(kind, ht, track, seconds, repeats, args, log))
-    _compare_tracks(rows, args.work_dir)
+    compare_with_reference(rows, "demucs4", lambda path, stem: (
+        args.work_dir / "out" / f"{path}-{stem}" / "repeat-0" / stem))
     shutil.rmtree(args.work_dir / "out", ignore_errors=True)
     return rows
 
