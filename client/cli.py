@@ -26,6 +26,21 @@ from stemserve.errors import ServerError, StemserveError, print_error
 INT8_HELP = ("the int8 graph (dynamic quantization of the LSTM and matrix products; "
              "opt-in: the stems differ from demucs' by what benchmarks/quality.py "
              "measures)")
+BF16_HELP = ("bf16 arithmetic: OpenVINO runs the fp32 graph on a CPU with AMX or AVX512_BF16 "
+             "(the 'openvino' extra; opt-in: the stems differ from demucs' by what "
+             "benchmarks/quality.py measures)")
+
+
+def _add_cpu_fast_paths(parser: argparse.ArgumentParser, suffix: str) -> None:
+    """``--int8`` or ``--bf16``: the two CPU fast paths, one at a time."""
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument("--int8", action="store_true", help=INT8_HELP + suffix)
+    paths.add_argument("--bf16", action="store_true", help=BF16_HELP + suffix)
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """The export variant ``--int8``/``--bf16`` ask for, else fp32."""
+    return "int8" if args.int8 else "bf16" if args.bf16 else "fp32"
 
 
 def _add_model(parser: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
@@ -50,6 +65,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="also write the int8 graph, the CPU fast path (ONNX Runtime's "
                              "dynamic quantization of the LSTM and matrix products)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also write the bf16 sidecar, the CPU fast path on OpenVINO (the "
+                             "fp32 graph run with bf16 arithmetic)")
     parser.add_argument("-o", "--out", type=Path, default=None,
                         help="output folder (default: <cache>/export/<model>, where every "
                              "command looks for it; the cache is $STEMSERVE_CACHE or "
@@ -96,9 +114,9 @@ def _export_onnx(args: argparse.Namespace) -> Path:
     from stemserve.client.models import load_models, local_export
 
     if args.tensorrt and args.out is None and (local := local_export(args.model)) is not None:
-        if args.int8:
-            raise StemserveError("--int8 is the CPU fast path; TensorRT builds its own "
-                                 "engine from the fp32 graph")
+        if args.int8 or args.bf16:
+            raise StemserveError(f"--{'int8' if args.int8 else 'bf16'} is a CPU fast path; "
+                                 "TensorRT builds its own engine from the fp32 graph")
         return local
     from stemserve.export.to_onnx import export_bag, onnx_parity
     from stemserve.spec import load_export
@@ -120,6 +138,10 @@ def _export_onnx(args: argparse.Namespace) -> Path:
 
         print("quantizing to int8", file=sys.stderr, flush=True)
         quantize_export(out)
+    if args.bf16:
+        from stemserve.export.bf16 import bf16_export
+
+        bf16_export(out)
     print(f"exported {bag.name} to {out} in {time.perf_counter() - start:.1f} s: "
           + ", ".join(f"{spec.checkpoint} ({spec.family}, segment {spec.segment_seconds:g} s, "
                       f"requests of {spec.padded_length} samples)" for spec in specs))
@@ -151,8 +173,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--no-batching", action="store_true",
                         help="run every request alone (no dynamic batching)")
-    parser.add_argument("--int8", action="store_true",
-                        help=INT8_HELP + " (quantized once if need be; a CPU server)")
+    _add_cpu_fast_paths(parser, " (made once if need be; a CPU server)")
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", action="store_true",
                         help="require the NGC tritonserver image on this host's GPUs (docker)")
@@ -167,12 +188,12 @@ def _run_serve(args: argparse.Namespace) -> int:
                                                    docker_gpu_unavailable)
     from stemserve.model_repository.writer import fill_repository
 
-    if args.int8 and args.gpu:
-        raise StemserveError("--int8 is the CPU fast path: drop --gpu")
-    precision = "int8" if args.int8 else "fp32"
+    precision = _precision(args)
+    if precision != "fp32" and args.gpu:
+        raise StemserveError(f"--{precision} is a CPU fast path: drop --gpu")
     export_dir = export_dir_for(args.model, args.config, precision)
-    reason = ("--cpu was given" if args.cpu else "--int8 was given" if args.int8
-              else docker_gpu_unavailable())
+    reason = ("--cpu was given" if args.cpu else f"--{precision} was given"
+              if precision != "fp32" else docker_gpu_unavailable())
     if reason and args.gpu:
         raise ServerError(f"--gpu needs docker and an NVIDIA GPU: {reason}")
     if reason:
@@ -258,8 +279,7 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     triton.add_argument("--retries", type=int, default=3,
                         help="retries of a request after a transient gRPC error, on another "
                              "server when there are several (default: %(default)s)")
-    parser.add_argument("--int8", action="store_true",
-                        help=INT8_HELP + "; with Triton, checks that the server serves it")
+    _add_cpu_fast_paths(parser, "; with Triton, checks that the server serves it")
     triton.add_argument("--serve", action="store_true",
                         help="start a local tritonserver with the model for this run "
                              "(on free loopback ports; --url is ignored) and stop it after")
@@ -288,17 +308,21 @@ def _run_separate(args: argparse.Namespace) -> int:
     from stemserve.client.backends.fleet import parse_endpoints
     from stemserve.errors import ServerUnreachable
 
+    if args.bf16 and args.backend == "torch":
+        raise StemserveError("--bf16 runs the graph on OpenVINO: it takes --backend onnx or "
+                             "triton, not torch")
     with contextlib.ExitStack() as stack:
         if args.serve:
             if args.backend not in (None, "triton"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
             args.url = stack.enter_context(_served(args.model, args.config,
-                                                   "int8" if args.int8 else "fp32", args.quiet))
+                                                   _precision(args), args.quiet))
             args.backend = "triton"
         url = args.url or triton_url_from_env() or DEFAULT_URL
         options = dict(model=args.model, config=args.config,
-                       precision="int8" if args.int8 else None, url=url,
+                       precision=None if _precision(args) == "fp32" else _precision(args),
+                       url=url,
                        server_window=args.server_window, shared_memory=args.shared_memory,
                        timeout=args.timeout, retries=args.retries)
         servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0

@@ -30,7 +30,8 @@ def export_dir_for(model: str | Path, config: str | None = None,
     the folder under :func:`~stemserve.defaults.export_root` (a checkpoint file changed
     since its export is exported again). ``config`` is the release whose configuration a
     plain state-dict file has. A bag of models exports every member. ``precision``
-    ``int8`` also quantizes the export once (ONNX Runtime only, no PyTorch).
+    ``int8`` also quantizes the export once (ONNX Runtime only, no PyTorch); ``bf16`` adds
+    its sidecar (the fp32 graph, run by OpenVINO).
     """
     local = local_export(model)
     if local is None:
@@ -40,6 +41,10 @@ def export_dir_for(model: str | Path, config: str | None = None,
 
         logger.info("quantizing %s to int8 (once)", local)
         quantize_export(local)
+    if precision == "bf16" and not has_precision(local, "bf16"):
+        from stemserve.export.bf16 import bf16_export
+
+        bf16_export(local)
     return local
 
 

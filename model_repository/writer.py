@@ -157,15 +157,17 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     ``model.json`` and the graph it names (``model.plan``, built by the export's TensorRT
     script, for ``gpu-trt``). Models an earlier fill left in ``repo_dir`` are removed (a
     repository serves one model or one bag). ``precision`` picks the export's graph:
-    ``int8`` (the CPU fast path; ``cpu`` only: its dynamically quantized operators are ONNX
-    Runtime's CPU kernels) or ``fp16`` (``gpu``). Each version folder is rebuilt from
+    ``int8`` (a CPU fast path; ``cpu`` only: its dynamically quantized operators are ONNX
+    Runtime's CPU kernels), ``bf16`` (the other, ``cpu`` only: the fp32 graph on OpenVINO)
+    or ``fp16`` (``gpu``). Each version folder is rebuilt from
     scratch, config.pbtxt is written last, and the result is checked with
     :func:`check_repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    if precision == "int8" and variant != "cpu":
-        raise RepositoryError("the int8 graph runs on ONNX Runtime's CPU kernels: fill the "
-                              "cpu variant with it")
+    if precision in ("int8", "bf16") and variant != "cpu":
+        raise RepositoryError(f"the {precision} variant runs on "
+                              f"{'ONNX Runtime' if precision == 'int8' else 'OpenVINO'}'s CPU "
+                              "kernels: fill the cpu variant with it")
     if variant == "gpu-trt" and precision != "fp32":
         raise RepositoryError("gpu-trt serves the engine `stemserve export --tensorrt` built "
                               "(its precision is chosen there): leave precision out")

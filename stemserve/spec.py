@@ -233,10 +233,14 @@ class ModelSpec:
 
 SIDECAR_FILE = "model.json"
 PRECISION_SIDECARS = {"fp32": SIDECAR_FILE, "fp16": "model.fp16.json",
-                      "int8": "model.int8.json"}
+                      "int8": "model.int8.json", "bf16": "model.bf16.json"}
 """An export's graphs by precision, each named by its sidecar: the fp32 graph, the fp16 one
-(``stemserve export --fp16``, for GPUs) and the dynamically quantized int8 one
-(``stemserve export --int8``, the CPU fast path). Every variant has the same tensors."""
+(``stemserve export --fp16``, for GPUs), the dynamically quantized int8 one
+(``stemserve export --int8``, the CPU fast path) and bf16 (``stemserve export --bf16``: the
+fp32 graph itself, run by OpenVINO in bf16 on CPUs with AMX or AVX512_BF16). Every variant
+has the same tensors."""
+PRECISION_FLAGS = {"fp16": "--fp16", "int8": "--int8", "bf16": "--bf16"}
+"""The command-line flag that asks for each variant (``export``, ``serve``, ``separate``)."""
 BAG_FILE = "bag.json"
 BAG_PARAMETER = "stemserve_bag"
 """The config.pbtxt parameter of each served member of a bag: the bag's sidecar."""
@@ -333,8 +337,8 @@ def load_export(export_dir: Path, precision: str = "fp32") -> ExportLayout:
     sidecar = sidecar_name(precision)
     if precision != "fp32" and is_export(export_dir) and not has_precision(export_dir,
                                                                             precision):
-        flag = {"int8": "--int8", "fp16": "--fp16"}[precision]
-        raise SpecError(f"no {precision} graph in this export: `stemserve export {flag}` "
+        raise SpecError(f"no {precision} graph in this export: `stemserve export "
+                        f"{PRECISION_FLAGS[precision]}` "
                         "makes one", where=str(export_dir))
     try:
         if (export_dir / BAG_FILE).is_file():

@@ -16,7 +16,7 @@ from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, R
                                 TRITON_MODEL)
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend
-from stemserve.spec import BagSpec, has_precision, load_export
+from stemserve.spec import PRECISION_FLAGS, BagSpec, has_precision, load_export
 
 BackendKind = Literal["triton", "onnx", "torch"]
 BACKEND_KINDS: tuple[str, ...] = ("triton", "onnx", "torch")
@@ -57,9 +57,10 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
             problem = (f"Triton at {url} serves '{backend.spec.checkpoint}', not "
                        f"'{Path(model).stem}': serve that model, or leave -n/--model out")
         elif precision is not None and backend.spec.precision != precision:
+            command = " ".join(["stemserve serve"] + [PRECISION_FLAGS.get(precision, "")])
             problem = (f"Triton at {url} serves the {backend.spec.precision} graph of "
                        f"'{backend.spec.checkpoint}', not {precision}: start it with "
-                       f"`stemserve serve{' --int8' if precision == 'int8' else ''}`")
+                       f"`{command.rstrip()}`")
         if problem:
             backend.close()
             raise ModelError(problem)

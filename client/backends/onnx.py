@@ -23,7 +23,7 @@ class OnnxBackend(LocalBackend):
 
     ``export_dir`` holds ``model.json`` and the graph it names (what ``stemserve export``
     writes); ``precision`` ``int8`` (or ``fp16``) takes that variant's sidecar and graph
-    instead. ``threads`` sets ONNX Runtime's intra-op threads (0: one per core). Without
+    instead, ``bf16`` runs the fp32 graph on OpenVINO (:mod:`.openvino_session`). ``threads`` sets ONNX Runtime's intra-op threads (0: one per core). Without
     ``providers``, the session is the CPU server's (:mod:`.ort_session`).
     """
 
@@ -40,11 +40,13 @@ class OnnxBackend(LocalBackend):
         model_file = export_dir / spec.onnx_file
         try:
             if providers is None:
-                session = cpu_session(model_file, threads)
+                session = cpu_session(model_file, threads, spec.precision)
             else:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(model_file), options, providers=providers)
+        except ModelError:
+            raise
         except Exception as err:  # ORT raises its own untyped errors for bad files
             raise ModelError(f"cannot load it: {err}", where=str(model_file)) from None
         self.session = session

@@ -11,6 +11,9 @@ a track's sequence of batch shapes, 2-core Xeon): an arena growing by what is re
 instead of by powers of two held more (2,079 vs 1,865 MiB), and no arena held 9 % less
 (1,691 MiB) but ran 6 % slower, every run paying the page faults of fresh buffers. What
 bounds the server's memory is the batch size (``max_batch_size`` in the CPU config).
+
+The bf16 variant of an export runs the same fp32 graph on OpenVINO instead
+(:mod:`.openvino_session`): :func:`cpu_session` picks the runtime by the sidecar's precision.
 """
 from __future__ import annotations
 
@@ -31,8 +34,14 @@ def cpu_session_options(threads: int = 0) -> Any:
     return options
 
 
-def cpu_session(model_file: Path, threads: int = 0) -> Any:
-    """An ``InferenceSession`` of ``model_file`` on the CPU with :func:`cpu_session_options`."""
+def cpu_session(model_file: Path, threads: int = 0, precision: str = "fp32") -> Any:
+    """A CPU session of ``model_file`` for an export's ``precision`` variant: ONNX Runtime's
+    ``InferenceSession`` with :func:`cpu_session_options`, or for ``bf16`` OpenVINO's
+    :class:`~.openvino_session.Bf16Session` (same ``run``)."""
+    if precision == "bf16":
+        from stemserve.client.backends.openvino_session import Bf16Session
+
+        return Bf16Session(model_file, threads)
     import onnxruntime as ort
 
     return ort.InferenceSession(str(model_file), cpu_session_options(threads),

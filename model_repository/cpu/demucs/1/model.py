@@ -1,4 +1,5 @@
-"""Triton python-backend model: Demucs v2 on ONNX Runtime, for CPU-only servers.
+"""Triton python-backend model: Demucs on ONNX Runtime (or, for the bf16 variant, OpenVINO),
+for CPU-only servers.
 
 With dynamic batching Triton hands ``execute`` a list of requests and leaves batching to
 the model: requests whose segments have the same shape are stacked into one ONNX Runtime
@@ -11,15 +12,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from stemserve.client.backends.ort_session import cpu_session_options
+from stemserve.client.backends.openvino_session import Bf16Session
+from stemserve.client.backends.ort_session import cpu_session
 from stemserve.spec import ModelSpec
 
 
 class TritonPythonModel:
-    """One ONNX Runtime session per model instance, created from the version folder."""
+    """One session per model instance, created from the version folder: ONNX Runtime, or
+    OpenVINO for a bf16 sidecar (``ort_session.cpu_session`` picks)."""
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -33,13 +35,11 @@ class TritonPythonModel:
         threads = int(config.get("parameters", {}).get("intra_op_threads", {})
                       .get("string_value", "0"))
         # The in-process backend's session: intra-op threads on every core (or "threads"),
-        # sequential, an arena that grows by what is requested (ort_session's docstring).
-        options = cpu_session_options(threads)
-        self.session = ort.InferenceSession(str(version_dir / self.spec.onnx_file), options,
-                                            providers=["CPUExecutionProvider"])
-        pb_utils.Logger.log_info(
-            f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on ONNX Runtime "
-            f"{ort.__version__}, {options.intra_op_num_threads} intra-op threads")
+        # sequential, ONNX Runtime's default arena (ort_session's docstring).
+        self.session = cpu_session(version_dir / self.spec.onnx_file, threads,
+                                   self.spec.precision)
+        pb_utils.Logger.log_info(f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on "
+                                 f"{_runtime(self.session)}")
 
     def _problem(self, mix: np.ndarray) -> str | None:
         """Why ``mix`` cannot be run, or None.
@@ -75,7 +75,8 @@ class TritonPythonModel:
             except Exception as err:  # ONNX Runtime raises several unrelated types
                 for index, _ in members:
                     responses[index] = _error(
-                        f"ONNX Runtime failed on a batch of shape {list(batch.shape)}: {err}",
+                        f"{_runtime(self.session)} failed on a batch of shape "
+                        f"{list(batch.shape)}: {err}",
                         pb_utils.TritonError.INTERNAL)
                 continue
             offset = 0
@@ -88,6 +89,16 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.session = None
+
+
+def _runtime(session) -> str:
+    """The runtime behind ``session``, its version and threads, for the log and errors."""
+    if isinstance(session, Bf16Session):
+        return f"OpenVINO {session.version} (bf16), {session.threads} threads"
+    import onnxruntime as ort
+
+    threads = session.get_session_options().intra_op_num_threads
+    return f"ONNX Runtime {ort.__version__}, {threads} intra-op threads"
 
 
 def _error(message: str, code: int) -> "pb_utils.InferenceResponse":
