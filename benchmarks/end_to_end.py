@@ -101,8 +101,9 @@ def write_track(path: Path, seconds: float, seed: int = SEED) -> Path:
 # Child side: one path, one track, a few repetitions
 
 def path_precision(kind: str) -> str:
-    """The graph a path runs: the ``*_int8`` paths the int8 one, the others fp32."""
-    return "int8" if kind.endswith("_int8") else "fp32"
+    """The export variant a path runs: ``*_int8`` the int8 graph, ``*_bf16`` the fp32 one on
+    OpenVINO in bf16, the others fp32."""
+    return kind.rsplit("_", 1)[1] if kind.endswith(("_int8", "_bf16")) else "fp32"
 
 
 def timed_separations(separator, track: str, out: str, repeats: int) -> list[dict]:

@@ -55,8 +55,9 @@ SCRIPTS = (
            what="item 4: plain gRPC vs system shared memory for the segment tensors"),
     Script("releases", full=("--tracks", "60,600", "--repeats", "2", "--forward-repeats", "3",
                              "--budget", "60"), quick=("--quick",),
-           what="issue 13: htdemucs forward (torch, ORT), cost vs demucs_quantized, 1- and "
-                "10-minute tracks: Triton / in-process vs demucs 4.0.1"),
+           what="issue 13: htdemucs forward (torch, ORT, OpenVINO bf16), cost vs "
+                "demucs_quantized, 1- and 10-minute tracks: Triton (fp32, int8, bf16) / "
+                "in-process vs demucs 4.0.1"),
     Script("cpu_levers", full=(), quick=("--quick",),
            what="issue 14: batch sizes, int8, ONNX Runtime's arena, two-segment tracks on "
                 "the CPU"),
