@@ -13,6 +13,18 @@ SMALL_CONFIG = dict(channels=4, segment_length=44100)
 BENCH_MACHINE = "test-box"
 """The machine name of the benchmark quick runs' results files."""
 SERVER_FIXTURES = {"triton_server"}
+
+
+def _cpu_has_bf16() -> bool:
+    from stemserve.client.backends.openvino_session import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+needs_bf16 = pytest.mark.skipif(
+    not _cpu_has_bf16(), reason="this CPU has no bf16 arithmetic (AMX or AVX512_BF16): "
+    "test_bf16.py::test_a_cpu_without_bf16_is_refused covers what stemserve does on it")
+"""For tests that run OpenVINO in bf16 (the ``--bf16`` fast path)."""
 ORACLE_FIXTURES = {"oracle", "oracle_model", "demucs_oracle"}
 
 

@@ -8,7 +8,6 @@ random-weight model, and be what a server started with ``--bf16`` answers with.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_bf16
 from stemserve.errors import ModelError, RepositoryError, SpecError
 from stemserve.spec import PRECISION_SIDECARS, has_precision, load_export, load_export_spec
-from test_int8 import _mix, _relative_error
+from test_int8 import _mix, _relative_error, export_with_variant
 
 BF16_CLOSE = 0.05
 """Largest stem difference from fp32, relative to the stems' peak: bf16 keeps 8 bits of
@@ -29,13 +29,7 @@ BF16_MOVES = 1e-5
 
 @pytest.fixture(scope="module")
 def bf16_export(small_export, tmp_path_factory) -> Path:
-    """A copy of the session's small Demucs v2 export with its bf16 sidecar."""
-    from stemserve.export.bf16 import bf16_export as write_bf16
-
-    folder = tmp_path_factory.mktemp("bf16") / "export"
-    shutil.copytree(small_export, folder)
-    write_bf16(folder)
-    return folder
+    return export_with_variant(small_export, tmp_path_factory, "bf16")
 
 
 def _bf16_vs_fp32(export_dir: Path, mix: np.ndarray) -> float:
@@ -61,11 +55,37 @@ def test_the_bf16_variant_is_a_sidecar_naming_the_fp32_graph(small_export, bf16_
     assert sorted(path.name for path in bf16_export.glob("*.onnx")) == ["model.onnx"]
 
 
+@needs_bf16
 def test_bf16_stems_stay_close_to_fp32(bf16_export):
     error = _bf16_vs_fp32(bf16_export, _mix(load_export_spec(bf16_export)))
     assert BF16_MOVES < error < BF16_CLOSE, error
 
 
+@needs_bf16
+def test_each_input_length_gets_its_own_compiled_model(small_export):
+    """OpenVINO 2026.4's bf16 transposed convolutions on a dynamic time axis returned 2,048
+    samples too few (and failed on short inputs): every length the session meets is
+    compiled on its own, and every length gives ONNX Runtime's output shape."""
+    from stemserve.client.backends.openvino_session import SHAPES_KEPT, Bf16Session
+    from stemserve.client.backends.ort_session import cpu_session
+
+    spec = load_export_spec(small_export)
+    graph = small_export / spec.onnx_file
+    bf16, fp32 = Bf16Session(graph), cpu_session(graph)
+    rng = np.random.default_rng(3)
+    lengths = (spec.padded_length, spec.min_request_length, spec.max_request_length,
+               spec.padded_length)
+    for batch, length in zip((1, 2, 1, 2), lengths):
+        mix = rng.standard_normal((batch, spec.audio_channels, length), dtype=np.float32)
+        (got,) = bf16.run([spec.output_name], {spec.input_name: mix})
+        (expected,) = fp32.run([spec.output_name], {spec.input_name: mix})
+        assert got.shape == expected.shape
+        assert BF16_MOVES < np.abs(got - expected).max() / np.abs(expected).max() < BF16_CLOSE
+    assert len(bf16._requests) == SHAPES_KEPT
+    assert list(bf16._requests)[-1] == (spec.audio_channels, spec.padded_length)
+
+
+@needs_bf16
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["htdemucs", "hdemucs", "demucs_v3"])
 def test_every_v4_family_runs_in_bf16(family, tmp_path):
@@ -98,22 +118,46 @@ def test_every_v4_family_runs_in_bf16(family, tmp_path):
     assert BF16_MOVES < error < BF16_CLOSE, error
 
 
-def test_open_backend_adds_the_bf16_sidecar_once(small_model, stemserve_cache):
-    """`separate --bf16 --backend onnx` on a checkpoint: exported once, no second graph."""
-    from stemserve.client.backends import open_backend
-    from stemserve.client.models import export_dir_for
+def test_a_cpu_without_bf16_is_refused(bf16_export, monkeypatch):
+    """OpenVINO would quietly run fp32 there, under a bf16 label: refused, with the way out."""
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.onnx import OnnxBackend
 
-    model, info = small_model
-    checkpoint = stemserve_cache / "bf16-once" / "tiny.th"
-    checkpoint.parent.mkdir()
-    torch.save(dict(config=dict(info.config), state=model.state_dict()), checkpoint)
-    with open_backend("onnx", model=checkpoint, precision="bf16") as backend:
-        assert backend.spec.precision == "bf16"
-    folder = export_dir_for(checkpoint)
-    stamp = (folder / PRECISION_SIDECARS["bf16"]).stat().st_mtime_ns
-    with open_backend("onnx", model=checkpoint, precision="bf16") as backend:
-        assert backend.spec.precision == "bf16"
-    assert (folder / PRECISION_SIDECARS["bf16"]).stat().st_mtime_ns == stamp
+    monkeypatch.setattr(openvino_session, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ModelError, match="no bf16 arithmetic.*use the fp32 or int8 graph") \
+            as caught:
+        OnnxBackend(bf16_export, precision="bf16")
+    assert str(bf16_export / "model.onnx") in str(caught.value)
+
+
+@needs_bf16
+def test_a_graph_bf16_gets_wrong_is_refused_at_load(tmp_path, monkeypatch):
+    """The self-check: bf16 against OpenVINO's own fp32 on seeded noise, before the first
+    segment. Within tolerance it passes and says how far off it was; beyond it the graph is
+    refused, naming the file and the way out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.openvino_session import BF16_TOLERANCE, Bf16Session
+
+    rng = np.random.default_rng(0)
+    weights = onnx.numpy_helper.from_array(
+        rng.standard_normal((32, 12, 8), dtype=np.float32), "weights")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["mix", "weights"], ["stems"], strides=[4])], "conv",
+        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["batch", 12, "time"])],
+        [helper.make_tensor_value_info("stems", TensorProto.FLOAT, ["batch", 32, "out"])],
+        [weights])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    session = Bf16Session(path, check_shape=(12, 4000))
+    assert 1e-4 < session.checked_error < BF16_TOLERANCE
+    monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", session.checked_error / 2)
+    with pytest.raises(ModelError, match="off its fp32 result.*use the fp32 or int8") \
+            as caught:
+        Bf16Session(path, check_shape=(12, 4000))
+    assert str(path) in str(caught.value)
 
 
 def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, monkeypatch):
@@ -141,6 +185,7 @@ def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, 
         OnnxBackend(bf16_export, precision="bf16")
 
 
+@needs_bf16
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_served_bf16_repository_answers_with_its_precision(bf16_export, tmp_path):

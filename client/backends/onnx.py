@@ -23,8 +23,10 @@ class OnnxBackend(LocalBackend):
 
     ``export_dir`` holds ``model.json`` and the graph it names (what ``stemserve export``
     writes); ``precision`` ``int8`` (or ``fp16``) takes that variant's sidecar and graph
-    instead, ``bf16`` runs the fp32 graph on OpenVINO (:mod:`.openvino_session`). ``threads`` sets ONNX Runtime's intra-op threads (0: one per core). Without
-    ``providers``, the session is the CPU server's (:mod:`.ort_session`).
+    instead, and ``bf16`` runs the fp32 graph on OpenVINO (:mod:`.openvino_session`,
+    self-checked against fp32 here, before the first segment). ``threads`` sets the
+    runtime's intra-op threads (0: one per core). Without ``providers``, the session is the
+    CPU server's (:mod:`.ort_session`).
     """
 
     def __init__(self, export_dir: Path, *, precision: str = "fp32",
@@ -40,7 +42,8 @@ class OnnxBackend(LocalBackend):
         model_file = export_dir / spec.onnx_file
         try:
             if providers is None:
-                session = cpu_session(model_file, threads, spec.precision)
+                session = cpu_session(model_file, threads, spec.precision,
+                                      (spec.audio_channels, spec.opt_request_length))
             else:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads

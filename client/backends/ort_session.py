@@ -34,14 +34,16 @@ def cpu_session_options(threads: int = 0) -> Any:
     return options
 
 
-def cpu_session(model_file: Path, threads: int = 0, precision: str = "fp32") -> Any:
+def cpu_session(model_file: Path, threads: int = 0, precision: str = "fp32",
+                check_shape: tuple[int, ...] | None = None) -> Any:
     """A CPU session of ``model_file`` for an export's ``precision`` variant: ONNX Runtime's
     ``InferenceSession`` with :func:`cpu_session_options`, or for ``bf16`` OpenVINO's
-    :class:`~.openvino_session.Bf16Session` (same ``run``)."""
+    :class:`~.openvino_session.Bf16Session` (same ``run``), self-checked against fp32 at
+    ``check_shape`` (the hot path's input shape, batch left out) before it returns."""
     if precision == "bf16":
         from stemserve.client.backends.openvino_session import Bf16Session
 
-        return Bf16Session(model_file, threads)
+        return Bf16Session(model_file, threads, check_shape)
     import onnxruntime as ort
 
     return ort.InferenceSession(str(model_file), cpu_session_options(threads),

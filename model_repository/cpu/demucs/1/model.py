@@ -36,8 +36,10 @@ class TritonPythonModel:
                       .get("string_value", "0"))
         # The in-process backend's session: intra-op threads on every core (or "threads"),
         # sequential, ONNX Runtime's default arena (ort_session's docstring).
+        # bf16: OpenVINO, checked against fp32 at the hot path's shape before READY.
         self.session = cpu_session(version_dir / self.spec.onnx_file, threads,
-                                   self.spec.precision)
+                                   self.spec.precision,
+                                   (self.spec.audio_channels, self.spec.opt_request_length))
         pb_utils.Logger.log_info(f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on "
                                  f"{_runtime(self.session)}")
 
@@ -94,7 +96,8 @@ class TritonPythonModel:
 def _runtime(session) -> str:
     """The runtime behind ``session``, its version and threads, for the log and errors."""
     if isinstance(session, Bf16Session):
-        return f"OpenVINO {session.version} (bf16), {session.threads} threads"
+        return (f"OpenVINO {session.version} (bf16, {session.checked_error:.1e} off fp32 "
+                f"on noise), {session.threads} threads")
     import onnxruntime as ort
 
     threads = session.get_session_options().intra_op_num_threads
