@@ -414,7 +414,8 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
     fill.add_argument("repo_dir", type=Path, help="Triton model repository to fill")
     fill.add_argument("--variant", choices=VARIANTS, default="cpu")
     fill.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                      help="which graph of the export: fp32, fp16 (gpu) or int8 (cpu)")
+                      help="which variant of the export: fp32, fp16 (gpu), int8 or bf16 "
+                           "(cpu)")
     fill.add_argument("--no-tensorrt", action="store_true",
                       help="gpu variant: ONNX Runtime's CUDA provider without TensorRT")
     fill.add_argument("--version", type=int, default=1, help="version folder to fill")

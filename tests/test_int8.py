@@ -1,4 +1,5 @@
-"""The int8 fast path: quantization of an export, its variant through every backend, refusals.
+"""The int8 fast path: quantization of an export, its variant through every backend, refusals
+(and what int8 and bf16 share: a variant made once).
 
 How much int8 changes separation quality is the quality meter's job (benchmarks/quality.py);
 here the graph must really be quantized, run through ONNX Runtime and Triton, and stay close
@@ -14,19 +15,26 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import needs_bf16
 from stemserve.errors import ModelError, RepositoryError, SpecError
 from stemserve.spec import PRECISION_SIDECARS, has_precision, load_export, load_export_spec
 
 
-@pytest.fixture(scope="module")
-def int8_export(small_export, tmp_path_factory) -> Path:
-    """A copy of the session's small export with its int8 graph."""
+def export_with_variant(small_export: Path, tmp_path_factory, precision: str) -> Path:
+    """A copy of the session's small export with its ``precision`` variant made (by
+    ``stemserve export --int8``'s or ``--bf16``'s function)."""
+    from stemserve.export.bf16 import bf16_export
     from stemserve.export.quantize import quantize_int8
 
-    folder = tmp_path_factory.mktemp("int8") / "export"
+    folder = tmp_path_factory.mktemp(precision) / "export"
     shutil.copytree(small_export, folder)
-    quantize_int8(folder)
+    {"int8": quantize_int8, "bf16": bf16_export}[precision](folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def int8_export(small_export, tmp_path_factory) -> Path:
+    return export_with_variant(small_export, tmp_path_factory, "int8")
 
 
 def _ops(path: Path) -> list[str]:
@@ -92,24 +100,30 @@ def test_int8_stems_stay_close_to_fp32(small_export, int8_export):
     assert 0 < error < 0.05, error
 
 
-def test_open_backend_quantizes_a_cached_export_once(small_model, stemserve_cache):
-    """`separate --int8 --backend onnx` on a checkpoint: exported, then quantized, once."""
+@pytest.mark.parametrize("precision,made", [
+    ("int8", "model.int8.onnx"),
+    pytest.param("bf16", PRECISION_SIDECARS["bf16"], marks=needs_bf16),
+])
+def test_open_backend_makes_a_fast_path_variant_once(small_model, stemserve_cache, precision,
+                                                     made):
+    """`separate --int8` (or `--bf16`) `--backend onnx` on a checkpoint: exported, then
+    quantized (or given its bf16 sidecar), once."""
     import torch
 
     from stemserve.client.backends import open_backend
     from stemserve.client.models import export_dir_for
 
     model, info = small_model
-    checkpoint = stemserve_cache / "int8-once" / "tiny.th"
+    checkpoint = stemserve_cache / f"{precision}-once" / "tiny.th"
     checkpoint.parent.mkdir()
     torch.save(dict(config=dict(info.config), state=model.state_dict()), checkpoint)
-    with open_backend("onnx", model=checkpoint, precision="int8") as backend:
-        assert backend.spec.precision == "int8"
+    with open_backend("onnx", model=checkpoint, precision=precision) as backend:
+        assert backend.spec.precision == precision
     folder = export_dir_for(checkpoint)
-    stamp = (folder / "model.int8.onnx").stat().st_mtime_ns
-    with open_backend("onnx", model=checkpoint, precision="int8") as backend:
-        assert backend.spec.precision == "int8"
-    assert (folder / "model.int8.onnx").stat().st_mtime_ns == stamp
+    stamp = (folder / made).stat().st_mtime_ns
+    with open_backend("onnx", model=checkpoint, precision=precision) as backend:
+        assert backend.spec.precision == precision
+    assert (folder / made).stat().st_mtime_ns == stamp
 
 
 def test_refusals_name_the_way_out(small_export, tmp_path, capsys):

@@ -45,16 +45,25 @@ def test_every_setting_has_a_flag(served, tmp_path):
                   config="demucs_unittest", max_upload_mb=2.5, max_duration=60.0, workers=2,
                   queue_size=3, job_ttl=10.0, jobs_dir=tmp_path / "jobs", max_disk_mb=50.0,
                   token="secret", allow_origins=("https://a.example", "https://b.example"),
-                  header_timeout=1.0, body_timeout=2.0, int8=True)
+                  header_timeout=1.0, body_timeout=2.0, int8=True, bf16=False)
     assert set(values) == {field.name for field in dataclasses.fields(Settings)}
     argv = ["--allow-origin", values["allow_origins"][0],
             "--allow-origin", values["allow_origins"][1], "--int8"]
     for name, value in values.items():
-        if name not in ("allow_origins", "int8"):
+        if name not in ("allow_origins", "int8", "bf16"):
             argv += ["--url" if name == "triton_url" else "--" + name.replace("_", "-"),
                      str(value)]
     assert web(*argv) == 0
     assert served == [Settings(**values)]
+
+
+def test_int8_and_bf16_are_one_fast_path_or_the_other(served):
+    from stemserve.errors import StemserveError
+
+    assert web("--bf16") == 0 and web("--int8") == 0 and web() == 0
+    assert [settings.precision for settings in served] == ["bf16", "int8", None]
+    with pytest.raises(StemserveError, match="two fast paths: choose one"):
+        web("--int8", "--bf16")
 
 
 def test_the_environment_names_triton_and_the_token(served, monkeypatch):

@@ -37,8 +37,9 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     per member: on Triton, one served model per member, found on the server.
 
     ``precision``: ``int8`` runs the dynamically quantized graph (quantized once if need
-    be; the CPU fast path), ``fp16`` the half-precision one; for Triton, what the server
-    must serve (None: whatever it serves); for PyTorch, ``fp16``/``bf16`` autocast.
+    be; a CPU fast path), ``bf16`` the fp32 graph on OpenVINO with bf16 arithmetic (the
+    other), ``fp16`` the half-precision graph; for Triton, what the server must serve (None:
+    whatever it serves); for PyTorch, ``fp16``/``bf16`` autocast.
 
     Triton: ``url`` may name several servers (``host:port,host:port`` or ``@file``, see
     :func:`~stemserve.client.backends.fleet.parse_endpoints`): each member is then a

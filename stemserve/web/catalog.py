@@ -29,7 +29,8 @@ class ModelCatalog:
     may name its export folder when the server's config carries no sidecar). Without it,
     jobs run in-process with ONNX Runtime on ``model`` (default: the command line's) or on
     any other exported or cached model. ``config`` is the release whose configuration a
-    plain state-dict ``model`` has; ``precision`` ``int8`` runs the int8 graphs (see
+    plain state-dict ``model`` has; ``precision`` ``int8`` runs the int8 graphs, ``bf16``
+    the fp32 ones on OpenVINO in bf16 (see
     :func:`~stemserve.client.backends.open_backend`).
 
     Nothing opens until :meth:`open`, so that the caller decides what must succeed first.

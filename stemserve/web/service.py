@@ -106,7 +106,7 @@ class JobService:
         answer or a model that cannot load stops the start instead of failing every upload.
         """
         catalog = ModelCatalog(settings.triton_url, settings.model, settings.config,
-                               precision="int8" if settings.int8 else None)
+                               precision=settings.precision)
         queue = JobQueue(settings.jobs_dir, functools.partial(run_job, catalog),
                          workers=settings.workers, queue_size=settings.queue_size,
                          ttl=settings.job_ttl, max_disk_bytes=settings.max_disk_bytes)

@@ -3,8 +3,9 @@
 Each field with a ``help`` in its metadata is also its ``stemserve web`` flag
 (:func:`stemserve.client.options.add_options`), so a setting is declared once, here. The
 fields without one have flags the command line writes itself (noted on each). Only the
-standard library and :mod:`stemserve.defaults` are imported: the bare client's command line
-builds its parser from this module without the ``web`` extra installed.
+standard library, :mod:`stemserve.defaults` and :mod:`stemserve.errors` are imported: the
+bare client's command line builds its parser from this module without the ``web`` extra
+installed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from stemserve.defaults import WEB_TOKEN_ENV, cache_root
+from stemserve.errors import StemserveError
 
 MB = 1 << 20
 
@@ -38,8 +40,11 @@ class Settings:
     config: str | None = None
     """The release whose configuration a plain state-dict ``model`` has. Flag: ``--config``."""
     int8: bool = dataclasses.field(default=False, metadata={
-        "help": "separate in-process with the int8 graphs (the CPU fast path); with Triton, "
+        "help": "separate in-process with the int8 graphs (a CPU fast path); with Triton, "
                 "check that the server serves one"})
+    bf16: bool = dataclasses.field(default=False, metadata={
+        "help": "separate in-process in bf16 on OpenVINO (the other CPU fast path); with "
+                "Triton, check that the server serves it"})
     max_upload_mb: float = dataclasses.field(default=100.0, metadata={
         "help": "largest upload in MB", "metavar": "MB"})
     max_duration: float = dataclasses.field(default=900.0, metadata={
@@ -71,8 +76,16 @@ class Settings:
         "help": "longest pause in an upload, in seconds", "metavar": "SECONDS"})
 
     def __post_init__(self) -> None:
+        if self.int8 and self.bf16:
+            raise StemserveError("--int8 and --bf16 are two fast paths: choose one")
         if self.jobs_dir is None:
             object.__setattr__(self, "jobs_dir", default_jobs_dir())
+
+    @property
+    def precision(self) -> str | None:
+        """The export variant asked for (``int8``, ``bf16``), or None: fp32 in-process,
+        whatever a Triton server serves."""
+        return "int8" if self.int8 else "bf16" if self.bf16 else None
 
     @property
     def max_upload_bytes(self) -> int:
