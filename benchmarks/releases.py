@@ -449,6 +449,16 @@ def oracle_skip(oracle: Path) -> str | None:
             f"(run {ORACLE_INSTALL})")
 
 
+def bf16_skip() -> str | None:
+    """Why the bf16 fast path cannot run here, or None."""
+    from stemserve.client.backends.openvino_session import cpu_has_bf16
+
+    if cpu_has_bf16():
+        return None
+    return ("skipped: this CPU has no bf16 arithmetic (AMX or AVX512_BF16), or OpenVINO is "
+            "not installed")
+
+
 def _forward_row(row: dict, segment_s: float) -> dict:
     """A child's measurement with the summary fields the table and the plots read."""
     wall = row["measurement"]["wall_s"]
@@ -497,6 +507,10 @@ def forward_part(args, ht: Path, ht_info: dict, log) -> tuple[list[dict], list[d
     for backend, batches in (("torch_eager", args.torch_batches), ("ort", args.ort_batches),
                              ("openvino_bf16", args.bf16_batches)):
         if not batches:
+            continue
+        if backend == "openvino_bf16" and (skip := bf16_skip()):
+            rows += [{"model": "htdemucs", "backend": backend, "series": BACKENDS[backend],
+                      "batch": batch, "status": skip} for batch in batches]
             continue
         measured, info = _measure_forward("htdemucs", backend, ht, batches, args, segment_s,
                                           reference, log)
@@ -583,9 +597,10 @@ def end_to_end_part(args, ht: Path, log) -> list[dict]:
         track = write_track(args.work_dir / "tracks" / f"track-{seconds:g}s.wav", seconds)
         repeats = args.repeats if seconds <= args.repeat_limit else 1
         for kind in args.paths:
-            if kind == "demucs4" and skip:
+            why = skip if kind == "demucs4" else bf16_skip() if kind.endswith("_bf16") else None
+            if why:
                 rows.append({"series": PATHS[kind], "path": kind, "model": "htdemucs",
-                             "track_s": seconds, "status": skip})
+                             "track_s": seconds, "status": why})
                 continue
             log(f"{kind}: {seconds:g} s track, {repeats} repetition(s)")
             rows.append(_measure_track(kind, ht, track, seconds, repeats, args, log))
@@ -704,6 +719,13 @@ def forward_notes(rows: list[dict], cost: list[dict], args, ht_info: dict,
         notes.append(f"ONNX Runtime vs PyTorch eager per item: batch 1 "
                      f"{ok['ort', 1]['speedup_vs_eager_b1']:.2f}x; ORT's best, batch "
                      f"{best['batch']}, {best['speedup_vs_eager_b1']:.2f}x eager batch 1.")
+    if ("torch_eager", 1) in ok and ("openvino_bf16", 1) in ok:
+        bf16 = ok["openvino_bf16", 1]
+        notes.append(f"The bf16 fast path (OpenVINO, bf16 arithmetic on the fp32 graph, the "
+                     f"session `--bf16` serves with) at batch 1: {bf16['per_item_s']:.2f} s, "
+                     f"{bf16['speedup_vs_eager_b1']:.2f}x eager batch 1; its output differs "
+                     f"from eager's by {bf16.get('max_abs_diff_vs_eager', float('nan')):.1e} "
+                     "at most (bf16 rounding; the quality meter measures what it costs).")
     if cost:
         ht, v2 = cost
         notes.append(
