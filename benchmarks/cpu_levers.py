@@ -7,7 +7,8 @@ One in-process ONNX Runtime session per measurement, each in a fresh process (it
 memory is its own), on the same random weights, one after another:
 
 - ``batch``: seconds per segment at each batch size, fp32 and int8 (``stemserve export
-  --int8``), with the sessions the server and the in-process backend use
+  --int8``; ``--precisions`` may add bf16, OpenVINO), with the sessions the server and the
+  in-process backend use
   (:mod:`stemserve.client.backends.ort_session`); this picks the CPU repository's
   ``max_batch_size``.
 - ``arena``: the same sequence of runs as a track gives the server (full batches, a lone
@@ -65,9 +66,11 @@ def _session(export: Path, precision: str, arena: str = "power_of_two", threads:
     from stemserve.client.backends.ort_session import cpu_session, cpu_session_options
     from stemserve.spec import load_export_spec
 
-    model_file = export / load_export_spec(export, precision).onnx_file
-    if arena == "power_of_two":
-        return cpu_session(model_file, threads)
+    spec = load_export_spec(export, precision)
+    model_file = export / spec.onnx_file
+    if arena == "power_of_two":  # bf16: OpenVINO (the arena lever is ONNX Runtime's)
+        return cpu_session(model_file, threads, precision,
+                           (spec.audio_channels, spec.opt_request_length))
     options = cpu_session_options(threads)
     if arena == "none":
         options.enable_cpu_mem_arena = False
@@ -119,12 +122,21 @@ def _short_job(job: dict, export: Path, spec) -> dict:
         sessions = [_session(export, job["precision"], threads=1) for _ in lengths]
 
         def track() -> None:
-            workers = [threading.Thread(target=s.run, args=(None, {spec.input_name: _mix(1, n)}))
+            errors: list[BaseException] = []
+
+            def run(session, length: int) -> None:
+                try:
+                    session.run(None, {spec.input_name: _mix(1, length)})
+                except BaseException as err:  # noqa: BLE001 - re-raised below: a failed
+                    errors.append(err)        # run must not be timed as a fast one
+            workers = [threading.Thread(target=run, args=(s, n))
                        for s, n in zip(sessions, lengths)]
             for worker in workers:
                 worker.start()
             for worker in workers:
                 worker.join()
+            if errors:
+                raise errors[0]
     got = measure(track, repeats=job["repeats"], warmup=1)
     return {"track_s": got.wall.median, "measurement": got.to_dict()}
 
@@ -165,7 +177,7 @@ def _notes(rows: list[dict], segment_s: float, reduce_range: bool) -> list[str]:
     ]
     batch = {(row["precision"], row["batch"]): row["per_item_s"] for row in ok
              if row["lever"] == "batch"}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", "bf16"):
         mine = {b: s for (p, b), s in batch.items() if p == precision}
         if mine:
             best = min(mine, key=mine.get)
@@ -173,8 +185,10 @@ def _notes(rows: list[dict], segment_s: float, reduce_range: bool) -> list[str]:
                 f"batch {b} {s:.2f} s" for b, s in sorted(mine.items()))
                 + f"; fastest per item at batch {best}.")
     for b in sorted({b for _, b in batch}):
-        if ("fp32", b) in batch and ("int8", b) in batch:
-            notes.append(f"int8 vs fp32 at batch {b}: {batch['fp32', b] / batch['int8', b]:.2f}x.")
+        for fast in ("int8", "bf16"):
+            if ("fp32", b) in batch and (fast, b) in batch:
+                notes.append(f"{fast} vs fp32 at batch {b}: "
+                             f"{batch['fp32', b] / batch[fast, b]:.2f}x.")
     arena = {row["arena"]: row for row in ok if row["lever"] == "arena"}
     if "power_of_two" in arena:
         base = arena["power_of_two"]
@@ -185,7 +199,7 @@ def _notes(rows: list[dict], segment_s: float, reduce_range: bool) -> list[str]:
                              f"{row['warm_batch_s']:.2f} s vs {base['warm_batch_s']:.2f} s.")
     short = {(row["precision"], row["mode"]): row["track_s"] for row in ok
              if row["lever"] == "short"}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", "bf16"):
         if (precision, "in_turn") in short and (precision, "at_once") in short:
             notes.append(f"Two-segment track, {precision}: both at once on one thread each "
                          f"{short[precision, 'at_once']:.2f} s vs in turn on every core "
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--segment", type=float, default=8.0, help="segment seconds (8)")
     parser.add_argument("--batches", default="1,2,4,5,8", help="batch sizes (1,2,4,5,8)")
-    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--precisions", default="fp32,int8",
+                        help="fp32, int8 and/or bf16 (OpenVINO; the arena lever is fp32's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="tiny check: small model, 0.5 s segments, batches 1 and 2")
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{SCRIPT}] {message}", flush=True)
 
+    from stemserve.export.bf16 import bf16_export
     from stemserve.export.quantize import cpu_has_vnni, quantize_int8
     from stemserve.spec import has_precision
 
@@ -232,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if "int8" in precisions and not has_precision(export, "int8"):
         log("quantizing to int8")
         quantize_int8(export)
+    if "bf16" in precisions:
+        bf16_export(export)
     common = {"export": str(export), "repeats": args.repeats}
     jobs = [{"lever": "batch", "kind": "batch", "precision": p, "batch": b}
             for p in precisions for b in batches]

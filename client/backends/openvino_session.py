@@ -138,9 +138,10 @@ class Bf16Session:
         self._requests[shape] = request  # the latest used last
         return request
 
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The named outputs for ``feeds`` (one input; copies: the request reuses its
-        buffers)."""
+    def run(self, output_names: list[str] | None,
+            feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs for ``feeds`` (None: every output, as ONNX Runtime; one input;
+        copies: the request reuses its buffers)."""
         (value,) = feeds.values()
         request = self._request(tuple(value.shape[1:]))
         try:
@@ -149,4 +150,5 @@ class Bf16Session:
             raise ModelError(f"OpenVINO failed on inputs of shape {list(value.shape)}: {err}",
                              where=self._where) from None
         outputs = {output.get_any_name(): output for output in request.model_outputs}
-        return [np.array(results[outputs[name]], copy=True) for name in output_names]
+        return [np.array(results[outputs[name]], copy=True)
+                for name in (output_names or list(outputs))]
