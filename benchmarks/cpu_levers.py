@@ -233,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{SCRIPT}] {message}", flush=True)
 
-    from stemserve.export.bf16 import bf16_export
-    from stemserve.export.quantize import cpu_has_vnni, quantize_int8
-    from stemserve.spec import has_precision
+    from stemserve.client.models import export_dir_for
+    from stemserve.export.quantize import cpu_has_vnni
 
     machine = describe()
     config = {"model": args.config, "model_args": CONFIGS[args.config],
@@ -245,11 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     export = export_random(args.config, SEED, WORK_DIR / f"export-{args.config}-{args.segment:g}s",
                            segment_length=int(args.segment * RATE))
-    if "int8" in precisions and not has_precision(export, "int8"):
-        log("quantizing to int8")
-        quantize_int8(export)
-    if "bf16" in precisions:
-        bf16_export(export)
+    for precision in sorted(set(precisions) - {"fp32"}):
+        log(f"the {precision} variant of the export (made once)")
+        export_dir_for(export, precision=precision)
     common = {"export": str(export), "repeats": args.repeats}
     jobs = [{"lever": "batch", "kind": "batch", "precision": p, "batch": b}
             for p in precisions for b in batches]

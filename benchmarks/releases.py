@@ -244,26 +244,24 @@ def _forward_child(job: dict) -> dict:
     spec = _spec(folder)
     channels, length = spec["audio_channels"], spec["padded_length"]
     info: dict = {}
-    if job["backend"] == "ort":
-        import onnxruntime as ort
+    if job["backend"] in ("ort", "openvino_bf16"):
+        if job["backend"] == "ort":
+            import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = job["threads"]
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(folder / spec["onnx_file"]), options,
-                                       providers=["CPUExecutionProvider"])
-        info["providers"] = session.get_providers()
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = job["threads"]
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(folder / spec["onnx_file"]), options,
+                                           providers=["CPUExecutionProvider"])
+            info["providers"] = session.get_providers()
+        else:
+            from stemserve.client.backends.ort_session import cpu_session
 
-        def run(x):
-            return session.run([spec["output_name"]], {spec["input_name"]: x})[0]
-    elif job["backend"] == "openvino_bf16":
-        from stemserve.client.backends.ort_session import cpu_session
-
-        session = cpu_session(folder / spec["onnx_file"], job["threads"], "bf16")
-        info["openvino"] = session.version
+            session = cpu_session(folder / spec["onnx_file"], job["threads"], "bf16")
+            info["openvino"] = session.version
 
         def run(x):
             return session.run([spec["output_name"]], {spec["input_name"]: x})[0]
@@ -582,17 +580,11 @@ def _measure_track(kind: str, export: Path, track: Path, seconds: float, repeats
 def end_to_end_part(args, ht: Path, log) -> list[dict]:
     rows = []
     skip = oracle_skip(args.oracle_dir)
-    if any(kind.endswith("_int8") for kind in args.paths):
-        from stemserve.export.quantize import quantize_int8
-        from stemserve.spec import has_precision
+    from stemserve.client.models import export_dir_for
 
-        if not has_precision(ht, "int8"):
-            log("quantizing the htdemucs export to int8")
-            quantize_int8(ht)
-    if any(kind.endswith("_bf16") for kind in args.paths):
-        from stemserve.export.bf16 import bf16_export
-
-        bf16_export(ht)
+    for precision in sorted({path_precision(kind) for kind in args.paths} - {"fp32"}):
+        log(f"the htdemucs export's {precision} variant (made once)")
+        export_dir_for(ht, precision=precision)
     for seconds in args.tracks:
         track = write_track(args.work_dir / "tracks" / f"track-{seconds:g}s.wav", seconds)
         repeats = args.repeats if seconds <= args.repeat_limit else 1

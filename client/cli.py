@@ -308,7 +308,8 @@ def _run_separate(args: argparse.Namespace) -> int:
     from stemserve.client.backends.fleet import parse_endpoints
     from stemserve.errors import ServerUnreachable
 
-    if args.bf16 and args.backend == "torch":
+    precision = _precision(args)
+    if precision == "bf16" and args.backend == "torch":
         raise StemserveError("--bf16 runs the graph on OpenVINO: it takes --backend onnx or "
                              "triton, not torch")
     with contextlib.ExitStack() as stack:
@@ -316,13 +317,12 @@ def _run_separate(args: argparse.Namespace) -> int:
             if args.backend not in (None, "triton"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
-            args.url = stack.enter_context(_served(args.model, args.config,
-                                                   _precision(args), args.quiet))
+            args.url = stack.enter_context(_served(args.model, args.config, precision,
+                                                   args.quiet))
             args.backend = "triton"
         url = args.url or triton_url_from_env() or DEFAULT_URL
         options = dict(model=args.model, config=args.config,
-                       precision=None if _precision(args) == "fp32" else _precision(args),
-                       url=url,
+                       precision=None if precision == "fp32" else precision, url=url,
                        server_window=args.server_window, shared_memory=args.shared_memory,
                        timeout=args.timeout, retries=args.retries)
         servers = len(parse_endpoints(url)) if args.backend in (None, "triton") else 0

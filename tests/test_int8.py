@@ -21,15 +21,13 @@ from stemserve.spec import PRECISION_SIDECARS, has_precision, load_export, load_
 
 
 def export_with_variant(small_export: Path, tmp_path_factory, precision: str) -> Path:
-    """A copy of the session's small export with its ``precision`` variant made (by
-    ``stemserve export --int8``'s or ``--bf16``'s function)."""
-    from stemserve.export.bf16 import bf16_export
-    from stemserve.export.quantize import quantize_int8
+    """A copy of the session's small export with its ``precision`` variant made, as
+    ``separate --int8`` or ``--bf16`` makes it."""
+    from stemserve.client.models import export_dir_for
 
     folder = tmp_path_factory.mktemp(precision) / "export"
     shutil.copytree(small_export, folder)
-    {"int8": quantize_int8, "bf16": bf16_export}[precision](folder)
-    return folder
+    return export_dir_for(folder, precision=precision)
 
 
 @pytest.fixture(scope="module")

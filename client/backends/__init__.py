@@ -58,10 +58,10 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
             problem = (f"Triton at {url} serves '{backend.spec.checkpoint}', not "
                        f"'{Path(model).stem}': serve that model, or leave -n/--model out")
         elif precision is not None and backend.spec.precision != precision:
-            command = " ".join(["stemserve serve"] + [PRECISION_FLAGS.get(precision, "")])
+            flag = PRECISION_FLAGS.get(precision)
             problem = (f"Triton at {url} serves the {backend.spec.precision} graph of "
                        f"'{backend.spec.checkpoint}', not {precision}: start it with "
-                       f"`{command.rstrip()}`")
+                       f"`stemserve serve{' ' + flag if flag else ''}`")
         if problem:
             backend.close()
             raise ModelError(problem)
