@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
+import string
+from pathlib import Path, PurePath
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -11,10 +13,13 @@ from stemserve.audio import MP3_RATES, OutputFormat, Resampler
 from stemserve.defaults import DEFAULT_TEMPLATE
 from stemserve.errors import OutputError, StemserveError
 from stemserve.spec import ModelSpec
+from stemserve.untrusted import brief
 
 logger = logging.getLogger(__name__)
 
 SampleRateOut = Literal["original", "model"]
+TEMPLATE_FIELDS = ("track", "trackext", "parent", "stem", "ext")
+"""What a file name template may name, each as a plain ``{field}``."""
 
 
 def stem_names(spec: ModelSpec, two_stems: str | None = None) -> list[str]:
@@ -80,14 +85,17 @@ def stem_paths(track: Path, out_dir: Path, names: list[str], ext: str,
     ``{parent}`` (the name of the track's folder), ``{stem}`` and ``{ext}``, like later
     demucs releases (``{parent}`` is stemserve's, for albums of ``01.wav``, ``02.wav``).
     """
-    try:
-        targets = {name: Path(out_dir) / template.format(
-            track=track.stem, trackext=track.suffix.lstrip("."),
-            parent=track.resolve().parent.name, stem=name, ext=ext)
-            for name in names}
-    except (KeyError, IndexError, ValueError) as err:
-        raise OutputError(f"bad filename template {template!r} ({err!r}): use {{track}}, "
-                          "{trackext}, {parent}, {stem} and {ext}") from None
+    check_template(template)
+    targets = {name: Path(out_dir) / template.format(
+        track=track.stem, trackext=track.suffix.lstrip("."),
+        parent=track.resolve().parent.name, stem=name, ext=ext)
+        for name in names}
+    inside = os.path.normpath(out_dir)
+    for target in targets.values():
+        if os.path.commonpath([inside, os.path.normpath(target)]) != inside:
+            raise OutputError(f"the stems of {track} would be written outside the output "
+                              f"folder {out_dir} ({target}): rename the track or change "
+                              "--filename")
     if len(set(targets.values())) < len(targets):
         raise OutputError(f"filename template {template!r} gives every stem the same "
                           "file: include {stem}")
@@ -95,6 +103,28 @@ def stem_paths(track: Path, out_dir: Path, names: list[str], ext: str,
         raise OutputError(f"filename template {template!r} would overwrite the input "
                           f"{track}")
     return targets
+
+
+def check_template(template: str) -> None:
+    """Refuse a file name template that is more than :data:`TEMPLATE_FIELDS` in braces: no
+    attribute or index access, conversion or format spec (``{stem:>9999999999}`` asks for
+    gigabytes), no absolute path and no ``..``, which would leave the output folder."""
+    fields = ", ".join(f"{{{field}}}" for field in TEMPLATE_FIELDS)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise OutputError(f"bad filename template {brief(template)} ({err}): use "
+                          f"{fields}") from None
+    for _, field, spec, conversion in parsed:
+        if field is not None and (field not in TEMPLATE_FIELDS or spec or conversion):
+            shown = ("{" + field + (f"!{conversion}" if conversion else "")
+                     + (f":{spec}" if spec else "") + "}")
+            raise OutputError(f"filename template {brief(template)}: {brief(shown)} is not "
+                              f"a plain field; use {fields}")
+    path = PurePath(template)
+    if path.is_absolute() or ".." in path.parts:
+        raise OutputError(f"filename template {brief(template)} leaves the output folder: "
+                          "give a relative path without '..' (the folder is -o)")
 
 
 def check_outputs(tracks: Sequence[Path], out_dir: Path, names: list[str], ext: str,

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 from stemserve.errors import SpecError
 from stemserve.files import atomic_write
+from stemserve.untrusted import brief, is_safe_name
 
 SPEC_VERSION = 1
 SPEC_PARAMETER = "stemserve_spec"
@@ -32,12 +35,29 @@ MAX_SHIFT_SECONDS = 0.5
 segment plus this much context."""
 _OPTIONAL = {"precision", "onnx_file", "input_name", "output_name", "family",
              "forward_randrange"}
+MAX_SOURCES = 8
+"""The most stems a sidecar may name (the releases have 4 or 6)."""
+MIN_SEGMENT_SECONDS = 1
+"""The shortest segment a model, bag or export may have: every request is one segment, so
+a tiny one makes a track millions of network calls (and 1e-9 s requests of 0 samples); 1 s
+leaves room under the shortest release's 7.8 s (htdemucs)."""
+MAX_SEGMENT_SECONDS = 120
+"""The longest segment a model, bag, export or sidecar may have: every request and
+shared-memory region a client makes is sized from it (the releases use 7.8 to 44 s)."""
+_SAMPLE_RATES = (8000, 192000)
+_TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+_VALID_LENGTH_KEYS = {"resample": bool, "depth": range(1, 9), "kernel_size": range(1, 17),
+                      "stride": range(1, 9), "context": range(0, 10)}
+"""The arguments of :func:`valid_length` and their bounds (the checkpoint loader's)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How a network family takes lengths, and which demucs applies it."""
 
+    title: str
+    """The family's name for users (``HT Demucs``)."""
     lengths: str
     """``valid`` (demucs' valid-length formula, with the context term), ``any`` (the input as
     it is) or ``fixed`` (always the training segment)."""
@@ -54,10 +74,11 @@ class Family:
 
 
 FAMILIES = {
-    "demucs": Family("valid", output_as_input=False, shifts_around_split=False),
-    "demucs_v3": Family("valid", output_as_input=True, shifts_around_split=True),
-    "hdemucs": Family("any", output_as_input=True, shifts_around_split=True),
-    "htdemucs": Family("fixed", output_as_input=True, shifts_around_split=True, cpu_batch=1),
+    "demucs": Family("Demucs v2", "valid", output_as_input=False, shifts_around_split=False),
+    "demucs_v3": Family("Demucs v3", "valid", output_as_input=True, shifts_around_split=True),
+    "hdemucs": Family("Hybrid Demucs", "any", output_as_input=True, shifts_around_split=True),
+    "htdemucs": Family("HT Demucs", "fixed", output_as_input=True, shifts_around_split=True,
+                       cpu_batch=1),
 }
 """Demucs v2 (demucs 2.0.3), and demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3)
 and Hybrid Transformer Demucs (v4). The v3 waveform model's formula is v2's without the
@@ -99,13 +120,55 @@ class ModelSpec:
     between two random shifts: the pipeline draws the same to reproduce a seed. 0: no draw."""
 
     def __post_init__(self) -> None:
+        """A sidecar comes from a file or a server: every field is checked here, where it
+        is read, because names become paths (stems, repository folders, the graph's file)
+        and lengths size every buffer a client allocates."""
         if self.family not in FAMILIES:
-            raise SpecError(f"unknown model family {self.family!r}; known: "
+            raise SpecError(f"unknown model family {brief(self.family)}; known: "
                             f"{', '.join(FAMILIES)}")
+        for field in ("model_name", "checkpoint"):
+            _check_name(getattr(self, field), field)
+        if not (isinstance(self.sources, tuple) and 1 <= len(self.sources) <= MAX_SOURCES
+                and len(set(self.sources)) == len(self.sources)):
+            raise SpecError(f"sources {brief(self.sources)} are not 1 to {MAX_SOURCES} "
+                            "different names")
+        for source in self.sources:
+            _check_name(source, "source")
+        _check_name(self.onnx_file, "onnx_file")
+        if not self.onnx_file.endswith(".onnx"):
+            raise SpecError(f"onnx_file {brief(self.onnx_file)} is not an .onnx file name")
+        for field in ("input_name", "output_name"):
+            if not (isinstance(getattr(self, field), str)
+                    and _TENSOR_NAME.fullmatch(getattr(self, field))):
+                raise SpecError(f"{field} {brief(getattr(self, field))} is not a tensor name "
+                                "(letters, digits and _)")
+        if self.precision not in PRECISION_SIDECARS:
+            raise SpecError(f"precision {brief(self.precision)} is not one of "
+                            f"{', '.join(PRECISION_SIDECARS)}")
+        if not (isinstance(self.checkpoint_sha256, str) and _HEX.fullmatch(self.checkpoint_sha256)):
+            raise SpecError(f"checkpoint_sha256 {brief(self.checkpoint_sha256)} is not a "
+                            "sha256 in hex")
+        _check_integer(self.sample_rate, "sample_rate", *_SAMPLE_RATES)
+        _check_integer(self.audio_channels, "audio_channels", 1, 2)
+        longest = 2 * MAX_SEGMENT_SECONDS * self.sample_rate
+        for field in ("segment_length", "padded_length", "output_length"):
+            _check_integer(getattr(self, field), field, 1, longest)
+        _check_integer(self.forward_randrange, "forward_randrange", 0, 1 << 16)
         formula = FAMILIES[self.family].lengths == "valid"
         if formula != (self.valid_length_params is not None):
             raise SpecError(f"family {self.family!r} "
                             f"{'needs' if formula else 'takes no'} valid_length_params")
+        if formula:
+            params = self.valid_length_params
+            if not (isinstance(params, dict) and set(params) == set(_VALID_LENGTH_KEYS)
+                    and all(isinstance(params[key], bool) if bounds is bool else
+                            _is_integer(params[key]) and params[key] in bounds
+                            for key, bounds in _VALID_LENGTH_KEYS.items())):
+                raise SpecError(f"valid_length_params {brief(params)} are not "
+                                f"{', '.join(_VALID_LENGTH_KEYS)} within Demucs' bounds")
+        if self.segment_length > MAX_SEGMENT_SECONDS * self.sample_rate:
+            raise SpecError(f"a segment of {self.segment_length} samples is over "
+                            f"{MAX_SEGMENT_SECONDS} s at {self.sample_rate} Hz")
 
     @classmethod
     def for_model(cls, model: Any, *, checkpoint: str, checkpoint_sha256: str,
@@ -118,7 +181,8 @@ class ModelSpec:
         spec = cls(model_name=model_name, checkpoint=checkpoint,
                    checkpoint_sha256=checkpoint_sha256, sample_rate=int(model.samplerate),
                    audio_channels=int(model.audio_channels), sources=tuple(model.sources),
-                   segment_length=int(segment_length), padded_length=0, output_length=0,
+                   segment_length=int(segment_length), padded_length=int(segment_length),
+                   output_length=int(segment_length),  # placeholders, replaced below
                    valid_length_params=params, family=family, **fields)
         padded = spec.valid_length(spec.segment_length)
         return dataclasses.replace(spec, padded_length=padded,
@@ -214,21 +278,22 @@ class ModelSpec:
     @classmethod
     def from_json(cls, text: str, where: str = "model sidecar") -> "ModelSpec":
         """Parse a sidecar's text (a file, or the ``stemserve_spec`` parameter of a config)."""
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise SpecError(f"not JSON: {err}", where=where) from err
-        if not isinstance(data, dict) or data.get("spec_version") != SPEC_VERSION:
-            version = data.get("spec_version") if isinstance(data, dict) else None
-            raise SpecError(f"sidecar version {version!r}, expected {SPEC_VERSION}",
-                            where=where)
+        data = _json_object(text, where)
+        if data.get("spec_version") != SPEC_VERSION:
+            raise SpecError(f"sidecar version {brief(data.get('spec_version'))}, expected "
+                            f"{SPEC_VERSION}", where=where)
         fields = {field.name for field in dataclasses.fields(cls)}
         missing = fields - set(data) - _OPTIONAL
         if missing:
             raise SpecError(f"sidecar lacks {sorted(missing)}", where=where)
         data = {key: value for key, value in data.items() if key in fields}
+        if not isinstance(data["sources"], list):
+            raise SpecError(f"sources {brief(data['sources'])} is not a list", where=where)
         data["sources"] = tuple(data["sources"])
-        return cls(**data)
+        try:
+            return cls(**data)
+        except SpecError as err:
+            raise err.about(where) from None
 
 
 SIDECAR_FILE = "model.json"
@@ -241,6 +306,12 @@ fp32 graph itself, run by OpenVINO in bf16 on CPUs with AMX or AVX512_BF16). Eve
 has the same tensors."""
 PRECISION_FLAGS = {"fp16": "--fp16", "int8": "--int8", "bf16": "--bf16"}
 """The command-line flag that asks for each variant (``export``, ``serve``, ``separate``)."""
+MAX_BAG_MEMBERS = 16
+"""The most models a bag sidecar may list (the releases list 1 or 4), as bag YAMLs are
+bounded."""
+MAX_SIDECAR_CHARS = 1 << 16
+"""The longest sidecar text read: a real one is under 1 KiB, and a server's answer is
+untrusted."""
 BAG_FILE = "bag.json"
 BAG_PARAMETER = "stemserve_bag"
 """The config.pbtxt parameter of each served member of a bag: the bag's sidecar."""
@@ -263,9 +334,27 @@ class BagSpec:
     spec_version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if not self.members or len(self.weights) != len(self.members):
+        """Checked where read, as :class:`ModelSpec`: the name and members become folder
+        and model names."""
+        _check_name(self.name, "bag name")
+        if not (isinstance(self.members, tuple) and 1 <= len(self.members) <= MAX_BAG_MEMBERS):
+            raise SpecError(f"bag {self.name!r}: members {brief(self.members)} are not 1 to "
+                            f"{MAX_BAG_MEMBERS} names")
+        for member in self.members:
+            _check_name(member, "bag member")
+        if len(self.weights) != len(self.members):
             raise SpecError(f"bag {self.name!r}: {len(self.members)} members but "
                             f"{len(self.weights)} rows of weights")
+        if not all(1 <= len(row) <= MAX_SOURCES
+                   and all(math.isfinite(weight) and weight >= 0 for weight in row)
+                   for row in self.weights):
+            raise SpecError(f"bag {self.name!r}: weights {brief(self.weights)} are not rows "
+                            f"of 1 to {MAX_SOURCES} finite numbers >= 0")
+        if self.segment is not None and not (
+                isinstance(self.segment, (int, float)) and not isinstance(self.segment, bool)
+                and 0 < self.segment <= MAX_SEGMENT_SECONDS):
+            raise SpecError(f"bag {self.name!r}: segment {brief(self.segment)} is not seconds "
+                            f"above 0 up to {MAX_SEGMENT_SECONDS}")
 
     @classmethod
     def single(cls, spec: ModelSpec) -> "BagSpec":
@@ -281,18 +370,25 @@ class BagSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str = "bag sidecar") -> "BagSpec":
+        data = _json_object(text, where)
         try:
-            data = json.loads(text)
             if data.get("spec_version") != SPEC_VERSION:
-                raise SpecError(f"bag sidecar version {data.get('spec_version')!r}, expected "
-                                f"{SPEC_VERSION}", where=where)
-            return cls(name=str(data["name"]), members=tuple(data["members"]),
-                       weights=tuple(tuple(float(w) for w in row) for row in data["weights"]),
+                raise SpecError(f"bag sidecar version {brief(data.get('spec_version'))}, "
+                                f"expected {SPEC_VERSION}")
+            members, weights = data["members"], data["weights"]
+            if not (isinstance(members, list) and isinstance(weights, list)
+                    and len(members) <= MAX_BAG_MEMBERS and len(weights) <= MAX_BAG_MEMBERS
+                    and all(isinstance(row, list) and len(row) <= MAX_SOURCES
+                            for row in weights)):
+                raise SpecError(f"members {brief(members)} and weights {brief(weights)} are "
+                                f"not lists of up to {MAX_BAG_MEMBERS}")
+            return cls(name=data["name"], members=tuple(members),
+                       weights=tuple(tuple(float(w) for w in row) for row in weights),
                        segment=data.get("segment"))
-        except SpecError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SpecError(f"not a bag sidecar: {err!r}", where=where) from None
+        except SpecError as err:
+            raise SpecError(f"not a bag sidecar: {err.message}", where=where) from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise SpecError(f"not a bag sidecar: {brief(err)}", where=where) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +460,36 @@ def load_export_spec(export_dir: Path, precision: str = "fp32") -> ModelSpec:
     except SpecError as err:
         raise SpecError(f"not a stemserve export: {err.message}", where=str(export_dir)) \
             from None
+
+
+def _json_object(text: str, where: str) -> dict:
+    """A sidecar's JSON object, its size bounded before parsing."""
+    if len(text) > MAX_SIDECAR_CHARS:
+        raise SpecError(f"a sidecar of {len(text)} characters, over {MAX_SIDECAR_CHARS}",
+                        where=where)
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise SpecError(f"not JSON: {err}", where=where) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"not a JSON object: {brief(data)}", where=where)
+    return data
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_integer(value: Any, field: str, low: int, high: int) -> None:
+    if not (_is_integer(value) and low <= value <= high):
+        raise SpecError(f"{field} {brief(value)} is not an integer from {low} to {high}")
+
+
+def _check_name(value: Any, field: str) -> None:
+    """A name that becomes a path component: one safe component, or refused."""
+    if not is_safe_name(value):
+        raise SpecError(f"{field} {brief(value)} is not a plain name (letters, digits, "
+                        "'_.+-', no path separator, no leading dot, no '..')")
 
 
 def valid_length(length: int, *, resample: bool, depth: int, kernel_size: int, stride: int,
