@@ -27,7 +27,6 @@ import inspect
 import io
 import itertools
 import logging
-import math
 import os
 import re
 import threading
@@ -37,7 +36,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, NamedTuple, NoReturn
@@ -51,14 +50,22 @@ from stemserve.files import atomic_write, file_sha256
 from stemserve.model import SOURCES, Demucs
 from stemserve.models import DemucsV3, HDemucs, HTDemucs
 from stemserve.models.configs import HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
-from stemserve.spec import valid_length
+from stemserve.models.families import segment_samples
+# The release tables are part of this module's API too (``from stemserve.checkpoints import
+# KNOWN_MODELS``): re-exported from the torch-free module that keys exports by them.
+from stemserve.releases import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MODELS, RELEASES,
+                                ROOT_URL, UNSUPPORTED, BagRelease, Release, RemoteFile,
+                                is_bag_yaml, is_release_name, release_files, v2_file, v4_file)
+from stemserve.releases import SEGMENTS as _SEGMENTS
+from stemserve.releases import is_number as _is_number
+from stemserve.releases import is_segment as _is_segment
+from stemserve.releases import local_member as _local_member
+from stemserve.releases import read_bag_yaml as _read_bag_yaml
+from stemserve.spec import MAX_SEGMENT_SECONDS, MAX_SOURCES, MIN_SEGMENT_SECONDS, valid_length
+from stemserve.untrusted import TooLarge, brief, check_size
 
 logger = logging.getLogger(__name__)
 
-ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/v3.0/"
-"""Where demucs 2.0.3's releases (:data:`RELEASES`) are."""
-DEMUCS4_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/"
-"""Where demucs 4.0.1's files are, each in the folder :data:`DEMUCS4_FILES` gives it."""
 URL_ENV = CHECKPOINT_URL_ENV
 """Environment variable naming a mirror to use instead of the official server: an http(s) or
 file:// URL, or a folder. A mirror is flat: every file under its own name, as in torch hub's
@@ -66,99 +73,6 @@ cache folder (no ``v3.0/``, ``hybrid_transformer/`` or ``mdx_final/``)."""
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Release:
-    """A pretrained model of the demucs 2.0.3 release.
-
-    ``signature`` is the start of the file's sha256 and part of its name; ``config`` holds the
-    :class:`Demucs` arguments besides ``sources``, as ``demucs/pretrained.py`` builds it.
-    """
-
-    signature: str
-    config: Mapping[str, Any] = field(default_factory=dict)
-
-
-RELEASES: dict[str, Release] = {
-    "demucs": Release("e07c671f"),
-    "demucs48_hq": Release("28a1282c", {"channels": 48}),
-    "demucs_extra": Release("3646af93"),
-    # Stored diffq-compressed; restored with DiffQuantizer(group_size=8, min_size=1).
-    "demucs_quantized": Release("07afea75"),
-    "demucs_unittest": Release("09ebc15f", {"channels": 4}),
-}
-# Released alongside, but they are ConvTasNet models, which stemserve does not implement.
-UNSUPPORTED: dict[str, str] = {"tasnet": "beb46fac", "tasnet_extra": "df3777b2"}
-
-# demucs 4.0.1's remote/files.txt: each model's signature -> (folder under DEMUCS4_ROOT_URL,
-# the sha256 prefix in its file name <signature>-<prefix>.th).
-DEMUCS4_FILES: dict[str, tuple[str, str]] = {
-    # MDX models
-    "0d19c1c6": ("mdx_final", "0f06f20e"),
-    "5d2d6c55": ("mdx_final", "db83574e"),
-    "7d865c68": ("mdx_final", "3d5dd56b"),
-    "7ecf8ec1": ("mdx_final", "70f50cc9"),
-    "a1d90b5c": ("mdx_final", "ae9d2452"),
-    "c511e2ab": ("mdx_final", "fe698775"),
-    "cfa93e08": ("mdx_final", "61801ae1"),
-    "e51eebcc": ("mdx_final", "c1b80bdd"),
-    "6b9c2ca1": ("mdx_final", "3fd82607"),
-    "b72baf4e": ("mdx_final", "8778635e"),
-    "42e558d4": ("mdx_final", "196e0e1b"),
-    "305bc58f": ("mdx_final", "18378783"),
-    "14fc6a69": ("mdx_final", "a89dd0ee"),
-    "464b36d7": ("mdx_final", "e5a9386e"),
-    "7fd6ef75": ("mdx_final", "a905dd85"),
-    "83fc094f": ("mdx_final", "4a16d450"),
-    "1ef250f1": ("mdx_final", "592467ce"),
-    "902315c2": ("mdx_final", "b39ce9c9"),
-    "9a6b4851": ("mdx_final", "03af0aa6"),
-    "fa0cb7f9": ("mdx_final", "100d8bf4"),
-    # Hybrid Transformer models
-    "955717e8": ("hybrid_transformer", "8726e21a"),
-    "f7e0c4bc": ("hybrid_transformer", "ba3fe64a"),
-    "d12395a8": ("hybrid_transformer", "e57c48e6"),
-    "92cfc3b6": ("hybrid_transformer", "ef3bcb9c"),
-    "04573f0d": ("hybrid_transformer", "f3cf25b2"),
-    "75fc33f5": ("hybrid_transformer", "1941ce65"),
-    # Experimental 6 sources model
-    "5c90dfd2": ("hybrid_transformer", "34c22ccb"),
-}
-
-
-@dataclass(frozen=True)
-class BagRelease:
-    """A demucs 4.0.1 release, ``demucs/remote/<name>.yaml``.
-
-    ``models`` are signatures of :data:`DEMUCS4_FILES`; ``weights`` one row of per-source
-    weights per model (None: all ones); ``segment`` the seconds that replace every model's own
-    training segment (None: no override).
-    """
-
-    models: tuple[str, ...]
-    weights: tuple[tuple[float, ...], ...] | None = None
-    segment: float | None = None
-
-
-_ONE_EACH = ((1., 0., 0., 0.), (0., 1., 0., 0.), (0., 0., 1., 0.), (0., 0., 0., 1.))
-_MDX_WEIGHTS = ((1., 1., 0., 0.), (0., 1., 0., 0.), (1., 0., 1., 1.), (1., 0., 1., 1.))
-BAGS: dict[str, BagRelease] = {
-    "htdemucs": BagRelease(("955717e8",)),
-    "htdemucs_ft": BagRelease(("f7e0c4bc", "d12395a8", "92cfc3b6", "04573f0d"), _ONE_EACH),
-    "htdemucs_6s": BagRelease(("5c90dfd2",)),
-    "hdemucs_mmi": BagRelease(("75fc33f5",), segment=44),
-    "mdx": BagRelease(("0d19c1c6", "7ecf8ec1", "c511e2ab", "7d865c68"), _MDX_WEIGHTS, 44),
-    "mdx_extra": BagRelease(("e51eebcc", "a1d90b5c", "5d2d6c55", "cfa93e08"), segment=44),
-    "mdx_q": BagRelease(("6b9c2ca1", "b72baf4e", "42e558d4", "305bc58f"), _MDX_WEIGHTS, 44),
-    "mdx_extra_q": BagRelease(("83fc094f", "464b36d7", "14fc6a69", "7fd6ef75"), segment=44),
-    "repro_mdx_a": BagRelease(("9a6b4851", "1ef250f1", "fa0cb7f9", "902315c2"), segment=44),
-    "repro_mdx_a_hybrid_only": BagRelease(("fa0cb7f9", "902315c2", "fa0cb7f9", "902315c2"),
-                                          segment=44),
-    "repro_mdx_a_time_only": BagRelease(("9a6b4851", "9a6b4851", "1ef250f1", "1ef250f1"),
-                                        segment=44),
-}
-KNOWN_MODELS: tuple[str, ...] = (*RELEASES, *BAGS)
 
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
     "demucs": Demucs, "demucs_v3": DemucsV3, "hdemucs": HDemucs, "htdemucs": HTDemucs}
@@ -209,12 +123,12 @@ _LIMITS: dict[str, _Range] = {
     "samplerate": _Range(8000, 192000, "44100"),
 }
 _FLAGS = ("rewrite", "glu", "resample", "normalize")
-_MAX_SOURCES = 8
 # Source names become the stems' file names: no separators, no leading dot.
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
-# The releases train on 40 s (v2), 7.8 s (htdemucs) or 40-44 s (v3); the segment also sizes
-# every export and every request.
-_MAX_SEGMENT_S = 120
+# A segment's bounds (stemserve.spec): the releases train on 40 s (v2), 7.8 s (htdemucs) or
+# 40-44 s (v3); the segment also sizes every export and every request.
+_MAX_SEGMENT_S = MAX_SEGMENT_SECONDS
+_MIN_SEGMENT_S = MIN_SEGMENT_SECONDS
 # Channels grow by ``growth`` per layer, so the bounds above still allow 10**13 parameters;
 # this caps the model itself at 2.6 times the largest release (2.8 GB of float32 weights).
 _MAX_PARAMETERS = 700_000_000
@@ -274,10 +188,6 @@ def _text(pattern: str, accepted: str, releases: str) -> _Rule:
                  releases)
 
 
-def _is_segment(value: Any) -> bool:
-    """Seconds, as a number or a ``Fraction`` (htdemucs: 39/5), within the bound."""
-    return ((_is_number(value) or isinstance(value, Fraction)) and not isinstance(value, bool)
-            and 0 < value <= _MAX_SEGMENT_S)
 
 
 # Bounds on the arguments of demucs 4.0.1's HTDemucs, HDemucs and (v3) Demucs, by name (the
@@ -305,8 +215,7 @@ _V4_RULES: dict[str, _Rule] = {
     "dconv_init": _numbers(0, 1, "1e-4; 1e-3 (hybrid)"),
     "rescale": _numbers(0, 10, "0.1"),  # only shapes the random init
     "samplerate": _integers(8000, 192000, "44100"),
-    "segment": _Rule(_is_segment, f"seconds above 0 up to {_MAX_SEGMENT_S}",
-                     "7.8 (htdemucs), 40 or 44"),
+    "segment": _Rule(_is_segment, _SEGMENTS, "7.8 (htdemucs), 40 or 44"),
     # The hybrid models: HTDemucs, HDemucs
     "channels_time": _or_none(_integers(1, 128, "None")),
     "nfft": _Rule(lambda v: _is_number(v, integer=True) and 256 <= v <= 16384
@@ -398,12 +307,6 @@ _QUANTIZER_RULES: dict[str, dict[str, _Rule]] = {
     },
 }
 
-_MAX_BAG_MODELS = 16  # the releases have 1 or 4
-_MAX_BAG_YAML = 64 << 10
-_BAG_KEYS = ("models", "weights", "segment")
-# A model's signature in a bag: part of a file name, so no separators, dots or dashes.
-_SIGNATURE = re.compile(r"[A-Za-z0-9_]{1,64}")
-_HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
 # --------------------------------------------------------------------------- unpickling
@@ -455,8 +358,8 @@ def _fraction(numerator: Any, denominator: Any = 1) -> Fraction:
     if (all(_is_number(n, integer=True) and abs(n) < 10**30 for n in (numerator, denominator))
             and denominator != 0):
         return Fraction(numerator, denominator)
-    raise _Refused(f"holds a fraction of {numerator!r} and {denominator!r}, not a ratio of two "
-                   f"small integers")
+    raise _Refused(f"holds a fraction of {brief(numerator)} and {brief(denominator)}, not a "
+                   f"ratio of two small integers")
 
 
 class _NumpyDType:
@@ -482,10 +385,11 @@ def _numpy_scalar(dtype: Any, data: Any) -> bool | int | float:
     """
     import numpy
 
-    if not (isinstance(dtype, _NumpyDType) and dtype.code in _NUMPY_NUMBERS
+    if not (isinstance(dtype, _NumpyDType) and isinstance(dtype.code, str)
+            and dtype.code in _NUMPY_NUMBERS
             and dtype.order in ("<", ">", "|", "=") and isinstance(data, bytes)):
-        raise _Refused(f"holds a numpy scalar of type {getattr(dtype, 'code', dtype)!r}; only "
-                       f"numbers ({', '.join(sorted(_NUMPY_NUMBERS))}) are read")
+        raise _Refused(f"holds a numpy scalar of type {brief(getattr(dtype, 'code', dtype))}; "
+                       f"only numbers ({', '.join(sorted(_NUMPY_NUMBERS))}) are read")
     kind = numpy.dtype(dtype.code).newbyteorder("=" if dtype.order == "|" else dtype.order)
     if len(data) != kind.itemsize:
         raise _Refused(f"holds a numpy {dtype.code} scalar of {len(data)} bytes")
@@ -562,6 +466,10 @@ _SAFE_GLOBALS: list[Any] = [
 # torch keeps the allowlist in one process-wide set; serialise our additions to it.
 _SAFE_GLOBALS_LOCK = threading.Lock()
 _MAX_NESTING = 32  # of a configuration: demucs' is 3 deep
+# Items of a package's args, kwargs or training_args counted as a tree (shared references
+# each time they are reached): demucs 4's whole training configuration (conf/config.yaml,
+# what serialize_model stores as training_args) counts about 500.
+_MAX_CONFIG_ITEMS = 10_000
 
 
 # --------------------------------------------------------------------------- public API
@@ -629,7 +537,7 @@ def checkpoint_url(name: str, *, base_url: str | None = None) -> str:
 
 def checkpoint_files(name: str) -> tuple[str, ...]:
     """The names of release ``name``'s files, in torch hub's cache and on a mirror."""
-    return tuple(remote.name for remote in _release_files(name))
+    return tuple(remote.name for remote in release_files(name))
 
 
 def checkpoint_cache_dir() -> Path:
@@ -654,12 +562,12 @@ def load_model(name_or_path: str | Path, *, config: str | None = None,
     release configuration ``config`` (default :data:`DEFAULT_CONFIG`); the other formats carry
     their own configuration. Bags of several models load with :func:`load_bag`.
     """
-    if isinstance(name_or_path, str) and _is_release_name(name_or_path):
+    if isinstance(name_or_path, str) and is_release_name(name_or_path):
         if name_or_path in BAGS and len(BAGS[name_or_path].models) > 1:
             raise CheckpointError(f"{name_or_path!r} is a bag of "
                                   f"{len(BAGS[name_or_path].models)} models; load it with "
                                   f"load_bag()")
-    elif _is_bag_yaml(Path(name_or_path)):
+    elif is_bag_yaml(Path(name_or_path)):
         raise CheckpointError(f"{name_or_path} is a bag of models; load it with load_bag()")
     bag = load_bag(name_or_path, config=config, cache_dir=cache_dir, base_url=base_url,
                    progress=progress)
@@ -676,10 +584,10 @@ def load_bag(name_or_path: str | Path, *, config: str | None = None,
     to it, as ``<signature>.th`` or ``<signature>-<sha256 prefix>.th`` (demucs' ``LocalRepo``).
     Any other path is one checkpoint file, read as :func:`load_model` reads it.
     """
-    if isinstance(name_or_path, str) and _is_release_name(name_or_path):
+    if isinstance(name_or_path, str) and is_release_name(name_or_path):
         return _release_bag(name_or_path, config, cache_dir, base_url, progress)
     path = Path(name_or_path)
-    if _is_bag_yaml(path):
+    if is_bag_yaml(path):
         if config is not None:
             raise CheckpointError(f"config={config!r} applies to a single local file; the "
                                   f"models of the bag {path} carry their own configuration")
@@ -691,59 +599,8 @@ def load_bag(name_or_path: str | Path, *, config: str | None = None,
 # --------------------------------------------------------------------------- releases, cache
 
 
-class _RemoteFile(NamedTuple):
-    """A release file: its name (in the cache and on a mirror), the sha256 prefix its content
-    must have, and its official URL."""
-
-    name: str
-    checksum: str
-    url: str
-
-
-def _is_release_name(text: str) -> bool:
-    """Release names win; anything that could be a file is a file; the rest is a bad name."""
-    if text in RELEASES or text in UNSUPPORTED or text in BAGS:
-        return True
-    return not (Path(text).exists() or Path(text).suffix or "/" in text or os.sep in text)
-
-
-def _is_bag_yaml(path: Path) -> bool:
-    return path.suffix.lower() in (".yaml", ".yml")
-
-
-def _release(name: str) -> Release:
-    if name in UNSUPPORTED:
-        raise CheckpointError(f"{name!r} is a ConvTasNet model, which stemserve does not "
-                              f"support; supported models: {', '.join(KNOWN_MODELS)}")
-    try:
-        return RELEASES[name]
-    except KeyError:
-        raise CheckpointError(f"unknown model {name!r}; known models: "
-                              f"{', '.join(KNOWN_MODELS)}") from None
-
-
-def _v2_file(name: str) -> _RemoteFile:
-    signature = _release(name).signature
-    file_name = f"{name}-{signature}.th"
-    return _RemoteFile(file_name, signature, ROOT_URL + file_name)
-
-
-def _v4_file(signature: str) -> _RemoteFile:
-    """demucs 4's file of ``signature``, named as ``torch.hub`` names it in the cache."""
-    folder, checksum = DEMUCS4_FILES[signature]
-    file_name = f"{signature}-{checksum}.th"
-    return _RemoteFile(file_name, checksum, f"{DEMUCS4_ROOT_URL}{folder}/{file_name}")
-
-
-def _release_files(name: str) -> list[_RemoteFile]:
-    """Each distinct file of release ``name``, in the order of its models."""
-    if name in BAGS:
-        return [_v4_file(signature) for signature in dict.fromkeys(BAGS[name].models)]
-    return [_v2_file(name)]
-
-
-def _single_file(name: str) -> _RemoteFile:
-    files = _release_files(name)
+def _single_file(name: str) -> RemoteFile:
+    files = release_files(name)
     if len(files) > 1:
         raise CheckpointError(f"{name!r} is a bag of {len(BAGS[name].models)} models in "
                               f"{len(files)} files ({', '.join(f.name for f in files)}); load "
@@ -751,7 +608,7 @@ def _single_file(name: str) -> _RemoteFile:
     return files[0]
 
 
-def _url(remote: _RemoteFile, base_url: str | None) -> str:
+def _url(remote: RemoteFile, base_url: str | None) -> str:
     base = base_url or os.environ.get(URL_ENV)
     if not base:
         return remote.url
@@ -760,7 +617,7 @@ def _url(remote: _RemoteFile, base_url: str | None) -> str:
     return base.rstrip("/") + "/" + remote.name
 
 
-def _fetch(remote: _RemoteFile, cache_dir: str | Path | None, base_url: str | None,
+def _fetch(remote: RemoteFile, cache_dir: str | Path | None, base_url: str | None,
            progress: bool) -> tuple[Path, str]:
     """Verified cached file ``remote`` and its sha256; downloads it if needed.
 
@@ -907,11 +764,11 @@ def _release_bag(name: str, config: str | None, cache_dir: str | Path | None,
         raise CheckpointError(f"config={config!r} applies to local files only; "
                               f"release {name!r} has its own configuration")
     if name not in BAGS:
-        path, sha256 = _fetch(_v2_file(name), cache_dir, base_url, progress)  # sha256 verified
+        path, sha256 = _fetch(v2_file(name), cache_dir, base_url, progress)  # sha256 verified
         loaded = _from_loaded(_torch_load(path, str(path)), name, str(path), config_given=False)
         return _bag(name, [_member(loaded, name, path, sha256)], BagRelease((name,)), name)
     release = BAGS[name]
-    files = {signature: _fetch(_v4_file(signature), cache_dir, base_url, progress)
+    files = {signature: _fetch(v4_file(signature), cache_dir, base_url, progress)
              for signature in dict.fromkeys(release.models)}
     members = {}
     for signature, (path, sha256) in files.items():
@@ -928,73 +785,6 @@ def _local_bag(path: Path) -> Bag:
     members = {signature: _load_local(file, None, signature, checksum)
                for signature, (file, checksum) in files.items()}
     return _bag(path.stem, [members[signature] for signature in spec.models], spec, str(path))
-
-
-def _read_bag_yaml(path: Path) -> BagRelease:
-    """A bag YAML's models, weights and segment, their types and counts checked."""
-    try:
-        if path.stat().st_size > _MAX_BAG_YAML:
-            raise CheckpointError(f"{path} is over {_MAX_BAG_YAML >> 10} KiB, which no bag of "
-                                  f"models needs")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read the bag of models {path}: {exc}") from exc
-    try:
-        import yaml
-    except ImportError as exc:
-        raise CheckpointError(f"{path} is a bag of models in YAML; reading it needs PyYAML "
-                              f"(pip install pyyaml)") from exc
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(spec, dict) or "models" not in spec:
-        raise CheckpointError(f"{path} is not a bag of models: demucs 4's format is a mapping "
-                              f"with 'models' (a list of signatures) and optional 'weights' "
-                              f"and 'segment'")
-    unknown = [key for key in spec if key not in _BAG_KEYS]
-    if unknown:
-        raise CheckpointError(f"{path}: unknown key {unknown[0]!r}; a bag of models has "
-                              f"{', '.join(_BAG_KEYS)}")
-    models, weights, segment = spec["models"], spec.get("weights"), spec.get("segment")
-    _check_bag(models, weights, segment, str(path))
-    return BagRelease(tuple(models), None if weights is None else
-                      tuple(tuple(row) for row in weights), segment)
-
-
-def _check_bag(models: Any, weights: Any, segment: Any, what: str) -> None:
-    """Bound what a bag YAML lists before any model is loaded."""
-    if not (isinstance(models, (list, tuple)) and 1 <= len(models) <= _MAX_BAG_MODELS
-            and all(isinstance(s, str) and _SIGNATURE.fullmatch(s) for s in models)):
-        raise CheckpointError(f"{what}: models={models!r} is not a list of 1 to "
-                              f"{_MAX_BAG_MODELS} signatures (letters, digits and _)")
-    if weights is not None and not (
-            isinstance(weights, (list, tuple)) and len(weights) == len(models)
-            and all(isinstance(row, (list, tuple)) and 1 <= len(row) <= _MAX_SOURCES
-                    and all(_is_number(w) and w >= 0 for w in row) for row in weights)):
-        raise CheckpointError(f"{what}: weights={weights!r} is not one row of per-source "
-                              f"weights (numbers >= 0) for each of its {len(models)} models")
-    if segment is not None and not _is_segment(segment):
-        raise CheckpointError(f"{what}: segment={segment!r} is out of bounds: stemserve loads "
-                              f"seconds above 0 up to {_MAX_SEGMENT_S} (the releases use 44)")
-
-
-def _local_member(bag: Path, signature: str) -> tuple[Path, str | None]:
-    """The file of ``signature`` next to ``bag`` and the sha256 prefix its name gives, if any:
-    ``<signature>.th`` or ``<signature>-<sha256 prefix>.th``, as demucs 4's LocalRepo."""
-    folder = bag.parent
-    found = []
-    for file in sorted(folder.glob(f"{signature}*.th")):
-        head, dash, checksum = file.stem.partition("-")
-        if head == signature and (not dash or _HEX.fullmatch(checksum)):
-            found.append((file, checksum or None))
-    if not found:
-        raise CheckpointError(f"{bag}: model {signature!r} has no file next to it: put "
-                              f"{signature}.th or {signature}-<sha256 prefix>.th into {folder}")
-    if len(found) > 1:
-        raise CheckpointError(f"{bag}: model {signature!r} has {len(found)} files in {folder} "
-                              f"({', '.join(file.name for file, _ in found)}); keep one")
-    return found[0]
 
 
 def _load_local(path: Path, config: str | None, name: str,
@@ -1037,6 +827,13 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
                                       f"{infos[0].name} has {mine!r}, {info.name} has "
                                       f"{theirs!r}; a bag averages models of the same sources, "
                                       f"sample rate and audio channels")
+    v2 = [info.name for info in infos if info.family == "demucs"]
+    if v2 and len(v2) < len(infos):
+        raise CheckpointError(f"{what}: it mixes demucs 2 models ({', '.join(v2)}) with demucs "
+                              f"3/4 models, which shift and split tracks differently; a bag "
+                              f"averages models of one generation")
+    if spec.segment is None:
+        _check_segments(members, what)
     count = len(first.sources)
     weights = [[1.] * count for _ in models] if spec.weights is None else \
         [[float(w) for w in row] for row in spec.weights]
@@ -1055,6 +852,26 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
             if info.family != "demucs":
                 model.segment = spec.segment
     return Bag(name=name, models=models, infos=infos, weights=weights, segment=spec.segment)
+
+
+def _check_segments(members: list[tuple[torch.nn.Module, CheckpointInfo]], what: str) -> None:
+    """Refuse a bag whose models split tracks into segments of different lengths, which no
+    backend serves (the pipeline refuses it too, for exports made before this check): the
+    bag's YAML has to set one ``segment`` for all."""
+    lengths = {info.name: segment_samples(model) for model, info in members}
+    if len(set(lengths.values())) == 1:
+        return
+    rate = members[0][0].samplerate
+    listed = ", ".join(f"{name}: {length / rate:g} s" for name, length in lengths.items())
+    trained = [Fraction(model.segment) for model, info in members if info.family == "htdemucs"]
+    # demucs' own bound for a bag holding HTDemucs models (BagOfModels.max_allowed_segment):
+    # no segment longer than the one they were trained on.
+    bound = (f"{float(min(trained)):g}, the shortest training segment of its HTDemucs models"
+             if trained else f"{_MAX_SEGMENT_S}")
+    raise CheckpointError(f"{what}: its models split tracks into segments of different lengths "
+                          f"({listed}), and a bag's models are served on one; add "
+                          f"'segment: N' to the bag's YAML, N seconds from {_MIN_SEGMENT_S} to "
+                          f"{bound}")
 
 
 # --------------------------------------------------------------------------- unpickling
@@ -1104,23 +921,51 @@ def _load_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {paragraphs[-1]}" if paragraphs else type(exc).__name__
 
 
-def _plain(value: Any, what: str, depth: int = 0) -> Any:
+def _package_field(package: Mapping[str, Any], key: str, what: str,
+                   default: Any = None) -> Any:
+    """``package[key]`` as plain data (:func:`_plain`), refused when it holds more than
+    :data:`_MAX_CONFIG_ITEMS` counted as a tree: whatever reads it later walks a tree."""
+    value = _plain(package.get(key, default), what)
+    try:
+        check_size(value, _MAX_CONFIG_ITEMS)
+    except TooLarge:
+        raise CheckpointError(f"{what}: its {key!r} holds more than {_MAX_CONFIG_ITEMS} items "
+                              f"(shared references counted each time they are reached); "
+                              f"demucs stores a few hundred") from None
+    return value
+
+
+def _plain(value: Any, what: str, depth: int = 0,
+           done: dict[tuple[int, int], Any] | None = None) -> Any:
     """``value`` with omegaconf placeholders replaced by the dicts, lists and values they
-    hold, as ``OmegaConf.to_container`` does (interpolations stay strings)."""
+    hold, as ``OmegaConf.to_container`` does (interpolations stay strings).
+
+    A pickle can reference one object many times: it is converted once per depth it is
+    reached at (``done``) and the result shared, so the work is bounded by the file's size
+    times :data:`_MAX_NESTING`, not by the tree it unfolds to (:func:`_package_field` bounds
+    that), and the nesting is counted as in that tree.
+    """
     if depth > _MAX_NESTING:
         raise CheckpointError(f"{what}: its configuration nests deeper than {_MAX_NESTING} "
                               f"levels")
+    done = {} if done is None else done
+    if (id(value), depth) in done:
+        return done[id(value), depth]
+    original = value
     if isinstance(value, _OmegaConfNode):
         held = value.held
         if isinstance(value, _OmegaConfValue) or held is None or isinstance(held, str):
-            return _plain(held, what, depth + 1)  # a value, None, '???' or '${...}'
+            return _plain(held, what, depth + 1, done)  # a value, None, '???' or '${...}'
         value = held
     if isinstance(value, Mapping):
-        return {key: _plain(item, what, depth + 1) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_plain(item, what, depth + 1) for item in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    return value
+        result: Any = {key: _plain(item, what, depth + 1, done) for key, item in value.items()}
+    elif isinstance(value, (list, tuple)):
+        items = [_plain(item, what, depth + 1, done) for item in value]
+        result = tuple(items) if isinstance(value, tuple) else items
+    else:
+        return value
+    done[id(original), depth] = result
+    return result
 
 
 # --------------------------------------------------------------------------- formats
@@ -1150,7 +995,7 @@ def _from_loaded(loaded: Any, config: str | None, what: str, *, config_given: bo
         return _from_state(loaded, config, what)
     if isinstance(loaded, Mapping):
         keys = list(loaded)
-        holds = (f"a dict with keys {', '.join(map(repr, keys[:6]))}"
+        holds = (f"a dict with keys {', '.join(map(brief, keys[:6]))}"
                  f"{' ...' if len(keys) > 6 else ''}" if keys else "an empty dict")
     else:
         holds = f"a {type(loaded).__name__}"
@@ -1188,13 +1033,14 @@ def _from_package(package: Mapping[str, Any], what: str) -> _Loaded:
     """Model of a demucs training package, restored like demucs' ``load_model``."""
     klass = package["klass"]
     if not (isinstance(klass, type) and issubclass(klass, _ClassMarker)):
-        raise CheckpointError(f"{what} is a training package of {klass!r}, not of "
+        raise CheckpointError(f"{what} is a training package of {brief(klass)}, not of "
                               f"demucs.model.Demucs or demucs 4's HTDemucs, HDemucs or Demucs")
     missing = [key for key in ("kwargs", "state") if key not in package]
     if missing:
         raise CheckpointError(f"{what} is a training package without "
                               f"{' or '.join(map(repr, missing))}")
-    args, kwargs = _plain(package.get("args", ()), what), _plain(package["kwargs"], what)
+    args = _package_field(package, "args", what, ())
+    kwargs = _package_field(package, "kwargs", what)
     if klass.family != "demucs":
         return _from_package_v4(package, klass.family, args, kwargs, what)
     used = _configuration(args, kwargs, what)
@@ -1214,7 +1060,7 @@ def _from_package_v4(package: Mapping[str, Any], family: str, args: Any, kwargs:
                      what: str) -> _Loaded:
     """Model of a demucs 3/4 package (``demucs.states.serialize_model``): a half-precision
     state dict, or a diffq-quantized state that names its quantizer (``set_state``)."""
-    training = _plain(package.get("training_args"), what)
+    training = _package_field(package, "training_args", what)
     if training is not None and not isinstance(training, Mapping):
         raise CheckpointError(f"{what}: 'training_args' is {_kind(training)}, not the dict "
                               f"(or omegaconf DictConfig) demucs saves")
@@ -1245,13 +1091,14 @@ def _package_quantizer(training: Any, what: str) -> Callable[[Any, Demucs], Any]
     bits = getattr(training, "qat", None)
     min_size = getattr(training, "q_min_size", 1)
     if not _is_number(penalty) or penalty < 0:
-        raise CheckpointError(f"{what}: training_args.diffq={penalty!r} is not a penalty >= 0")
+        raise CheckpointError(f"{what}: training_args.diffq={brief(penalty)} is not a penalty "
+                              f">= 0")
     if bits is not None and not (_is_number(bits, integer=True) and bits in _QAT_BITS):
-        raise CheckpointError(f"{what}: training_args.qat={bits!r} is not a bit width in "
+        raise CheckpointError(f"{what}: training_args.qat={brief(bits)} is not a bit width in "
                               f"{_QAT_BITS.start}..{_QAT_BITS.stop - 1}")
     if not _is_number(min_size) or min_size < 0:
-        raise CheckpointError(f"{what}: training_args.q_min_size={min_size!r} is not a size "
-                              f"in MB >= 0")
+        raise CheckpointError(f"{what}: training_args.q_min_size={brief(min_size)} is not a "
+                              f"size in MB >= 0")
     if penalty:
         return lambda diffq, m: diffq.DiffQuantizer(m, min_size=min_size, group_size=8)
     if bits:
@@ -1269,13 +1116,13 @@ def _configuration(args: Any, kwargs: Any, what: str) -> dict[str, Any]:
     for name, limit in _LIMITS.items():
         value = used[name]
         if not (_is_number(value, integer=limit.integer) and limit.low <= value <= limit.high):
-            raise CheckpointError(f"{what}: {name}={value!r} is out of bounds: stemserve loads "
-                                  f"{'integers' if limit.integer else 'numbers'} from "
+            raise CheckpointError(f"{what}: {name}={brief(value)} is out of bounds: stemserve "
+                                  f"loads {'integers' if limit.integer else 'numbers'} from "
                                   f"{limit.low} to {limit.high} (the releases use "
                                   f"{limit.releases})")
     for name in _FLAGS:
         if not isinstance(used[name], bool):
-            raise CheckpointError(f"{what}: {name}={used[name]!r} is not True or False")
+            raise CheckpointError(f"{what}: {name}={brief(used[name])} is not True or False")
     _check_segment(used, what)
     return used
 
@@ -1287,8 +1134,8 @@ def _configuration_v4(family: str, args: Any, kwargs: Any, what: str) -> dict[st
     for name, value in used.items():
         rule = _V4_RULES[name] if name != "sources" else None
         if rule is not None and not rule.accepts(value):
-            raise CheckpointError(f"{what}: {name}={value!r} is out of bounds: stemserve loads "
-                                  f"{rule.accepted} (the releases use {rule.releases})")
+            raise CheckpointError(f"{what}: {name}={brief(value)} is out of bounds: stemserve "
+                                  f"loads {rule.accepted} (the releases use {rule.releases})")
     return used
 
 
@@ -1302,7 +1149,7 @@ def _bind(klass: type, args: Any, kwargs: Any, what: str) -> dict[str, Any]:
     kwargs = dict(_mapping(kwargs, "kwargs", what, name))
     parameters = inspect.signature(klass).parameters
     for key in [key for key in kwargs if key not in parameters]:
-        _warn(f"{what}: dropping unknown {name} parameter {key!r}")
+        _warn(f"{what}: dropping unknown {name} parameter {brief(key)}")
         del kwargs[key]
     try:
         bound = inspect.signature(klass).bind(*args, **kwargs)
@@ -1320,11 +1167,11 @@ def _mapping(value: Any, field_name: str, what: str, klass: str = "Demucs") -> M
 
 
 def _sources(sources: Any, what: str) -> list[str]:
-    if not (isinstance(sources, (list, tuple)) and 1 <= len(sources) <= _MAX_SOURCES
+    if not (isinstance(sources, (list, tuple)) and 1 <= len(sources) <= MAX_SOURCES
             and all(isinstance(name, str) and _SOURCE_NAME.fullmatch(name) for name in sources)
             and len(set(sources)) == len(sources)):
-        raise CheckpointError(f"{what}: sources={sources!r} is not a list of 1 to "
-                              f"{_MAX_SOURCES} distinct names (letters, digits, _ and -; the "
+        raise CheckpointError(f"{what}: sources={brief(sources)} is not a list of 1 to "
+                              f"{MAX_SOURCES} distinct names (letters, digits, _ and -; the "
                               f"releases use {list(SOURCES)})")
     return list(sources)
 
@@ -1334,8 +1181,9 @@ def _check_segment(used: Mapping[str, Any], what: str) -> None:
     which every export and every request is sized by: stride**depth can make it hours."""
     segment, rate = used["segment_length"], used["samplerate"]
     if not (_is_number(segment, integer=True) and 0 < segment <= _MAX_SEGMENT_S * rate):
-        raise CheckpointError(f"{what}: segment_length={segment!r} is out of bounds: stemserve "
-                              f"loads 1 sample to {_MAX_SEGMENT_S} s (the releases use 40 s)")
+        raise CheckpointError(f"{what}: segment_length={brief(segment)} is out of bounds: "
+                              f"stemserve loads 1 sample to {_MAX_SEGMENT_S} s (the releases "
+                              f"use 40 s)")
     padded = valid_length(segment, **{key: used[key] for key in
                                       ("resample", "depth", "kernel_size", "stride", "context")})
     _check_padded(padded, segment / rate, used, what)
@@ -1350,16 +1198,10 @@ def _check_padded(padded: int, segment_s: float, used: Mapping[str, Any], what: 
                               f"{2 * _MAX_SEGMENT_S} s")
 
 
-def _is_number(value: Any, *, integer: bool = False) -> bool:
-    """A finite int (or float, unless ``integer``); bools and tensors are not numbers here."""
-    return (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def _describe(config: Mapping[str, Any], family: str = "demucs") -> str:
     klass = MODEL_CLASSES[family]
     defaults = inspect.signature(klass).parameters
-    changed = [f"{key}={value!r}" for key, value in config.items()
+    changed = [f"{key}={brief(value)}" for key, value in config.items()
                if key != "sources" and value != defaults[key].default]
     name = "Demucs (v3)" if family == "demucs_v3" else klass.__name__
     return f"{name}({', '.join(changed)})" if changed else f"{name} with its default arguments"
@@ -1405,8 +1247,8 @@ def _state_dict(state: Any, what: str) -> Mapping[str, torch.Tensor]:
         if not (isinstance(key, str) and isinstance(value, torch.Tensor)
                 and value.layout == torch.strided and value.device.type == "cpu"
                 and value.is_floating_point()):
-            raise CheckpointError(f"{what}: its state entry {key!r} is {_kind(value)}, not a "
-                                  f"float tensor")
+            raise CheckpointError(f"{what}: its state entry {brief(key)} is {_kind(value)}, not "
+                                  f"a float tensor")
     return state
 
 
@@ -1567,9 +1409,9 @@ def _state_quantizer(state: Mapping[str, Any], what: str) -> tuple[str, dict[str
     """The quantizer class a demucs 4 quantized state names and its checked arguments."""
     meta = state.get("meta")
     klass = meta.get("klass") if isinstance(meta, Mapping) else None
-    if klass not in _QUANTIZER_RULES:
+    if not (isinstance(klass, str) and klass in _QUANTIZER_RULES):
         raise CheckpointError(f"{what}: its state is quantized but names no diffq quantizer "
-                              f"(meta.klass is {klass!r}; expected "
+                              f"(meta.klass is {brief(klass)}; expected "
                               f"{' or '.join(_QUANTIZER_RULES)})")
     kwargs = meta.get("init_kwargs", {})
     if not (isinstance(kwargs, Mapping) and all(isinstance(key, str) for key in kwargs)):
@@ -1579,9 +1421,10 @@ def _state_quantizer(state: Mapping[str, Any], what: str) -> tuple[str, dict[str
     for name, value in kwargs.items():
         rule = rules.get(name)
         if rule is None:
-            raise CheckpointError(f"{what}: its quantizer {klass} has no argument {name!r}")
+            raise CheckpointError(f"{what}: its quantizer {klass} has no argument "
+                                  f"{brief(name)}")
         if not rule.accepts(value):
-            raise CheckpointError(f"{what}: quantizer {name}={value!r} is out of bounds: "
+            raise CheckpointError(f"{what}: quantizer {name}={brief(value)} is out of bounds: "
                                   f"stemserve loads {rule.accepted} (demucs uses "
                                   f"{rule.releases})")
     return klass, dict(kwargs)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from oracle_v4 import require_oracle, run_oracle
-from stemserve import checkpoints
+from stemserve import checkpoints, releases
 from stemserve.checkpoints import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MODELS,
                                    MODEL_CLASSES, Bag, CheckpointError, checkpoint_files,
                                    checkpoint_url, download_checkpoint, load_bag, load_model)
@@ -195,7 +195,7 @@ def test_release_table_matches_demucs_4_0_1(tmp_path):
     assert DEMUCS4_ROOT_URL == theirs["root"]
     # demucs' parser reads the file's last, empty line as a signature '' of no file.
     assert theirs["files"].pop("") == DEMUCS4_ROOT_URL + "hybrid_transformer/"
-    assert {signature: checkpoints._v4_file(signature).url for signature in DEMUCS4_FILES} \
+    assert {signature: checkpoints.v4_file(signature).url for signature in DEMUCS4_FILES} \
         == theirs["files"]
     assert set(BAGS) == set(theirs["bags"])
     for name, bag in theirs["bags"].items():
@@ -329,7 +329,7 @@ def test_quantized_bag_of_mixed_models_over_http(official, server, cache, monkey
     bag = load_bag("mdx_q", base_url=server.url, progress=False)
     assert [info.family for info in bag.infos] == ["demucs_v3", "demucs_v3", "hdemucs",
                                                    "hdemucs"]
-    assert bag.weights == [list(row) for row in checkpoints._MDX_WEIGHTS]
+    assert bag.weights == [list(row) for row in releases._MDX_WEIGHTS]
     assert bag.segment == 44 and all(model.segment == 44 for model in bag.models)
     assert [info.config["segment"] for info in bag.infos] == [44, 44, 40, 40]  # as stored
     assert len(server.requests) == 4

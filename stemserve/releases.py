@@ -1,0 +1,282 @@
+"""The Demucs releases stemserve knows by name: their files, checksums and bags. No torch.
+
+demucs 2.0.3's releases (``demucs/pretrained.py``) are one file each,
+``<name>-<sha256 prefix>.th``; demucs 4.0.1's (``demucs/remote/files.txt`` and
+``remote/<name>.yaml``) are bags of one to four models whose outputs are averaged, each model
+a file ``<signature>-<sha256 prefix>.th``. The tables are what a release name means: the
+checkpoint loader downloads and verifies by them, and the export cache keys a release's
+export by them, without loading anything.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+from stemserve.errors import CheckpointError
+from stemserve.spec import MAX_SEGMENT_SECONDS, MAX_SOURCES, MIN_SEGMENT_SECONDS
+from stemserve.untrusted import TooLarge, brief, check_size
+
+ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/v3.0/"
+"""Where demucs 2.0.3's releases (:data:`RELEASES`) are."""
+DEMUCS4_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/"
+"""Where demucs 4.0.1's files are, each in the folder :data:`DEMUCS4_FILES` gives it."""
+
+@dataclass(frozen=True)
+class Release:
+    """A pretrained model of the demucs 2.0.3 release.
+
+    ``signature`` is the start of the file's sha256 and part of its name; ``config`` holds the
+    :class:`Demucs` arguments besides ``sources``, as ``demucs/pretrained.py`` builds it.
+    """
+
+    signature: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+RELEASES: dict[str, Release] = {
+    "demucs": Release("e07c671f"),
+    "demucs48_hq": Release("28a1282c", {"channels": 48}),
+    "demucs_extra": Release("3646af93"),
+    # Stored diffq-compressed; restored with DiffQuantizer(group_size=8, min_size=1).
+    "demucs_quantized": Release("07afea75"),
+    "demucs_unittest": Release("09ebc15f", {"channels": 4}),
+}
+# Released alongside, but they are ConvTasNet models, which stemserve does not implement.
+UNSUPPORTED: dict[str, str] = {"tasnet": "beb46fac", "tasnet_extra": "df3777b2"}
+
+# demucs 4.0.1's remote/files.txt: each model's signature -> (folder under DEMUCS4_ROOT_URL,
+# the sha256 prefix in its file name <signature>-<prefix>.th).
+DEMUCS4_FILES: dict[str, tuple[str, str]] = {
+    # MDX models
+    "0d19c1c6": ("mdx_final", "0f06f20e"),
+    "5d2d6c55": ("mdx_final", "db83574e"),
+    "7d865c68": ("mdx_final", "3d5dd56b"),
+    "7ecf8ec1": ("mdx_final", "70f50cc9"),
+    "a1d90b5c": ("mdx_final", "ae9d2452"),
+    "c511e2ab": ("mdx_final", "fe698775"),
+    "cfa93e08": ("mdx_final", "61801ae1"),
+    "e51eebcc": ("mdx_final", "c1b80bdd"),
+    "6b9c2ca1": ("mdx_final", "3fd82607"),
+    "b72baf4e": ("mdx_final", "8778635e"),
+    "42e558d4": ("mdx_final", "196e0e1b"),
+    "305bc58f": ("mdx_final", "18378783"),
+    "14fc6a69": ("mdx_final", "a89dd0ee"),
+    "464b36d7": ("mdx_final", "e5a9386e"),
+    "7fd6ef75": ("mdx_final", "a905dd85"),
+    "83fc094f": ("mdx_final", "4a16d450"),
+    "1ef250f1": ("mdx_final", "592467ce"),
+    "902315c2": ("mdx_final", "b39ce9c9"),
+    "9a6b4851": ("mdx_final", "03af0aa6"),
+    "fa0cb7f9": ("mdx_final", "100d8bf4"),
+    # Hybrid Transformer models
+    "955717e8": ("hybrid_transformer", "8726e21a"),
+    "f7e0c4bc": ("hybrid_transformer", "ba3fe64a"),
+    "d12395a8": ("hybrid_transformer", "e57c48e6"),
+    "92cfc3b6": ("hybrid_transformer", "ef3bcb9c"),
+    "04573f0d": ("hybrid_transformer", "f3cf25b2"),
+    "75fc33f5": ("hybrid_transformer", "1941ce65"),
+    # Experimental 6 sources model
+    "5c90dfd2": ("hybrid_transformer", "34c22ccb"),
+}
+
+
+@dataclass(frozen=True)
+class BagRelease:
+    """A demucs 4.0.1 release, ``demucs/remote/<name>.yaml``.
+
+    ``models`` are signatures of :data:`DEMUCS4_FILES`; ``weights`` one row of per-source
+    weights per model (None: all ones); ``segment`` the seconds that replace every model's own
+    training segment (None: no override).
+    """
+
+    models: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...] | None = None
+    segment: float | None = None
+
+
+_ONE_EACH = ((1., 0., 0., 0.), (0., 1., 0., 0.), (0., 0., 1., 0.), (0., 0., 0., 1.))
+_MDX_WEIGHTS = ((1., 1., 0., 0.), (0., 1., 0., 0.), (1., 0., 1., 1.), (1., 0., 1., 1.))
+BAGS: dict[str, BagRelease] = {
+    "htdemucs": BagRelease(("955717e8",)),
+    "htdemucs_ft": BagRelease(("f7e0c4bc", "d12395a8", "92cfc3b6", "04573f0d"), _ONE_EACH),
+    "htdemucs_6s": BagRelease(("5c90dfd2",)),
+    "hdemucs_mmi": BagRelease(("75fc33f5",), segment=44),
+    "mdx": BagRelease(("0d19c1c6", "7ecf8ec1", "c511e2ab", "7d865c68"), _MDX_WEIGHTS, 44),
+    "mdx_extra": BagRelease(("e51eebcc", "a1d90b5c", "5d2d6c55", "cfa93e08"), segment=44),
+    "mdx_q": BagRelease(("6b9c2ca1", "b72baf4e", "42e558d4", "305bc58f"), _MDX_WEIGHTS, 44),
+    "mdx_extra_q": BagRelease(("83fc094f", "464b36d7", "14fc6a69", "7fd6ef75"), segment=44),
+    "repro_mdx_a": BagRelease(("9a6b4851", "1ef250f1", "fa0cb7f9", "902315c2"), segment=44),
+    "repro_mdx_a_hybrid_only": BagRelease(("fa0cb7f9", "902315c2", "fa0cb7f9", "902315c2"),
+                                          segment=44),
+    "repro_mdx_a_time_only": BagRelease(("9a6b4851", "9a6b4851", "1ef250f1", "1ef250f1"),
+                                        segment=44),
+}
+KNOWN_MODELS: tuple[str, ...] = (*RELEASES, *BAGS)
+
+
+class RemoteFile(NamedTuple):
+    """A release file: its name (in the cache and on a mirror), the sha256 prefix its content
+    must have, and its official URL."""
+
+    name: str
+    checksum: str
+    url: str
+
+
+def is_release_name(text: str) -> bool:
+    """Release names win; anything that could be a file is a file; the rest is a bad name."""
+    if text in RELEASES or text in UNSUPPORTED or text in BAGS:
+        return True
+    return not (Path(text).exists() or Path(text).suffix or "/" in text or os.sep in text)
+
+
+def is_bag_yaml(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def release(name: str) -> Release:
+    """demucs 2.0.3's release ``name``; a clear error for a ConvTasNet or unknown name."""
+    if name in UNSUPPORTED:
+        raise CheckpointError(f"{name!r} is a ConvTasNet model, which stemserve does not "
+                              f"support; supported models: {', '.join(KNOWN_MODELS)}")
+    try:
+        return RELEASES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown model {name!r}; known models: "
+                              f"{', '.join(KNOWN_MODELS)}, or a checkpoint file "
+                              "(-n my_model.th [--config RELEASE]) or an export folder") \
+            from None
+
+
+def v2_file(name: str) -> RemoteFile:
+    signature = release(name).signature
+    file_name = f"{name}-{signature}.th"
+    return RemoteFile(file_name, signature, ROOT_URL + file_name)
+
+
+def v4_file(signature: str) -> RemoteFile:
+    """demucs 4's file of ``signature``, named as ``torch.hub`` names it in the cache."""
+    folder, checksum = DEMUCS4_FILES[signature]
+    file_name = f"{signature}-{checksum}.th"
+    return RemoteFile(file_name, checksum, f"{DEMUCS4_ROOT_URL}{folder}/{file_name}")
+
+
+def release_files(name: str) -> list[RemoteFile]:
+    """Each distinct file of release ``name``, in the order of its models."""
+    if name in BAGS:
+        return [v4_file(signature) for signature in dict.fromkeys(BAGS[name].models)]
+    return [v2_file(name)]
+
+
+# --------------------------------------------------------------------------- local bags
+
+_MAX_BAG_MODELS = 16  # the releases have 1 or 4
+_MAX_BAG_YAML = 64 << 10
+# Items of a bag YAML counted as a tree (YAML aliases each time they are reached): the
+# largest bag loaded (16 models, 16 rows of 8 weights) has under 200.
+_MAX_BAG_ITEMS = 1000
+_BAG_KEYS = ("models", "weights", "segment")
+# A model's signature in a bag: part of a file name, so no separators, dots or dashes.
+_SIGNATURE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+def is_number(value: Any, *, integer: bool = False) -> bool:
+    """A finite int (or float, unless ``integer``); bools and tensors are not numbers here.
+
+    An int is always finite: ``math.isfinite`` overflows on one past a float's range, which
+    a pickle or a YAML hex number spells in a few hundred bytes."""
+    return (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+            and (isinstance(value, int) or math.isfinite(value)))
+
+
+def is_segment(value: Any) -> bool:
+    """Seconds, as a finite number or a ``Fraction`` (htdemucs: 39/5), within the bounds."""
+    return ((is_number(value) or isinstance(value, Fraction))
+            and MIN_SEGMENT_SECONDS <= value <= MAX_SEGMENT_SECONDS)
+
+
+SEGMENTS = f"seconds from {MIN_SEGMENT_SECONDS} to {MAX_SEGMENT_SECONDS}"
+
+
+def read_bag_yaml(path: Path) -> BagRelease:
+    """A bag YAML's models, weights and segment, their types and counts checked."""
+    try:
+        if path.stat().st_size > _MAX_BAG_YAML:
+            raise CheckpointError(f"{path} is over {_MAX_BAG_YAML >> 10} KiB, which no bag of "
+                                  f"models needs")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read the bag of models {path}: {exc}") from exc
+    try:
+        import yaml
+    except ImportError as exc:
+        raise CheckpointError(f"{path} is a bag of models in YAML; reading it needs PyYAML "
+                              f"(pip install pyyaml)") from exc
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path} nests deeper than YAML can be read; a bag of models "
+                              f"is 3 levels deep") from None
+    except ValueError as exc:  # an integer past Python's 4300 digits
+        raise CheckpointError(f"{path} holds a value that cannot be read ({exc})") from None
+    try:
+        check_size(spec, _MAX_BAG_ITEMS)
+    except TooLarge:
+        raise CheckpointError(f"{path} holds more than {_MAX_BAG_ITEMS} items (YAML aliases "
+                              f"counted each time they are used), which no bag of models "
+                              f"needs") from None
+    if not isinstance(spec, dict) or "models" not in spec:
+        raise CheckpointError(f"{path} is not a bag of models: demucs 4's format is a mapping "
+                              f"with 'models' (a list of signatures) and optional 'weights' "
+                              f"and 'segment'")
+    unknown = [key for key in spec if key not in _BAG_KEYS]
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key {brief(unknown[0])}; a bag of models has "
+                              f"{', '.join(_BAG_KEYS)}")
+    models, weights, segment = spec["models"], spec.get("weights"), spec.get("segment")
+    check_bag(models, weights, segment, str(path))
+    return BagRelease(tuple(models), None if weights is None else
+                      tuple(tuple(row) for row in weights), segment)
+
+
+def check_bag(models: Any, weights: Any, segment: Any, what: str) -> None:
+    """Bound what a bag YAML lists before any model is loaded."""
+    if not (isinstance(models, (list, tuple)) and 1 <= len(models) <= _MAX_BAG_MODELS
+            and all(isinstance(s, str) and _SIGNATURE.fullmatch(s) for s in models)):
+        raise CheckpointError(f"{what}: models={brief(models)} is not a list of 1 to "
+                              f"{_MAX_BAG_MODELS} signatures (letters, digits and _)")
+    if weights is not None and not (
+            isinstance(weights, (list, tuple)) and len(weights) == len(models)
+            and all(isinstance(row, (list, tuple)) and 1 <= len(row) <= MAX_SOURCES
+                    and all(is_number(w) and w >= 0 for w in row) for row in weights)):
+        raise CheckpointError(f"{what}: weights={brief(weights)} is not one row of per-source "
+                              f"weights (numbers >= 0) for each of its {len(models)} models")
+    if segment is not None and not is_segment(segment):
+        raise CheckpointError(f"{what}: segment={brief(segment)} is out of bounds: stemserve "
+                              f"loads {SEGMENTS} (the releases use 44)")
+
+
+def local_member(bag: Path, signature: str) -> tuple[Path, str | None]:
+    """The file of ``signature`` next to ``bag`` and the sha256 prefix its name gives, if any:
+    ``<signature>.th`` or ``<signature>-<sha256 prefix>.th``, as demucs 4's LocalRepo."""
+    folder = bag.parent
+    found = []
+    for file in sorted(folder.glob(f"{signature}*.th")):
+        head, dash, checksum = file.stem.partition("-")
+        if head == signature and (not dash or _HEX.fullmatch(checksum)):
+            found.append((file, checksum or None))
+    if not found:
+        raise CheckpointError(f"{bag}: model {signature!r} has no file next to it: put "
+                              f"{signature}.th or {signature}-<sha256 prefix>.th into {folder}")
+    if len(found) > 1:
+        raise CheckpointError(f"{bag}: model {signature!r} has {len(found)} files in {folder} "
+                              f"({', '.join(file.name for file, _ in found)}); keep one")
+    return found[0]
