@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{SCRIPT}] {message}", flush=True)
 
     from stemserve.client.models import export_dir_for
-    from stemserve.export.quantize import cpu_has_vnni
+    from stemserve.cpu import cpu_has_vnni
 
     machine = describe()
     config = {"model": args.config, "model_args": CONFIGS[args.config],

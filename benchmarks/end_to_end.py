@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     export = export_random(args.config, SEED, work / f"export-{args.config}", save_weights=True)
     spec = json.loads((export / "model.json").read_text())
     if any(kind.endswith("_int8") for kind in paths):
-        from stemserve.export.quantize import cpu_has_vnni, quantize_int8
+        from stemserve.cpu import cpu_has_vnni
+        from stemserve.export.quantize import quantize_int8
         from stemserve.spec import has_precision
 
         if not has_precision(export, "int8"):

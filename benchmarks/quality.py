@@ -663,7 +663,7 @@ def target_verdict(rows: list[dict]) -> dict:
 def notes(rows: list[dict], training: list[dict], verdict: dict, bf16_conv: dict,
           args) -> list[str]:
     """What a reader needs next to the SDR table: data, metric, verdict, sanity checks."""
-    from stemserve.export.quantize import cpu_has_vnni
+    from stemserve.cpu import cpu_has_vnni
 
     by_key = {(row["model"], row["path"]): row for row in rows if row["status"] == "ok"}
     out = [

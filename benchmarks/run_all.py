@@ -42,7 +42,7 @@ SCRIPTS = (
            full=("--segment", "8", "--batches", "1,2,4", "--batches-for", "ort=1,2,4,8",
                  "--batches-for", "torch_compile=1,2", "--repeats", "3", "--budget", "60",
                  "--compile-budget", "600", "--work-dir", str(CACHE / "model_forward")),
-           quick=("--config", "small", "--segment", "0.5", "--batches", "1,2", "--repeats", "1",
+           quick=("--config", "small", "--segment", "1", "--batches", "1,2", "--repeats", "1",
                   "--ceiling-size", "512",
                   "--backends", "torch_eager,torch_inference_mode,ort,ort_no_opt,"
                   "ort_saved_extended,ort_slim,ort_fp16"),

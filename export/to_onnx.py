@@ -25,6 +25,7 @@ import logging
 import shutil
 import time
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -35,10 +36,13 @@ from torch import nn
 
 from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
+from stemserve.export.quantize import write_errors
 from stemserve.files import atomic_path
 from stemserve.models.exportable import HybridGraphSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
-from stemserve.spec import BAG_FILE, PRECISION_SIDECARS, SIDECAR_FILE, BagSpec, ModelSpec
+from stemserve.spec import (BAG_FILE, MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, PRECISION_SIDECARS,
+                            SIDECAR_FILE, BagSpec, ModelSpec)
+from stemserve.untrusted import safe_name
 
 if TYPE_CHECKING:
     from stemserve.checkpoints import Bag, CheckpointInfo
@@ -55,7 +59,8 @@ def build_spec(model: nn.Module, info: CheckpointInfo, segment_length: int,
                precision: str = "fp32", onnx_file: str = "model.onnx",
                model_name: str = TRITON_MODEL) -> ModelSpec:
     """The sidecar for ``model`` served with segments of ``segment_length`` samples."""
-    return ModelSpec.for_model(model, checkpoint=info.name, checkpoint_sha256=info.sha256,
+    return ModelSpec.for_model(model, checkpoint=safe_name(info.name),
+                               checkpoint_sha256=info.sha256,
                                segment_length=segment_length, model_name=model_name,
                                family=family_of(model), forward_randrange=forward_randrange(model),
                                precision=precision, onnx_file=onnx_file)
@@ -100,12 +105,14 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
                          "TorchBackend(precision='fp16'))")
     model = model.eval()
     segment_length = int(segment_length or segment_samples(model))
+    check_segment(model, info, segment_length)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for precision, sidecar in PRECISION_SIDECARS.items():
-        if precision != "fp32":
-            (out_dir / sidecar).unlink(missing_ok=True)
-            (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
+    with write_errors(out_dir, "the export folder"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for precision, sidecar in PRECISION_SIDECARS.items():
+            if precision != "fp32":
+                (out_dir / sidecar).unlink(missing_ok=True)
+                (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
     spec = build_spec(model, info, segment_length, model_name=model_name)
     module = graph_module(model)
     _export_graph(module, spec, out_dir, opset)
@@ -114,6 +121,23 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
                           onnx_file="model.fp16.onnx", model_name=model_name)
         _export_graph(HalfPrecision(module), half, out_dir, opset)
     return spec
+
+
+def check_segment(model: nn.Module, info: CheckpointInfo, segment_length: int) -> None:
+    """Refuse a segment outside :data:`~stemserve.spec.MIN_SEGMENT_SECONDS` to
+    :data:`~stemserve.spec.MAX_SEGMENT_SECONDS`, or for HT Demucs longer than its training
+    segment, as demucs 4 does (``HTDemucs.valid_length`` raises for a longer input, and
+    ``separate`` refuses ``--segment`` over ``float(model.segment)``)."""
+    rate = int(model.samplerate)
+    shortest, longest = MIN_SEGMENT_SECONDS * rate, MAX_SEGMENT_SECONDS * rate
+    limit = f"{MAX_SEGMENT_SECONDS} s"
+    if family_of(model) == "htdemucs" and segment_samples(model) < longest:
+        longest = segment_samples(model)
+        limit = f"HT Demucs' training segment, {float(Fraction(model.segment)):g} s"
+    if not shortest <= segment_length <= longest:
+        raise ModelError(f"a segment of {segment_length} samples ({segment_length / rate:g} s) "
+                         f"is out of range: {shortest} to {longest} samples "
+                         f"({MIN_SEGMENT_SECONDS} s to {limit} at {rate} Hz)", where=info.name)
 
 
 def member_name(index: int) -> str:
@@ -130,6 +154,9 @@ def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
     earlier export in ``out_dir`` is replaced: its ``bag.json`` or ``model.json`` goes
     first, so a reader never sees a mix of two exports.
     """
+    segments = [segment_length or segment_samples(model, bag.segment) for model in bag.models]
+    for model, info, segment in zip(bag.models, bag.infos, segments):
+        check_segment(model, info, segment)  # before an earlier export goes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BAG_FILE).unlink(missing_ok=True)
@@ -139,22 +166,25 @@ def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
         if on_member:
             on_member(0, 1, bag.infos[0])
         return [export_onnx(bag.models[0], bag.infos[0], out_dir, fp16=fp16, opset=opset,
-                            segment_length=segment_length
-                            or segment_samples(bag.models[0], bag.segment))]
-    specs = []
+                            segment_length=segments[0])]
+    # A model the bag lists twice (repro_mdx_a_hybrid_only) is one object, exported once.
+    first = {id(model): index for index, model in reversed(list(enumerate(bag.models)))}
+    exported: dict[int, ModelSpec] = {}
     for index, (model, info) in enumerate(zip(bag.models, bag.infos)):
+        if first[id(model)] != index:
+            continue
         if on_member:
-            on_member(index, len(bag.models), info)
+            on_member(len(exported), len(first), info)
         folder = out_dir / member_name(index)
         shutil.rmtree(folder, ignore_errors=True)
-        specs.append(export_onnx(model, info, folder, fp16=fp16, opset=opset,
-                                 segment_length=segment_length
-                                 or segment_samples(model, bag.segment),
-                                 model_name=member_name(index)))
-    BagSpec(bag.name, tuple(member_name(i) for i in range(len(specs))),
+        exported[index] = export_onnx(model, info, folder, fp16=fp16, opset=opset,
+                                      segment_length=segments[index],
+                                      model_name=member_name(index))
+    members = [first[id(model)] for model in bag.models]
+    BagSpec(safe_name(bag.name), tuple(member_name(index) for index in members),
             tuple(tuple(float(w) for w in row) for row in bag.weights),
             None if bag.segment is None else float(bag.segment)).save(out_dir / BAG_FILE)
-    return specs
+    return [exported[index] for index in members]
 
 
 def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int) -> None:
@@ -170,9 +200,10 @@ def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int)
     example = torch.randn(1, spec.audio_channels, fixed or spec.valid_length(TRACE_LENGTH),
                           generator=torch.Generator().manual_seed(0))
     time_axes = ({} if fixed else {"mix": {2: "time"}, "stems": {3: "out_time"}})
+    sidecar = out_dir / Path(spec.onnx_file).with_suffix(".json").name
     start = time.perf_counter()
-    with atomic_path(onnx_path) as graph, warnings.catch_warnings(), torch.no_grad(), \
-            _attention_fast_path(False):
+    with write_errors(out_dir, spec.onnx_file), atomic_path(onnx_path) as graph, \
+            warnings.catch_warnings(), torch.no_grad(), _attention_fast_path(False):
         # The tracer warns about Python ints and bools taken from shapes; the models keep
         # every length computation that varies as shape ops, which the parity tests at
         # other lengths check.
@@ -185,7 +216,8 @@ def _export_graph(module: nn.Module, spec: ModelSpec, out_dir: Path, opset: int)
             opset_version=opset, dynamo=False)
         _fix_output_dims(graph, spec)
         onnx.checker.check_model(str(graph))
-    spec.save(out_dir / Path(spec.onnx_file).with_suffix(".json").name)  # last: complete
+    with write_errors(out_dir, sidecar.name):
+        spec.save(sidecar)  # last: complete
     logger.debug("exported %s in %.1f s", onnx_path, time.perf_counter() - start)
 
 

@@ -106,13 +106,13 @@ def test_export_command_from_a_checkpoint_file(small_model, tmp_path):
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / "out"
     done = _stemserve("export", "--model", str(checkpoint), "--config", "demucs_unittest",
-                      "--segment", "0.5", "-o", str(out))
+                      "--segment", "1", "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert "max abs error" in done.stdout
     spec = ModelSpec.load(out / "model.json")
-    assert spec.segment_length == 22050 and spec.checkpoint == "mine"
+    assert spec.segment_length == 44100 and spec.checkpoint == "mine"
     assert len(spec.checkpoint_sha256) == 64
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "source.json"]
 
 
 @pytest.mark.slow
