@@ -7,7 +7,12 @@ random-weight model, and be what a server started with ``--bf16`` answers with.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +35,56 @@ BF16_MOVES = 1e-5
 @pytest.fixture(scope="module")
 def bf16_export(small_export, tmp_path_factory) -> Path:
     return export_with_variant(small_export, tmp_path_factory, "bf16")
+
+
+def _conv_graph(path: Path, seed: int = 0) -> Path:
+    """A graph of one convolution (12 to 32 channels, kernel 8, stride 4), weights drawn from
+    ``seed``, written to ``path``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    weights = onnx.numpy_helper.from_array(
+        rng.standard_normal((32, 12, 8), dtype=np.float32), "weights")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["mix", "weights"], ["stems"], strides=[4])], "conv",
+        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["batch", 12, "time"])],
+        [helper.make_tensor_value_info("stems", TensorProto.FLOAT, ["batch", 32, "out"])],
+        [weights])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture
+def bf16_log(caplog, monkeypatch):
+    """The bf16 session's log records, DEBUG and up (a CLI test before this one stops them at
+    the "stemserve" logger)."""
+    from stemserve.client.backends import openvino_session
+
+    monkeypatch.setattr(logging.getLogger("stemserve"), "propagate", True)
+    caplog.set_level(logging.DEBUG, logger=openvino_session.__name__)
+    return caplog
+
+
+@pytest.fixture
+def checks_run(tmp_path, monkeypatch) -> list:
+    """An empty stemserve cache, and the input shape of every self-check run from now on."""
+    from stemserve.client.backends.openvino_session import Bf16Session
+
+    monkeypatch.setenv("STEMSERVE_CACHE", str(tmp_path / "cache"))
+    runs = []
+    check = Bf16Session._self_check
+
+    def counted(self, shape, bf16):
+        runs.append(shape)
+        return check(self, shape, bf16)
+
+    monkeypatch.setattr(Bf16Session, "_self_check", counted)
+    return runs
+
+
+def _messages(caplog, level: int) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == level]
 
 
 def _bf16_vs_fp32(export_dir: Path, mix: np.ndarray) -> float:
@@ -134,23 +189,12 @@ def test_a_cpu_without_bf16_is_refused(bf16_export, monkeypatch):
 def test_a_graph_bf16_gets_wrong_is_refused_at_load(tmp_path, monkeypatch):
     """The self-check: bf16 against OpenVINO's own fp32 on seeded noise, before the first
     segment. Within tolerance it passes and says how far off it was; beyond it the graph is
-    refused, naming the file and the way out."""
-    import onnx
-    from onnx import TensorProto, helper
-
+    refused, naming the file and the way out (the tolerance is part of the cached result's
+    key: a stricter one checks again)."""
     from stemserve.client.backends import openvino_session
     from stemserve.client.backends.openvino_session import BF16_TOLERANCE, Bf16Session
 
-    rng = np.random.default_rng(0)
-    weights = onnx.numpy_helper.from_array(
-        rng.standard_normal((32, 12, 8), dtype=np.float32), "weights")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["mix", "weights"], ["stems"], strides=[4])], "conv",
-        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["batch", 12, "time"])],
-        [helper.make_tensor_value_info("stems", TensorProto.FLOAT, ["batch", 32, "out"])],
-        [weights])
-    path = tmp_path / "conv.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _conv_graph(tmp_path / "conv.onnx")
     session = Bf16Session(path, check_shape=(12, 4000))
     assert 1e-4 < session.checked_error < BF16_TOLERANCE
     monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", session.checked_error / 2)
@@ -158,6 +202,171 @@ def test_a_graph_bf16_gets_wrong_is_refused_at_load(tmp_path, monkeypatch):
             as caught:
         Bf16Session(path, check_shape=(12, 4000))
     assert str(path) in str(caught.value)
+
+
+@needs_bf16
+def test_the_check_runs_once_per_graph_cpu_and_openvino(tmp_path, checks_run, bf16_log,
+                                                        monkeypatch):
+    """Issue "Nothing silent": the check (43 to 93 s for a full v2 on 2 cores) ran at every
+    load. Its result is kept by the graph's content, the CPU, OpenVINO's version and the
+    check's input, and announced before it runs; the compiles are announced too."""
+    import openvino
+
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.openvino_session import CHECKS_FOLDER, Bf16Session
+
+    graph = _conv_graph(tmp_path / "conv.onnx")
+    first = Bf16Session(graph, check_shape=(12, 4000))
+    assert checks_run == [(12, 4000)]
+    reading, compiling, checking = _messages(bf16_log, logging.INFO)
+    assert reading == f"reading {graph} into OpenVINO"
+    assert compiling == f"compiling {graph} for bf16 at input length 4000"
+    assert re.fullmatch(rf"checking the bf16 graph of {re.escape(str(graph))} against fp32 "
+                        r"\(once per graph and CPU; about \d+ s\)", checking)
+    (record,) = (tmp_path / "cache" / CHECKS_FOLDER).glob("*.json")
+    assert json.loads(record.read_text())["error"] == first.checked_error
+
+    bf16_log.clear()
+    second = Bf16Session(graph, check_shape=(12, 4000))
+    assert checks_run == [(12, 4000)] and second.checked_error == first.checked_error
+    assert _messages(bf16_log, logging.INFO) == [reading, compiling]
+    assert any(message.startswith(f"bf16 check of {graph} taken from {record}")
+               for message in _messages(bf16_log, logging.DEBUG))
+    bf16_log.clear()
+    second.run(None, {"mix": np.zeros((1, 12, 5000), np.float32)})  # a last segment's length
+    assert _messages(bf16_log, logging.INFO) == [
+        f"compiling {graph} for bf16 at input length 5000"]
+    assert checks_run == [(12, 4000)]
+
+    copy = tmp_path / "elsewhere" / "conv.onnx"  # the same bytes: the same result
+    copy.parent.mkdir()
+    shutil.copy(graph, copy)
+    assert Bf16Session(copy, check_shape=(12, 4000)).checked_error == first.checked_error
+    assert len(checks_run) == 1
+    _conv_graph(graph, seed=1)  # other bytes, same size, same path
+    assert Bf16Session(graph, check_shape=(12, 4000)).checked_error != first.checked_error
+    assert len(checks_run) == 2
+    Bf16Session(graph, check_shape=(12, 8000))  # another input length
+    assert len(checks_run) == 3
+    monkeypatch.setattr(openvino, "get_version", lambda: "2026.4.2-0-test")
+    Bf16Session(graph, check_shape=(12, 4000))
+    assert len(checks_run) == 4
+    monkeypatch.setattr(openvino_session, "cpu_model", lambda: "Another CPU")
+    Bf16Session(graph, check_shape=(12, 4000))
+    assert len(checks_run) == 5
+    Bf16Session(graph, check_shape=(12, 4000))
+    assert len(checks_run) == 5
+
+
+@needs_bf16
+def test_a_refused_graph_is_refused_again_at_once(tmp_path, checks_run, monkeypatch):
+    """A refusal is kept too: the next session refuses with the same message, without
+    compiling anything."""
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.openvino_session import Bf16Session
+
+    graph = _conv_graph(tmp_path / "conv.onnx")
+    monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", 1e-9)
+    with pytest.raises(ModelError, match="off its fp32 result") as first:
+        Bf16Session(graph, check_shape=(12, 4000))
+    compiles = []
+    monkeypatch.setattr(Bf16Session, "_compile", lambda *args: compiles.append(args))
+    with pytest.raises(ModelError) as again:
+        Bf16Session(graph, check_shape=(12, 4000))
+    assert str(again.value) == str(first.value) and str(graph) in str(again.value)
+    assert len(checks_run) == 1 and compiles == []
+
+
+@needs_bf16
+def test_a_corrupt_or_foreign_check_file_is_no_result(tmp_path, checks_run, bf16_log,
+                                                      monkeypatch):
+    """A damaged or planted result file means "not checked": the check runs again and the
+    file is rewritten; never a crash, a hang (a FIFO), or a pass it does not describe. A
+    file that cannot be written only costs the next session the check."""
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.openvino_session import CHECKS_FOLDER, Bf16Session
+
+    graph = _conv_graph(tmp_path / "conv.onnx")
+    error = Bf16Session(graph, check_shape=(12, 4000)).checked_error
+    (path,) = (tmp_path / "cache" / CHECKS_FOLDER).glob("*.json")
+    good = json.loads(path.read_text())
+    key = good["key"]
+    bad = [b"", b"{not json", b"\xff\xfe\x00", b"[" * 4000, b"[" * 100_000,
+           json.dumps({"key": key, "error": "0.0"}).encode(),
+           json.dumps({"key": key, "error": -1.0}).encode(),
+           json.dumps({"key": key, "error": True}).encode(),
+           json.dumps([good]).encode(),
+           json.dumps({"key": dict(key, openvino="another"), "error": error}).encode(),
+           json.dumps(dict(good, padding="x" * 5000)).encode()]
+    for content in bad:
+        path.write_bytes(content)
+        assert Bf16Session(graph, check_shape=(12, 4000)).checked_error == error
+        assert json.loads(path.read_text()) == good
+    assert len(checks_run) == 1 + len(bad)
+
+    path.unlink()
+    os.mkfifo(path)
+    assert Bf16Session(graph, check_shape=(12, 4000)).checked_error == error
+    assert path.is_file() and len(checks_run) == 2 + len(bad)
+
+    # A record of another graph where this one's refusal would be: still refused.
+    monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", 1e-9)
+    strict = dict(key, tolerance=1e-9)
+    openvino_session._check_file(strict).write_text(
+        json.dumps({"key": dict(strict, graph_sha256="0" * 64), "error": 0.0}))
+    with pytest.raises(ModelError, match="off its fp32 result"):
+        Bf16Session(graph, check_shape=(12, 4000))
+    assert len(checks_run) == 3 + len(bad)
+
+    monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", key["tolerance"])
+    path.unlink()
+    path.mkdir()  # cannot be replaced
+    bf16_log.clear()
+    assert Bf16Session(graph, check_shape=(12, 4000)).checked_error == error
+    assert any("cannot keep the bf16 check's result" in message
+               for message in _messages(bf16_log, logging.WARNING))
+    assert len(checks_run) == 4 + len(bad)
+
+
+def test_bf16_measured_slower_on_this_kind_of_cpu_says_so(bf16_export, tmp_path, bf16_log,
+                                                          monkeypatch):
+    """Where --bf16 was measured slower than fp32 for the graph's family on this kind of CPU
+    (Demucs v2 without AMX), a session says so once per process, by the family of the
+    sidecar beside the graph (an export's, or a repository version folder's model.json);
+    where it was measured faster, or the family is unknown, it says nothing."""
+    from stemserve.client.backends import openvino_session
+    from stemserve.client.backends.openvino_session import Bf16Session
+
+    monkeypatch.setattr(openvino_session, "cpu_has_bf16", lambda: True)  # only reads it
+    monkeypatch.setattr(openvino_session, "_warned", set())
+    monkeypatch.setattr(openvino_session, "bf16_kind", lambda: "avx512_bf16")
+    graph = bf16_export / "model.onnx"
+    Bf16Session(graph)
+    Bf16Session(graph)
+    assert _messages(bf16_log, logging.WARNING) == [
+        "--bf16 was measured slower than fp32 for Demucs v2 on CPUs without AMX (13.0 s "
+        "against 6.7 s for 20 s of audio on a 2-core AMD EPYC): drop --bf16, or use --int8"]
+
+    monkeypatch.setattr(openvino_session, "_warned", set())
+    bf16_log.clear()
+    monkeypatch.setattr(openvino_session, "bf16_kind", lambda: "amx")
+    Bf16Session(graph)
+    monkeypatch.setattr(openvino_session, "bf16_kind", lambda: None)
+    Bf16Session(graph)
+    monkeypatch.setattr(openvino_session, "bf16_kind", lambda: "avx512_bf16")
+    Bf16Session(_conv_graph(tmp_path / "conv.onnx"))  # no sidecar: family unknown
+    spec = load_export_spec(bf16_export, "bf16")
+    version = tmp_path / "repository" / "demucs" / "1"
+    version.mkdir(parents=True)
+    shutil.copy(graph, version / spec.onnx_file)
+    dataclasses.replace(spec, family="htdemucs", valid_length_params=None).save(
+        version / "model.json")
+    Bf16Session(version / spec.onnx_file)  # HT Demucs: measured faster
+    assert _messages(bf16_log, logging.WARNING) == []
+
+    spec.save(version / "model.json")
+    Bf16Session(version / spec.onnx_file)
+    assert len(_messages(bf16_log, logging.WARNING)) == 1
 
 
 def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ the others in the same call are still served.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,23 @@ import triton_python_backend_utils as pb_utils
 from stemserve.client.backends.openvino_session import Bf16Session
 from stemserve.client.backends.ort_session import cpu_session
 from stemserve.spec import ModelSpec
+
+
+class _TritonLog(logging.Handler):
+    """stemserve's log lines (the bf16 check, its compiles) into Triton's log, which
+    `stemserve serve` shows a user."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = (pb_utils.Logger.log_error if record.levelno >= logging.ERROR else
+               pb_utils.Logger.log_warn if record.levelno >= logging.WARNING else
+               pb_utils.Logger.log_info)
+        log(f"demucs: {self.format(record)}")
+
+
+_logger = logging.getLogger("stemserve")
+_logger.handlers[:] = [_TritonLog()]
+_logger.setLevel(logging.INFO)
+_logger.propagate = False
 
 
 class TritonPythonModel:
@@ -37,7 +55,11 @@ class TritonPythonModel:
         # The in-process backend's session: intra-op threads on every core (or "threads"),
         # sequential, ONNX Runtime's default arena (ort_session's docstring).
         # bf16: OpenVINO, checked against fp32 at the hot path's shape before READY.
-        self.session = cpu_session(version_dir / self.spec.onnx_file, threads,
+        graph = version_dir / self.spec.onnx_file
+        pb_utils.Logger.log_info(f"demucs: loading {self.spec.checkpoint} "
+                                 f"({graph.stat().st_size / 1e6:.0f} MB graph, "
+                                 f"{self.spec.precision}); a warm-up request follows")
+        self.session = cpu_session(graph, threads,
                                    self.spec.precision,
                                    (self.spec.audio_channels, self.spec.opt_request_length))
         pb_utils.Logger.log_info(f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on "
