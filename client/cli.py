@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
@@ -18,8 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, REQUEST_TIMEOUT,
-                                TRITON_URL_ENV, export_root, repository_root,
-                                triton_url_from_env)
+                                TRITON_URL_ENV, repository_root, triton_url_from_env)
 from stemserve.errors import ServerError, StemserveError, print_error
 
 
@@ -43,6 +43,17 @@ def _precision(args: argparse.Namespace) -> str:
     return "int8" if args.int8 else "bf16" if args.bf16 else "fp32"
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds above 0 for a flag (argparse names the flag when it refuses)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def _add_model(parser: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
     """``-n/--model`` and ``--config``: the one way every command names a model."""
     parser.add_argument("-n", "--model", default=default, help=help_text)
@@ -58,7 +69,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("export", help="export a Demucs model to ONNX with its sidecar "
                                            "(and build a TensorRT engine on a GPU host)")
     _add_model(parser, DEFAULT_MODEL, "release name or checkpoint path (default: %(default)s)")
-    parser.add_argument("--segment", type=float, default=None,
+    parser.add_argument("--segment", type=_seconds, default=None,
                         help="segment length in seconds (default: the model's training "
                              "segment, what demucs' apply_model splits by)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 graph")
@@ -111,28 +122,24 @@ def _run_export(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> Path:
     """Export ``args.model`` (every model of a bag) to ONNX, unless ``--tensorrt`` finds it
     exported; its folder."""
-    from stemserve.client.models import load_models, local_export
+    from stemserve.client.models import export_model, local_export
 
-    if args.tensorrt and args.out is None and (local := local_export(args.model)) is not None:
+    if args.tensorrt and args.out is None and args.segment is None \
+            and (local := local_export(args.model, args.config)) is not None:
         if args.int8 or args.bf16:
             raise StemserveError(f"--{'int8' if args.int8 else 'bf16'} is a CPU fast path; "
                                  "TensorRT builds its own engine from the fp32 graph")
         return local
-    from stemserve.export.to_onnx import export_bag, onnx_parity
+    from stemserve.export.to_onnx import onnx_parity
     from stemserve.spec import load_export
-
-    bag = load_models(args.model, args.config)
-    segment = round(args.segment * bag.samplerate) if args.segment else None
-    out = args.out or export_root() / bag.name
-    print(f"exporting {bag.name} to {out} (tracing the network: about a minute per "
-          "full-size model)", file=sys.stderr, flush=True)
 
     def announce(index: int, count: int, info) -> None:
         if count > 1:
             print(f"  model {index + 1} of {count}: {info.name}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    specs = export_bag(bag, out, segment_length=segment, fp16=args.fp16, on_member=announce)
+    out, bag = export_model(args.model, args.config, segment=args.segment, out=args.out,
+                            fp16=args.fp16, on_member=announce)
     if args.int8:
         from stemserve.export.quantize import quantize_export
 
@@ -142,13 +149,15 @@ def _export_onnx(args: argparse.Namespace) -> Path:
         from stemserve.export.bf16 import bf16_export
 
         bf16_export(out)
+    layout = load_export(out)
     print(f"exported {bag.name} to {out} in {time.perf_counter() - start:.1f} s: "
-          + ", ".join(f"{spec.checkpoint} ({spec.family}, segment {spec.segment_seconds:g} s, "
-                      f"requests of {spec.padded_length} samples)" for spec in specs))
+          + ", ".join(f"{spec.checkpoint} ({spec.family}, sha256 {spec.checkpoint_sha256[:8]}, "
+                      f"segment {spec.segment_seconds:g} s, requests of {spec.padded_length} "
+                      "samples)" for _, spec in layout.members))
     if not args.no_check:
         print("checking ONNX Runtime against PyTorch on random full segments (--no-check "
               "skips it)", file=sys.stderr, flush=True)
-        for (folder, spec), model in zip(load_export(out).members, bag.models):
+        for (folder, spec), model in zip(layout.members, bag.models):
             errors = onnx_parity(model, folder / spec.onnx_file, spec,
                                  progress=True)
             print(f"ONNX Runtime vs PyTorch max abs error, {spec.checkpoint}: "
@@ -187,6 +196,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from stemserve.model_repository.server import (DockerTritonServer, TritonServer,
                                                    docker_gpu_unavailable)
     from stemserve.model_repository.writer import fill_repository
+    from stemserve.spec import load_export
 
     precision = _precision(args)
     if precision != "fp32" and args.gpu:
@@ -202,11 +212,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     repository = args.repository or repository_root() / variant
     fill_repository(export_dir, repository, variant, precision=precision,
                     dynamic_batching=not args.no_batching)
+    layout = load_export(export_dir)
+    spec = layout.spec
+    print(f"serving {layout.bag.name} ("
+          + (f"{spec.rules.title}, sha256 {spec.checkpoint_sha256[:8]}"
+             if len(layout.members) == 1 else f"a bag of {len(layout.members)} models")
+          + f", {precision}) from {export_dir}", file=sys.stderr, flush=True)
 
     server_class = TritonServer if reason else DockerTritonServer
     server = server_class(repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host,
-                          log_verbose=1 if args.verbose else 0)
+                          log_verbose=1 if args.verbose else 0, log_all=args.verbose)
+    print(f"starting tritonserver on {args.host} ({variant}, repository {repository}; its "
+          "warnings and errors follow, all of its log with -v)", file=sys.stderr, flush=True)
     try:
         # A first GPU start may pull the image and build TensorRT engines: minutes.
         server.start(timeout=300 if reason else 1800)
@@ -304,7 +322,7 @@ def _served(model: str | None, config: str | None, precision: str,
 
 def _run_separate(args: argparse.Namespace) -> int:
     """Separate every track; one failing track does not stop the others (exit code 1)."""
-    from stemserve.client.backends import open_backend
+    from stemserve.client.backends import describe_backend, open_backend
     from stemserve.client.backends.fleet import parse_endpoints
     from stemserve.errors import ServerUnreachable
 
@@ -336,6 +354,9 @@ def _run_separate(args: argparse.Namespace) -> int:
             backend = open_backend("onnx", **options)
             servers = 0
         stack.callback(backend.close)
+        if not args.quiet:
+            print(f"stemserve: separating with {describe_backend(backend, args.verbose)}",
+                  file=sys.stderr, flush=True)
         return _separate_tracks(args, backend, jobs=args.jobs or 2 * servers or 1)
 
 
@@ -345,6 +366,7 @@ def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
     import tqdm
 
     from stemserve.audio import OutputFormat
+    from stemserve.client.backends import output_folder_name
     from stemserve.client.backends.fleet import FleetBackend
     from stemserve.client.options import options_from
     from stemserve.client.separator import OutputOptions, Separator
@@ -359,7 +381,7 @@ def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
     start = time.perf_counter()
     failed, seconds, total = 0, 0.0, 0
     for result in separator.separate_files(expand_tracks(args.tracks),
-                                           args.out / backend.spec.checkpoint, jobs=jobs,
+                                           args.out / output_folder_name(backend.spec), jobs=jobs,
                                            progress=not args.quiet):
         total += 1
         # tqdm.write keeps the bar below the lines printed while it runs.

@@ -38,6 +38,12 @@ WAIT_POLL = 0.2
 # Lines worth quoting when the server fails: Triton's "E<mmdd> ..." lines and its final
 # "error: ..." line.
 ERROR_LINE = re.compile(r"^(E\d{4} |error: )")
+TOLD_LINE = re.compile(r"^([EW]\d{4} |error: )|model\.py:\d+\]")
+"""What a server started with ``log_all=False`` forwards: its errors and warnings, and what
+stemserve's python model says (which graph, runtime and check it loads). Its option tables
+and routine lines are kept for error messages only."""
+STAGE_INTERVAL = 10.0
+"""Seconds between the notes that say what a slow start is waiting for."""
 CPU_HOST_NOISE = re.compile(r"CudaDriverHelper has not been initialized|"
                             r"pinned system memory|pinned memory pool")
 """What the server always logs on a host without a GPU: errors and warnings that are not,
@@ -60,13 +66,15 @@ class TritonServer:
 
     def __init__(self, repository: Path, *, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, host: str = "127.0.0.1", log_verbose: int = 0,
-                 log_file: Path | None = None, extra_args: Sequence[str] = ()):
+                 log_file: Path | None = None, extra_args: Sequence[str] = (),
+                 log_all: bool = True):
         self.repository = Path(repository).resolve()
         self.ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
         self.host = host
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = tuple(extra_args)
+        self.log_all = log_all
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
@@ -168,8 +176,9 @@ class TritonServer:
                 self._tail.append(line)
                 if ERROR_LINE.match(line):
                     self._errors.append(line)
-                sink.write(line)
-                sink.flush()
+                if self.log_all or TOLD_LINE.search(line):
+                    sink.write(line)
+                    sink.flush()
         finally:
             if sink is not sys.stderr:
                 sink.close()
@@ -179,10 +188,15 @@ class TritonServer:
         from tritonclient.utils import InferenceServerException
 
         assert self._process is not None
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline, next_note = began + timeout, began + STAGE_INTERVAL
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while True:
+                if time.monotonic() > next_note:
+                    next_note += STAGE_INTERVAL
+                    logger.info("tritonserver starting for %.0f s: %s",
+                                time.monotonic() - began, self._stage(client))
                 code = self._process.poll()
                 if code is not None:
                     self._reader.join(timeout=5)
@@ -202,6 +216,21 @@ class TritonServer:
                 time.sleep(0.2)
         finally:
             client.close()
+
+    @staticmethod
+    def _stage(client) -> str:
+        """What a start is waiting for, for a user watching it: the models' states."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            index = client.get_model_repository_index(
+                as_json=True, client_timeout=PROBE_TIMEOUT).get("models", [])
+        except InferenceServerException:
+            return "the server is not listening yet"
+        return ", ".join(f"model {model.get('name')} {model.get('state', 'UNKNOWN')}"
+                         + (" (its graph, then a warm-up request of one full segment)"
+                            if model.get("state") == "LOADING" else "")
+                         for model in index) or "no model listed yet"
 
     @staticmethod
     def _models_ready(client) -> bool:

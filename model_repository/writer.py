@@ -173,17 +173,19 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
                               "(its precision is chosen there): leave precision out")
     layout = load_export(export_dir, precision)
     bag = layout.bag if len(layout.members) > 1 else None
+    # One Triton model per model of the bag, however often the bag lists it.
+    members = list({spec.model_name: (folder, spec) for folder, spec in layout.members}.values())
     options = dict(tensorrt=tensorrt, max_batch_size=max_batch_size,
                    dynamic_batching=dynamic_batching, intra_op_threads=intra_op_threads)
-    configs = [render_config(spec, variant, bag=bag, **options) for _, spec in layout.members]
-    for folder, spec in layout.members:
+    configs = [render_config(spec, variant, bag=bag, **options) for _, spec in members]
+    for folder, spec in members:
         model_file = folder / (PLAN_FILE if variant == "gpu-trt" else spec.onnx_file)
         if not model_file.is_file():
             hint = ("build it on the serving GPU with the export's TensorRT script"
                     if variant == "gpu-trt" else "run `stemserve export` first")
             raise RepositoryError(f"{model_file} is missing: {hint}")
-    _remove_other_models(repo_dir, {spec.model_name for _, spec in layout.members})
-    for (folder, spec), config in zip(layout.members, configs):
+    _remove_other_models(repo_dir, {spec.model_name for _, spec in members})
+    for (folder, spec), config in zip(members, configs):
         _fill_model(folder, spec, config, repo_dir, variant, version, precision)
     check_repository(repo_dir)
     return repo_dir / layout.spec.model_name
@@ -325,7 +327,7 @@ def check_repository(repo_dir: Path) -> ExportLayout:
             for model_dir, config in configs.items()}
     first = bags[model_dirs[0]]
     if len(model_dirs) > 1 and (first is None or any(bag != first for bag in bags.values())
-                                or sorted(first.members) != [p.name for p in model_dirs]):
+                                or sorted(set(first.members)) != [p.name for p in model_dirs]):
         raise RepositoryError(f"{repo_dir}: expected one model folder, or the members of one "
                              f"bag, found {[p.name for p in model_dirs]}; fill it with "
                              "stemserve.model_repository.writer")

@@ -10,9 +10,10 @@ import logging
 import os
 from pathlib import Path
 
-DEFAULT_MODEL = "demucs_quantized"
-"""The release separated without ``-n``: the demucs 2.0.3 CLI's default, as the original
-docker image served it."""
+DEFAULT_MODEL = "htdemucs"
+"""The release separated, served and exported without ``-n``: demucs 4's default, Hybrid
+Transformer Demucs. The original docker image's ``demucs_quantized`` (demucs 2.0.3's
+default) works by name."""
 
 CACHE_ENV = "STEMSERVE_CACHE"
 """Environment variable naming stemserve's cache folder (exports, repositories, servers)."""

@@ -91,6 +91,9 @@ class Backend(Protocol):
     """
 
     spec: ModelSpec
+    where: str
+    """Where the network runs, for the user (``Triton at host:port``, ``in-process ONNX
+    Runtime``, ...)."""
 
     def submit(self, mix: np.ndarray) -> Future: ...
 

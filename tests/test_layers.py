@@ -17,8 +17,9 @@ FOLDERS = {"stemserve.client": ROOT / "client", "stemserve.export": ROOT / "expo
            "stemserve.model_repository": ROOT / "model_repository", "stemserve": ROOT / "stemserve"}
 LAYERS = [  # bottom to top; a module is in the first layer one of whose prefixes it has
     ("defaults", ["stemserve.defaults"]),
-    ("core", ["stemserve.errors", "stemserve.files", "stemserve.spec", "stemserve.audio",
-              "stemserve.pipeline"]),
+    ("core", ["stemserve.errors", "stemserve.untrusted", "stemserve.files", "stemserve.releases",
+              "stemserve.cpu", "stemserve.spec",
+              "stemserve.audio", "stemserve.pipeline"]),
     ("models", ["stemserve.model", "stemserve.models", "stemserve.checkpoints",
                 "stemserve.export"]),
     ("backends", ["stemserve.client.backends", "stemserve.client.models"]),

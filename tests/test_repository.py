@@ -378,3 +378,56 @@ def test_filling_another_model_replaces_the_bag_and_a_foreign_model_is_refused(
     (tmp_path / "demucs_7" / "config.pbtxt").write_text('name: "mine"\n')
     with pytest.raises(StemserveError, match="stemserve did not write"):
         fill_repository(tiny_bag_export, tmp_path, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_model_a_bag_lists_twice_is_exported_and_served_once(tmp_path):
+    """repro_mdx_a_hybrid_only lists each of its models twice: one graph and one Triton model
+    each, while separation still runs every listing (as demucs' BagOfModels does)."""
+    import numpy as np
+    import torch
+
+    from stemserve.checkpoints import Bag, CheckpointInfo
+    from stemserve.client import separate_array
+    from stemserve.client.backends import open_backend
+    from stemserve.export.to_onnx import export_bag
+    from stemserve.model_repository.local import local_server
+    from stemserve.models import HTDemucs
+    from stemserve.models.configs import HTDEMUCS
+    from test_models_v4 import SMALL_HT
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(HTDemucs(**dict(HTDEMUCS, **SMALL_HT)).eval())
+    infos = [CheckpointInfo(f"member{i}", None, f"{i}" * 64, {}, "htdemucs") for i in (0, 1)]
+    weights = [[1., 1., 0., 0.], [0., 1., 1., 1.], [1., 0., 1., 0.], [0., 0., 0., 1.]]
+    export = tmp_path / "dup"
+    export_bag(Bag("dup", models * 2, infos * 2, weights, None), export)
+    assert sorted(path.name for path in export.iterdir()) == ["bag.json", "demucs_0", "demucs_1"]
+    layout = load_export(export)
+    assert layout.bag.members == ("demucs_0", "demucs_1", "demucs_0", "demucs_1")
+
+    repository = tmp_path / "repository"
+    fill_repository(export, repository, "cpu")
+    assert sorted(path.name for path in repository.iterdir()) == ["demucs_0", "demucs_1"]
+    assert check_repository(repository).bag == layout.bag
+
+    mix = np.random.default_rng(3).standard_normal((2, 3 * 44100)).astype(np.float32)
+    with open_backend("onnx", model=export) as backend:
+        assert len(backend.members) == 4 and len({id(m) for m in backend.members}) == 2
+        local = separate_array(mix, 44100, backend=backend)
+    with local_server(export, root=tmp_path / "served") as server, \
+            open_backend("triton", url=server.grpc_url) as backend:
+        served = separate_array(mix, 44100, backend=backend)
+    # The same bag in PyTorch, every listing its own network run.
+    from stemserve.client.backends.bag import BagBackend
+    from stemserve.client.backends.pytorch import TorchBackend
+
+    with BagBackend([TorchBackend(model, info) for model, info in zip(models * 2, infos * 2)],
+                    weights, "dup") as reference_backend:
+        reference = separate_array(mix, 44100, backend=reference_backend)
+    for name, stem in reference.items():
+        assert np.abs(local[name] - stem).max() < 1e-4, name
+        assert np.abs(served[name] - stem).max() < 1e-4, name

@@ -405,11 +405,12 @@ def test_same_name_tracks_are_refused_before_anything_runs(tmp_path, small_expor
 
 
 def test_stems_never_overwrite_another_input(tmp_path, small_export, capsys):
-    track = write_song(tmp_path / "drums.wav")
+    """x.wav's drums stem would be out/small/x/drums.wav: another input of the same run."""
+    track = write_song(tmp_path / "out" / "small" / "x" / "drums.wav")
     other = write_song(tmp_path / "x.wav")
     before = sha256(track)
-    assert run_cli(other, track, "--backend", "onnx", "-n", small_export, "-o", tmp_path,
-                   "--filename", "../{stem}.{ext}", "-q") == 1
+    assert run_cli(other, track, "--backend", "onnx", "-n", small_export, "-o",
+                   tmp_path / "out", "--filename", "{track}/{stem}.{ext}", "-q") == 1
     assert "would overwrite the input" in capsys.readouterr().err
     assert sha256(track) == before
 
@@ -542,14 +543,18 @@ def test_config_works_for_separate_and_an_export_is_found_from_anywhere(
     assert run_cli(track, "-n", state, *common) == 1
     assert "--config demucs_unittest" in capsys.readouterr().err
     assert run_cli(track, "-n", state, "--config", "demucs_unittest", *common) == 0
-    export = stemserve_cache / "export" / "mine" / "model.json"
-    assert export.is_file()
+    (export,) = (stemserve_cache / "export").glob("mine-*/model.json")
     exported_at = export.stat().st_mtime_ns
     assert run_cli(track, "-n", "mine", *common) == 0  # by name, no checkpoint needed
-    assert export.stat().st_mtime_ns == exported_at
+    assert run_cli(track, "-n", state, "--config", "demucs_unittest", *common) == 0
+    assert export.stat().st_mtime_ns == exported_at  # the same content: not exported again
     torch.save(Demucs(list(SOURCES), channels=4).state_dict(), state)  # retrained
     assert run_cli(track, "-n", state, "--config", "demucs_unittest", *common) == 0
-    assert export.stat().st_mtime_ns > exported_at
+    assert export.stat().st_mtime_ns == exported_at  # its export stays the old file's
+    assert len(list((stemserve_cache / "export").glob("mine-*/model.json"))) == 2
+    capsys.readouterr()
+    assert run_cli(track, "-n", "mine", *common) == 1  # two exports of that name now
+    assert "2 exports are named 'mine'" in capsys.readouterr().err
 
 
 def test_cli_version_and_verbose_after_the_command(capsys):

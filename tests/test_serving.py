@@ -236,8 +236,9 @@ def _serve(export: Path, repository: Path, ports: list[int]) -> list[str]:
 def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_path,
                                                              free_ports):
     ports = free_ports(3)
+    log = (tmp_path / "stderr").open("w")
     process = subprocess.Popen(_serve(small_export, tmp_path / "repository", ports),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         lines = []
         for line in process.stdout:
@@ -258,6 +259,13 @@ def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_
     while any(map(_alive, tree)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [tree[pid] for pid in tree if _alive(pid)]
+    # What it serves, and what it waits for, in a few lines: no option tables without -v.
+    told = (tmp_path / "stderr").read_text()
+    assert "serving small (Demucs v2, sha256 " in told and "fp32) from " in told
+    assert "starting tritonserver on 127.0.0.1" in told
+    assert "demucs: loading small (" in told and "a warm-up request follows" in told
+    assert "+----" not in told and "Started GRPCInferenceService" not in told
+    assert len(told.splitlines()) < 12, told
 
 
 def test_serve_command_reports_a_port_in_use(small_export, tmp_path, free_ports):

@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from stemserve.client.backends.bag import BagBackend
-from stemserve.client.models import export_dir_for, load_models, local_export
+import logging
+
+from stemserve.client.models import export_dir_for, load_models, local_export, served_mismatch
 from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, REQUEST_TIMEOUT,
                                 TRITON_MODEL)
 from stemserve.errors import ModelError
-from stemserve.pipeline import Backend
+from stemserve.pipeline import Backend, bag_of
 from stemserve.spec import PRECISION_FLAGS, BagSpec, has_precision, load_export
+from stemserve.untrusted import safe_name
+
+logger = logging.getLogger(__name__)
 
 BackendKind = Literal["triton", "onnx", "torch"]
 BACKEND_KINDS: tuple[str, ...] = ("triton", "onnx", "torch")
@@ -49,22 +54,25 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     is on this host; ``timeout`` and ``retries`` apply to each request.
     """
     if kind == "triton":
-        backend = _triton_backend(model, url, precision or "fp32", server_window=server_window,
+        local = local_export(model, config)
+        backend = _triton_backend(local, url, precision or "fp32", server_window=server_window,
                                   shared_memory=shared_memory, timeout=timeout,
                                   retries=retries)
-        problem = None
-        if model is not None and local_export(model) is None \
-                and Path(model).stem != backend.spec.checkpoint:
-            problem = (f"Triton at {url} serves '{backend.spec.checkpoint}', not "
-                       f"'{Path(model).stem}': serve that model, or leave -n/--model out")
-        elif precision is not None and backend.spec.precision != precision:
+        served = backend.spec
+        problem = None if model is None else served_mismatch(local or model, config, served)
+        if problem is None and precision is not None and served.precision != precision:
             flag = PRECISION_FLAGS.get(precision)
-            problem = (f"Triton at {url} serves the {backend.spec.precision} graph of "
-                       f"'{backend.spec.checkpoint}', not {precision}: start it with "
-                       f"`stemserve serve{' ' + flag if flag else ''}`")
+            problem = (f"serves the {served.precision} graph of '{served.checkpoint}', not "
+                       f"{precision}: start it with `stemserve serve{' ' + flag if flag else ''}`")
         if problem:
             backend.close()
-            raise ModelError(problem)
+            raise ModelError(f"Triton at {url} {problem}")
+        if precision is None and served.precision != "fp32":
+            logger.warning("Triton at %s serves the %s graph of '%s', not the exact fp32 one: "
+                           "its stems differ slightly from demucs' (%s asks for it; leave it "
+                           "out of `stemserve serve` for the exact path)", url,
+                           served.precision, served.checkpoint,
+                           PRECISION_FLAGS.get(served.precision, served.precision))
         return backend
     if kind == "onnx":
         from stemserve.client.backends.onnx import OnnxBackend
@@ -84,7 +92,7 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
 
         bag = load_models(model or DEFAULT_MODEL, config)
         return _bag_or_single(
-            BagSpec(bag.name, tuple(info.name for info in bag.infos),
+            BagSpec(safe_name(bag.name), tuple(safe_name(info.name) for info in bag.infos),
                     tuple(tuple(row) for row in bag.weights), bag.segment),
             [lambda net=net, info=info: TorchBackend(net, info, segment=bag.segment,
                                                      precision=precision or "fp32")
@@ -92,13 +100,35 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     raise ModelError(f"unknown backend {kind!r}: use {', '.join(BACKEND_KINDS)}")
 
 
-def _triton_backend(model: str | Path | None, url: str, precision: str, **options) -> Backend:
+def describe_backend(backend: Backend, verbose: bool = False) -> str:
+    """Which model, checkpoint, precision and server produce the stems: one line, and with
+    ``verbose`` one more per model (its whole sha256, segment and stems)."""
+    spec = backend.spec
+    members = list({id(member): member for member in bag_of(backend)[0]}.values())
+    what = (f"{spec.rules.title}, sha256 {spec.checkpoint_sha256[:8]}" if len(members) == 1
+            else f"a bag of {len(bag_of(backend)[0])} {spec.rules.title} models")
+    line = f"{spec.checkpoint} ({what}, {spec.precision}) on {backend.where}"
+    if verbose:
+        for member in members:
+            detail = member.spec
+            line += (f"\n  {detail.checkpoint}: sha256 {detail.checkpoint_sha256}, segment "
+                     f"{detail.segment_seconds:g} s, {detail.sample_rate} Hz, stems "
+                     f"{', '.join(detail.sources)}")
+    return line
+
+
+def output_folder_name(spec) -> str:
+    """The folder under ``-o`` a model's stems go to, as demucs names it (the model), and
+    the precision too when it is not the exact fp32, so stems of two precisions never mix."""
+    return spec.checkpoint if spec.precision == "fp32" else f"{spec.checkpoint}-{spec.precision}"
+
+
+def _triton_backend(local: Path | None, url: str, precision: str, **options) -> Backend:
     """The Triton (or fleet) backend of what the servers at ``url`` serve, checked against
-    the local export ``model`` names (its ``precision`` graph), if any."""
+    the ``local`` export of the model asked for (its ``precision`` graph), if any."""
     from stemserve.client.backends.fleet import FleetBackend, parse_endpoints
     from stemserve.client.backends.triton import ServerUnreachable, TritonBackend, served_bag
 
-    local = local_export(model)
     layout = None
     if local is not None and has_precision(local, precision):
         layout = load_export(local, precision)
@@ -136,15 +166,21 @@ def _triton_backend(model: str | Path | None, url: str, precision: str, **option
 
 def _bag_or_single(bag: BagSpec, connect: list[Callable[[], Backend]]) -> Backend:
     """One backend per member (closing those opened if one fails), as a
-    :class:`~.bag.BagBackend` when there are several or the weights are not all one."""
-    members: list[Backend] = []
+    :class:`~.bag.BagBackend` when there are several or the weights are not all one.
+
+    A model a bag lists twice (``repro_mdx_a_hybrid_only``) is opened once and listed twice:
+    the pipeline still runs it once per listing, as demucs does (with shifts, each draws
+    its own)."""
+    opened: dict[str, Backend] = {}
     try:
-        for opener in connect:
-            members.append(opener())
+        for name, opener in zip(bag.members, connect, strict=True):
+            if name not in opened:
+                opened[name] = opener()
+        members = [opened[name] for name in bag.members]
         if len(members) == 1 and all(w == 1 for row in bag.weights for w in row):
             return members[0]
         return BagBackend(members, bag.weights, bag.name)
     except BaseException:
-        for opened in members:
-            opened.close()
+        for backend in opened.values():
+            backend.close()
         raise

@@ -40,13 +40,17 @@ class BagBackend:
         self.spec: ModelSpec = dataclasses.replace(self.members[0].spec, checkpoint=name,
                                                    checkpoint_sha256=digest)
 
+    @property
+    def where(self) -> str:
+        return self.members[0].where
+
     def submit(self, mix: np.ndarray) -> Future:
         raise StemserveError("a bag's requests go to its members: pass the bag to the "
                              "pipeline, which sends each member its own")
 
     def close(self) -> None:
-        for member in self.members:
-            member.close()
+        for member in {id(member): member for member in self.members}.values():
+            member.close()  # once each: a model the bag lists twice is one backend
 
     def __enter__(self) -> "BagBackend":
         return self

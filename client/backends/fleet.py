@@ -169,6 +169,7 @@ class FleetBackend:
         if server_window < 1:
             raise StemserveError(f"server_window must be >= 1, got {server_window}")
         self.urls = list(urls)
+        self.where = f"{len(self.urls)} Triton servers ({', '.join(self.urls)})"
         self.server_window = server_window
         self.backoff = backoff
         self.grace = backoff * (2 ** retries - 1)

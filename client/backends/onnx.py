@@ -58,3 +58,5 @@ class OnnxBackend(LocalBackend):
             return session.run([spec.output_name], {spec.input_name: batch})[0]
 
         super().__init__(spec, run, max_batch=max_batch, name="stemserve-onnx")
+        self.where = ("in-process OpenVINO (bf16 arithmetic)" if spec.precision == "bf16"
+                      else "in-process ONNX Runtime")

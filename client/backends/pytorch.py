@@ -14,6 +14,7 @@ from stemserve.client.backends.local import LocalBackend
 from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.spec import ModelSpec
+from stemserve.untrusted import safe_name
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,7 +46,8 @@ class TorchBackend(LocalBackend):
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"not {precision!r}")
         model = model.eval().to(device)
-        spec = ModelSpec.for_model(model, checkpoint=info.name, checkpoint_sha256=info.sha256,
+        spec = ModelSpec.for_model(model, checkpoint=safe_name(info.name),
+                                   checkpoint_sha256=info.sha256,
                                    segment_length=segment_samples(model, segment),
                                    model_name=TRITON_MODEL, family=family_of(model),
                                    forward_randrange=forward_randrange(model),
@@ -60,3 +62,4 @@ class TorchBackend(LocalBackend):
                 return model(mix).float().cpu().numpy()
 
         super().__init__(spec, run, max_batch=max_batch, name="stemserve-torch")
+        self.where = f"in-process PyTorch on {device}"

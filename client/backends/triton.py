@@ -330,6 +330,7 @@ class TritonBackend:
                  shared_memory: bool | None = None, shm_slots: int = DEFAULT_IN_FLIGHT,
                  spec: ModelSpec | None = None):
         self.url = url
+        self.where = f"Triton at {url}"
         self.model = model
         self.timeout = timeout
         self.retries = retries
