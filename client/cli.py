@@ -477,8 +477,8 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     from stemserve.client.options import add_options
     from stemserve.web.settings import Settings
 
-    parser = sub.add_parser("web", help="serve the upload page and HTTP API (demucs image's "
-                                        "port 8000)")
+    parser = sub.add_parser("web", help="serve the upload page and HTTP API (port 8080; "
+                                        "--port 8000 for the demucs image's)")
     add_options(parser, Settings)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
@@ -513,7 +513,9 @@ def _run_web(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stemserve",
-        description="Separate music into drums, bass, other and vocals with Demucs on Triton.")
+        description="Separate music into stems (drums, bass, other, vocals; guitar and piano "
+                    "with 6-source models) with any Demucs generation, in-process or on "
+                    "Triton Inference Server.")
     parser.add_argument("--version", action="version", version=f"stemserve {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     # -v after the sub-command too; SUPPRESS keeps a -v given before it.

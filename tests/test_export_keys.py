@@ -163,3 +163,28 @@ def test_exports_are_put_in_place_whole(tmp_path, cache):
     assert sorted(item.name for item in folder.iterdir()) == \
         ["model.json", "model.onnx", SOURCE_FILE]
     assert [item.name for item in (cache / "export").iterdir()] == [folder.name]
+
+
+def test_the_web_catalog_says_what_each_export_is(tmp_path, cache, small_export, monkeypatch):
+    """A local file named like a release is listed by its folder, never as the release; each
+    entry says whether it is a release or a local file, its family and sha256."""
+    from stemserve.web.catalog import ModelCatalog
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached release
+    export_dir_for(save_v2(tmp_path / "htdemucs.th", 1), "demucs_unittest")
+    mine = save_v2(tmp_path / "mine.th", 2)
+    export_dir_for(mine, "demucs_unittest")
+    catalog = ModelCatalog(model=str(small_export))
+    catalog.open()
+    try:
+        models = catalog.models()
+        assert list(models)[0] == "small" and "htdemucs" not in models
+        (local_ht,) = [name for name in models if name.startswith("htdemucs-")]
+        assert catalog.describe(local_ht).startswith(
+            f"local file {(tmp_path / 'htdemucs.th').resolve()} (sha256 ")
+        assert "Demucs v2, sha256 " in catalog.describe(local_ht)
+        assert catalog.describe("mine").startswith(f"local file {mine.resolve()} (sha256 ")
+        assert catalog.describe("small").startswith("Demucs v2, sha256 ")
+        assert catalog.sources("mine") == tuple(SOURCES)
+    finally:
+        catalog.close()

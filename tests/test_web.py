@@ -7,9 +7,12 @@ limit tests need only small files. The queue itself is tested with a runner the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,10 +27,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from stemserve.defaults import DEFAULT_MODEL
 from stemserve.errors import StemserveError
 from stemserve.web.jobs import (ARCHIVE, JOB_ID, LOCK, MARKER, Job, JobQueue, QueueFull,
                                 StoreFull, folder_bytes)
-from stemserve.web.settings import MB
+from stemserve.web.names import AUDIO_TYPES
+from stemserve.web.settings import MB, Settings
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 MAX_UPLOAD_MB = 1
@@ -130,7 +135,15 @@ def submit(client: httpx.Client, path: Path, name: str | None = None, **form) ->
 # ---------------------------------------------------------------------------------------------
 # The job API
 
-def test_job_api_separates_and_serves_every_stem(client, track):
+def small_model_info(small_export: Path) -> dict:
+    """What a job on the small model says separated it: its sidecar's checkpoint, sha256,
+    precision and family."""
+    spec = json.loads((small_export / "model.json").read_text())
+    return {"checkpoint": "small", "checkpoint_sha256": spec["checkpoint_sha256"],
+            "precision": "fp32", "family": "demucs"}
+
+
+def test_job_api_separates_and_serves_every_stem(client, track, small_export):
     response = submit(client, track)
     assert response.status_code == 202, response.text
     job = response.json()
@@ -140,6 +153,8 @@ def test_job_api_separates_and_serves_every_stem(client, track):
 
     done = wait_done(client, job["id"])
     assert done["state"] == "done", done
+    assert done["model_info"] == small_model_info(small_export)
+    assert (done["stage"], done["stage_text"]) == (None, None)
     assert done["progress"] == pytest.approx(done["seconds"]) == pytest.approx(2.5)
     assert [stem["name"] for stem in done["stems"]] == SOURCES
     for stem in done["stems"]:
@@ -165,10 +180,11 @@ def test_options_two_stems_flac_and_shifts(client, track):
     assert (info.format, info.subtype) == ("FLAC", "PCM_24")
 
 
-def test_config_offers_the_served_model_and_cli_defaults(client):
+def test_config_offers_the_served_model_and_cli_defaults(client, small_export):
     config = client.get("/api/config").json()
     assert config["backend"] == "triton"
     assert config["models"] == ["small"] and config["default_model"] == "small"
+    assert config["model_info"] == small_model_info(small_export)
     assert (config["default_format"], config["default_shifts"]) == ("wav", 0)
     assert config["sources"] == SOURCES and config["model_sources"] == {"small": SOURCES}
     assert (config["max_upload_mb"], config["max_duration"]) == (MAX_UPLOAD_MB, MAX_DURATION)
@@ -209,6 +225,84 @@ def test_openapi_describes_both_apis_and_every_refusal_shape(client):
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     refusal = paths["/api/jobs"]["post"]["responses"]["422"]["content"]["application/json"]
     assert refusal["schema"] == {"$ref": "#/components/schemas/Refusal"}
+
+
+def test_the_api_says_what_stemserve_is_now(client):
+    """/docs showed "Demucs v2 on NVIDIA Triton" long after every generation ran."""
+    description = client.get("/openapi.json").json()["info"]["description"]
+    assert "Demucs v2" not in description
+    assert "Hybrid Transformer Demucs" in description and f"`{DEFAULT_MODEL}`" in description
+    assert "separates on NVIDIA Triton, with `small`" in description
+
+
+def test_the_page_accepts_the_files_the_server_takes(client):
+    """The file chooser offers what the server stores with its extension, and no less."""
+    page = client.get("/").text
+    accept = re.search(r'<input id="file" type="file"\s+accept="([^"]+)"', page).group(1)
+    assert accept.split(",") == ["audio/*", *AUDIO_TYPES]
+
+
+def test_the_favicon_is_a_small_svg(client):
+    page = client.get("/").text
+    assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in page
+    for path in ("/favicon.ico", "/static/favicon.svg"):
+        icon = client.get(path)
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+        assert icon.content.startswith(b"<svg") and len(icon.content) < 2048
+
+
+def test_access_lines_only_with_verbose_logging(client, track, jobs_dir, small_export,
+                                                free_ports, tmp_path):
+    """A player's range requests made a log line each: uvicorn's access log is on with -v
+    only (the stemserve logger at DEBUG)."""
+    done = wait_done(client, submit(client, track).json()["id"])
+    for _ in range(3):
+        client.get(done["mix_url"], headers={"Range": "bytes=0-1023"})
+    quiet = (jobs_dir.parent / "web.log").read_text()
+    assert "stemserve web on http://127.0.0.1:" in quiet
+    assert "HTTP/1.1\" 206" not in quiet and "GET /api/" not in quiet
+
+    with running_web(free_ports(1)[0], tmp_path / "jobs", "-v", "--backend", "onnx",
+                     "--model", str(small_export)) as base:
+        assert httpx.get(f"{base}/api/config").status_code == 200
+    assert '"GET /api/config HTTP/1.1" 200' in (tmp_path / "web.log").read_text()
+
+
+def test_a_port_in_use_stops_the_start_naming_the_port_and_the_flag(free_ports, tmp_path):
+    """uvicorn used to say "address already in use" after the server was announced, and
+    exit with 3; the port is now bound first."""
+    port = free_ports(1)[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = subprocess.run([sys.executable, "-m", "stemserve", "web", "--port", str(port),
+                                 "--jobs-dir", str(tmp_path / "jobs"), "--backend", "onnx"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == (f"stemserve: error: cannot listen on 127.0.0.1:{port}: the port "
+                             "is in use; pick another with --port\n")
+    assert result.stdout == ""
+
+
+def test_a_port_of_stemserve_serve_names_the_flag_that_moves_triton(monkeypatch, tmp_path):
+    """8000 is a local tritonserver's HTTP port: the error says how to move either. The
+    port is taken here (by this test when it is free, else by whoever holds it)."""
+    import stemserve.web.server as server
+
+    monkeypatch.setattr(server, "create_app", lambda settings: pytest.fail("not bound first"))
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(socket.socket())
+        try:
+            holder.bind(("127.0.0.1", 8000))
+            holder.listen()
+        except OSError as err:
+            assert err.errno == errno.EADDRINUSE
+        with pytest.raises(StemserveError) as refused:
+            server.serve(Settings(port=8000, jobs_dir=tmp_path / "jobs"))
+    assert str(refused.value) == (
+        "cannot listen on 127.0.0.1:8000: the port is in use; pick another with --port (8000 "
+        "is the HTTP port of `stemserve serve`: a local Triton may hold it, and can move with "
+        "`stemserve serve --http-port`)")
 
 
 def test_docs_load_nothing_from_elsewhere(client):

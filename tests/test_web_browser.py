@@ -11,6 +11,7 @@ started with a token is used through the page's token form.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ import pytest
 import soundfile as sf
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from test_web import make_track, running_web
 
 TOKEN = "correct-horse-battery-staple"
@@ -164,6 +165,103 @@ def test_upload_separate_play_and_download(page, web, tmp_path):
     page.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot of the finished page: {screenshot}")
+
+
+def small_sha256(small_export: Path) -> str:
+    return json.loads((small_export / "model.json").read_text())["checkpoint_sha256"]
+
+
+def set_width(browser, width: int) -> None:
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+
+
+def name_fits(browser) -> dict[str, dict]:
+    """Each row's name: whether its box ends before its mute button, whether its text is
+    wider than that box (drawn over the button, or cut), how it is cut, and its tooltip."""
+    return browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#tracks .track')].map(r => {"
+        "  const name = r.querySelector('.name'), mute = r.querySelector('.mute');"
+        "  const style = getComputedStyle(name);"
+        "  return [r.dataset.stem, {"
+        "    clear: name.getBoundingClientRect().right <= mute.getBoundingClientRect().left,"
+        "    wider: name.scrollWidth > name.clientWidth,"
+        "    cut: style.overflow + ' ' + style.textOverflow, title: name.title}];}));")
+
+
+def buttons(browser, stem: str) -> tuple[str, str, bool]:
+    """A row's M and S (pressed or not) and whether its audio is muted."""
+    return tuple(browser.execute_script(
+        f"const r = document.querySelector('.track[data-stem=\"{stem}\"]');"
+        "return [r.querySelector('.mute').getAttribute('aria-pressed'),"
+        "        r.querySelector('.solo').getAttribute('aria-pressed'),"
+        "        r.querySelector('audio').muted];"))
+
+
+def test_two_stems_names_fit_the_buttons_show_what_is_heard_and_the_model_is_named(
+        browser, web, small_export, tmp_path):
+    """"No_vocals" ran into its M button; the mix's M stayed lit while the mix was soloed
+    (and heard); nothing said which checkpoint made the stems; /favicon.ico was a 404."""
+    browser.get(web)
+    wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"))
+    prefix = small_sha256(small_export)[:12]
+    assert browser.find_element(By.ID, "model-info").text == (
+        f"Separates with model small (Demucs v2, fp32, checkpoint small, sha256 {prefix}) "
+        "on Triton.")
+    Select(browser.find_element(By.ID, "two-stems")).select_by_value("vocals")
+    choose_file(browser, make_track(tmp_path / "two stems.wav", seconds=1.5))
+    wait_for(browser, browser.find_element(By.ID, "result").is_displayed)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tracks .track")
+    assert [row.get_attribute("data-stem") for row in rows] == ["mix", "vocals", "no_vocals"]
+    info = browser.find_element(By.ID, "track-info").text
+    assert f"model small (Demucs v2, fp32, checkpoint small, sha256 {prefix})" in info
+    assert "vocals + no_vocals" in info
+
+    for width in (1100, 380):  # the desktop and the page's narrow layout (under 560 px)
+        set_width(browser, width)
+        fits = wait_for(browser, lambda: name_fits(browser), timeout=5)
+        assert {stem: (fit["clear"], fit["wider"], fit["cut"], fit["title"])
+                for stem, fit in fits.items()} == {
+            stem: (True, False, "hidden ellipsis", stem) for stem in ("mix", "vocals",
+                                                                        "no_vocals")}, width
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+    # The mix starts muted: M lit. Soloed, it is heard: S lit, M not, the stems silent.
+    assert buttons(browser, "mix") == ("true", "false", True)
+    browser.find_element(By.CSS_SELECTOR, '.track[data-stem="mix"] .solo').click()
+    assert buttons(browser, "mix") == ("false", "true", False)
+    assert buttons(browser, "vocals") == ("false", "false", True)
+    # The solo's end brings its mute back; M on a soloed row ends the solo and mutes it.
+    browser.find_element(By.CSS_SELECTOR, '.track[data-stem="mix"] .solo').click()
+    assert buttons(browser, "mix") == ("true", "false", True)
+    assert buttons(browser, "vocals") == ("false", "false", False)
+    browser.find_element(By.CSS_SELECTOR, '.track[data-stem="vocals"] .solo').click()
+    browser.find_element(By.CSS_SELECTOR, '.track[data-stem="vocals"] .mute').click()
+    assert buttons(browser, "vocals") == ("true", "false", True)
+    assert buttons(browser, "no_vocals") == ("false", "false", False)
+
+    icon = browser.execute_script("return document.querySelector('link[rel=icon]').href")
+    assert httpx.get(icon).status_code == 200
+    assert [entry for entry in browser.get_log("browser")
+            if "favicon" in entry["message"]] == []
+
+
+def test_the_stage_is_named_beside_the_bar(page):
+    """A job's stage text (here a model being prepared: exported, the first time) is shown
+    on the bar's line, to its right."""
+    page.execute_script(
+        "showStatus(...describe({state: 'running', stage: 'preparing', stage_text: "
+        "'preparing the model', name: 'song.wav', model: 'htdemucs', progress: 0, "
+        "seconds: 3, stage_progress: 0}));")
+    stage = page.find_element(By.ID, "status-stage")
+    bar = page.find_element(By.ID, "status-bar")
+    assert stage.text == "preparing the model"
+    assert page.find_element(By.ID, "status-text").text.startswith("Preparing htdemucs for "
+                                                                   "song.wav")
+    stage_box, bar_box = stage.rect, bar.rect
+    assert stage_box["x"] >= bar_box["x"] + bar_box["width"]
+    assert abs((stage_box["y"] + stage_box["height"] / 2)
+               - (bar_box["y"] + bar_box["height"] / 2)) < 6
 
 
 def test_docs_render_the_api_offline(browser, web):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -18,6 +19,9 @@ import httpx
 import pytest
 from test_web import make_track, running_web, wait_done
 from test_web_limits import connect, read_answer, status_of, upload_head
+
+from stemserve.web import guards
+from stemserve.web.guards import TokenThrottle, client_key
 
 ALLOWED = "https://music.example.com"
 TOKEN = "s3cret-t0ken"
@@ -160,12 +164,20 @@ def locked(triton_server, small_export, free_ports, tmp_path_factory) -> Iterato
         yield base
 
 
-@pytest.mark.parametrize("path", ["/api/config", "/api/jobs/" + "a" * 22,
-                                  "/api/jobs/" + "a" * 22 + "/zip"])
-def test_without_the_token_the_api_answers_401(locked, path):
+def from_address(address: str, **options) -> httpx.Client:
+    """A client that connects from another loopback address than 127.0.0.1: the token
+    throttle counts wrong tokens per address, so each test's guesses stay its own."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), **options)
+
+
+@pytest.mark.parametrize("path,address", [("/api/config", "127.0.0.11"),
+                                          ("/api/jobs/" + "a" * 22, "127.0.0.12"),
+                                          ("/api/jobs/" + "a" * 22 + "/zip", "127.0.0.13")])
+def test_without_the_token_the_api_answers_401(locked, path, address):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
                     {"Cookie": "stemserve_token=wrong"}):
-        response = httpx.get(f"{locked}{path}", headers=headers)
+        with from_address(address) as client:
+            response = client.get(f"{locked}{path}", headers=headers)
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Bearer"
         assert response.json()["detail"] == ("This server needs its token: enter it on the "
@@ -212,3 +224,78 @@ def test_the_page_logs_in_once_and_keeps_the_token_in_a_strict_cookie(locked):
     cross = httpx.post(f"{locked}/api/login", json={"token": TOKEN},
                        headers={"Origin": "https://evil.example"})
     assert cross.status_code == 403
+
+
+# ---------------------------------------------------------------------------------------------
+# Guessing the token
+
+def test_300_wrong_tokens_are_throttled_and_the_right_one_works_after_the_wait(locked):
+    """300 guesses used to take 0.3 s: after 5 the address waits (429, Retry-After), longer
+    after each further guess; the right token after the wait logs in. Other addresses are
+    not slowed down meanwhile."""
+    with from_address("127.0.0.21", base_url=locked, timeout=30) as guesser:
+        answers = [guesser.post("/api/login", json={"token": f"guess-{index}"})
+                   for index in range(300)]
+        statuses = [answer.status_code for answer in answers]
+        assert statuses[:5] == [401] * 5 and statuses[5] == 429
+        assert statuses.count(401) <= 10 and statuses.count(401) + statuses.count(429) == 300
+        refused = answers[-1] if statuses[-1] == 429 else answers[statuses.index(429)]
+        wait = int(refused.headers["retry-after"])
+        assert 1 <= wait <= 64
+        assert refused.json() == {"detail": f"Too many wrong tokens from this address: try "
+                                            f"again in {wait} s."}
+        # The right token is refused unchecked while the address waits ...
+        assert guesser.post("/api/login", json={"token": TOKEN}).status_code == 429
+        with from_address("127.0.0.22", base_url=locked) as other:
+            assert other.get("/api/config", headers={"Authorization": f"Bearer {TOKEN}"}
+                             ).status_code == 200
+        deadline = time.monotonic() + 70
+        while (late := guesser.post("/api/login", json={"token": TOKEN})).status_code == 429 \
+                and time.monotonic() < deadline:
+            time.sleep(int(late.headers["retry-after"]))
+        # ... and logs in once the wait is over.
+        assert late.status_code == 204
+
+
+def test_bearer_and_cookie_guesses_count_as_wrong_tokens(locked):
+    with from_address("127.0.0.23", base_url=locked) as guesser:
+        statuses = [guesser.get("/api/config", headers=headers).status_code
+                    for headers in [{"Authorization": "Bearer wrong"},
+                                    {"Cookie": "stemserve_token=wrong"}] * 3]
+    assert statuses == [401] * 5 + [429]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_throttle_doubles_the_wait_forgets_and_stays_bounded():
+    clock = Clock()
+    throttle = TokenThrottle(capacity=3, clock=clock)
+    for _ in range(4):
+        throttle.failed("a")
+    assert throttle.wait("a") == 0  # four free failures
+    waits = []
+    for _ in range(12):
+        throttle.failed("a")
+        waits.append(throttle.wait("a"))
+        clock.now += waits[-1]  # the next guess comes when the wait is over
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, guards.MAX_WAIT, guards.MAX_WAIT]
+    clock.now += guards.FORGET_AFTER + 1
+    throttle.failed("a")
+    assert throttle.wait("a") == 0  # a fresh start
+    for client in ("b", "c", "d"):
+        throttle.failed(client)
+    assert len(throttle) == 3 and "a" not in throttle._failures  # the least recent went first
+
+
+def test_clients_count_by_address_ipv6_by_its_64():
+    assert client_key({"client": ("192.0.2.7", 50000)}) == "192.0.2.7"
+    assert client_key({"client": ("::ffff:192.0.2.7", 50000)}) == "192.0.2.7"
+    assert client_key({"client": ("2001:db8:1:2:3:4:5:6", 1)}) == \
+        client_key({"client": ("2001:db8:1:2:ffff::1", 2)}) == "2001:db8:1:2::/64"
+    assert client_key({"client": None}) == "?"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -20,30 +22,43 @@ from test_web import make_track
 from stemserve.defaults import SOURCES, STEM_NAMES
 from stemserve.errors import (InputError, JobFailed, JobNotDone, ModelError, QueueFull,
                               StemserveError, TooLarge, UnknownJob)
-from stemserve.web.jobs import MARKER, Job, JobQueue
+from stemserve.web.jobs import MARKER, RECORD, Job, JobQueue, ModelInfo
 from stemserve.web.options import JobOptions
 from stemserve.web.service import JobService
 from stemserve.web.settings import MB, Settings
 
 
+SMALL = ModelInfo(checkpoint="small", checkpoint_sha256="5e1f" * 16, precision="int8",
+                  family="demucs")
+
+
 class Catalog:
-    """Offers two models, a 4-source and a 6-source one, and opens nothing."""
+    """Offers two models, a 4-source and a 6-source one, and opens nothing; the default
+    one's backend is a stand-in with a spec."""
 
     kind = "onnx"
 
     def models(self) -> dict[str, str]:
         return {"small": "/exports/small", "other": "/exports/other"}
 
+    def backend(self, name: str) -> SimpleNamespace:
+        assert name == "small", "only the default model is open"
+        return SimpleNamespace(spec=SimpleNamespace(**vars(SMALL)))
+
     def sources(self, name: str) -> tuple[str, ...] | None:
         return {"small": SOURCES, "other": STEM_NAMES}.get(name)
+
+    def describe(self, name: str) -> str:
+        return f"a test's {name} model"
 
     def close(self) -> None:
         pass
 
 
 class Runner:
-    """Writes one stem per job once ``release`` is set; fails jobs whose name says so.
-    ``started`` is set once a job runs."""
+    """Prepares the job's model, then writes one stem per job once ``release`` is set (as
+    the small model in int8); fails jobs whose name says so. ``started`` is set once a job
+    runs."""
 
     def __init__(self):
         self.started = threading.Event()
@@ -51,8 +66,10 @@ class Runner:
         self.release.set()
 
     def __call__(self, job: Job, on_progress) -> dict[str, Path]:
+        on_progress("preparing", 0.0, 0.0)
         self.started.set()
         self.release.wait(10)
+        job.model_info = SMALL
         if "fail" in job.name:
             raise StemserveError(f"{job.upload_path}: cannot decode audio (test)")
         stems = job.folder / "stems"
@@ -194,8 +211,32 @@ def test_config_offers_the_catalog_and_the_limits(service):
         ("onnx", ["small", "other"], "small")
     assert config.sources == list(SOURCES)
     assert config.model_sources == {"small": list(SOURCES), "other": list(STEM_NAMES)}
+    assert config.model_descriptions == {"small": "a test's small model",
+                                         "other": "a test's other model"}
     assert (config.default_format, config.default_shifts, config.max_shifts) == ("wav", 0, 10)
     assert (config.max_upload_mb, config.max_duration) == (1, 5)
+    assert config.model_info == SMALL
+
+
+def test_a_job_says_its_stage_in_words_and_keeps_the_model_it_ran_on(service, runner, wav):
+    """While its model is prepared (exported, the first time) a job says so; once done it
+    names the checkpoint, sha256 and precision that made its stems, also after a restart."""
+    runner.release.clear()
+    job = service.accept(io.BytesIO(wav), "song.wav")
+    assert runner.started.wait(5)
+    preparing = service.status(job.id)
+    assert (preparing.state, preparing.stage, preparing.stage_text, preparing.model_info) == \
+        ("running", "preparing", "preparing the model", None)
+    runner.release.set()
+    asyncio.run(service.wait(job.id))
+    done = service.status(job.id)
+    assert (done.stage, done.stage_text, done.model_info) == (None, None, SMALL)
+    record = json.loads((service.settings.jobs_dir / job.id / RECORD).read_text())
+    assert record["model_info"] == vars(SMALL)
+    service.queue.close()
+    again = JobQueue(service.settings.jobs_dir, runner)
+    assert again.get(job.id).model_info == SMALL
+    again.close()
 
 
 @pytest.mark.parametrize("options,message", [

@@ -97,3 +97,21 @@ def test_the_docs_list_every_flag():
                   if isinstance(action, argparse._SubParsersAction)).choices["web"]
     flags = {flag for action in parser._actions for flag in action.option_strings}
     assert documented == flags - {"-h", "--help", "-v", "--verbose"}
+
+
+def test_the_web_port_is_none_of_the_ports_stemserve_serve_takes(served):
+    """``stemserve web`` beside a default ``stemserve serve`` (a local tritonserver on
+    8000-8002) used to fail on 8000: its default is out of their way, the old port a flag."""
+    serve = next(action for action in cli.build_parser()._actions
+                 if isinstance(action, argparse._SubParsersAction)).choices["serve"]
+    taken = {action.default for action in serve._actions
+             if action.dest in ("http_port", "grpc_port", "metrics_port")}
+    assert taken == {8000, 8001, 8002}
+    assert Settings().port == 8080 and Settings().port not in taken
+    assert web("--port", "8000") == 0 and served[-1].port == 8000
+
+
+def test_the_docs_give_the_defaults_and_where_exports_live():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "web.md").read_text()
+    assert "| `--host`, `--port` | `127.0.0.1`, `8080` |" in text
+    assert "build/export" not in text and "~/.cache/stemserve/export/" in text

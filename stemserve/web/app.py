@@ -26,11 +26,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from stemserve.defaults import STEM_NAMES
+from stemserve.defaults import DEFAULT_MODEL, STEM_NAMES
 from stemserve.errors import StemserveError
-from stemserve.web.guards import (TOKEN_COOKIE, AccessGuard, UploadGuard, is_loopback,
-                                  parse_origins, same_token, upload_reservation)
-from stemserve.web.jobs import JobState, Stage
+from stemserve.web.guards import (TOKEN_COOKIE, AccessGuard, TokenThrottle, UploadGuard,
+                                  client_key, is_loopback, parse_origins, same_token,
+                                  throttled, upload_reservation)
+from stemserve.web.jobs import JobState, ModelInfo, Stage
 from stemserve.web.options import DEFAULT_FORMAT, FORMATS, MAX_SHIFTS, JobOptions
 from stemserve.web.refusals import documented, refusal, validation_message
 from stemserve.web.service import Download, JobReport, JobService, ServiceConfig
@@ -67,11 +68,16 @@ class JobStatus(BaseModel):
     seconds: float = Field(description="length of the track in seconds")
     progress: float = Field(description="audio seconds separated so far")
     stage: Stage | None = Field(
-        None, description="what a running job does now: separating, then encoding the "
-                          "stems (those that wait for the track's peak), then zipping them")
+        None, description="what a running job does now: preparing its model (exporting it "
+                          "first, on its first use), separating, then encoding the stems "
+                          "(those that wait for the track's peak), then zipping them")
+    stage_text: str | None = Field(None, description="the stage in words, for the page")
     stage_progress: float = Field(0.0, description="how far the stage is, from 0 to 1")
     error: str | None = None
     model: str
+    model_info: ModelInfo | None = Field(
+        None, description="the checkpoint, its sha256, precision and family the job "
+                          "separates with; null until its model is open")
     two_stems: str | None
     shifts: int
     format: str
@@ -101,6 +107,18 @@ def download(file: Download, background: BackgroundTask | None = None) -> FileRe
                         background=background)
 
 
+def describe(service: JobService) -> str:
+    """What ``/docs`` says the server is: the generations stemserve runs, and how this one
+    separates (its backend and default model)."""
+    where = "on NVIDIA Triton" if service.catalog.kind == "triton" else \
+        "in-process with ONNX Runtime"
+    return (f"Separate music into stems with Demucs, any generation: v2, v3, Hybrid Demucs "
+            f"and Hybrid Transformer Demucs (stemserve's default model is `{DEFAULT_MODEL}`). "
+            f"This server separates {where}, with `{next(iter(service.catalog.models()))}` "
+            f"unless a job names another model. The page at / uses the job API; the demucs "
+            f"image's `POST /api/music/{{file_name}}` still answers with a zip of MP3 stems.")
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The web service for ``settings``; its job service opens now
     (:meth:`JobService.open`), so that what cannot work stops the start with its error."""
@@ -118,15 +136,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="stemserve", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, form_limits=FORM_LIMITS,
-                  description="Separate music into drums, bass, other and vocals (Demucs v2 "
-                              "on NVIDIA Triton). The page at / uses the job API; the "
-                              "demucs image's `POST /api/music/{file_name}` still answers "
-                              "with a zip of MP3 stems.")
+                  description=describe(service))
+    throttle = TokenThrottle()
     app.add_middleware(UploadGuard, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD,
                        message=f"The file is too large: uploads are limited to "
                                f"{settings.max_upload_mb:g} MB.", service=service)
-    app.add_middleware(AccessGuard, allowed=allowed,
-                       token=settings.token, loopback=is_loopback(settings.host))
+    app.add_middleware(AccessGuard, allowed=allowed, token=settings.token,
+                       loopback=is_loopback(settings.host), throttle=throttle)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(StemserveError)
@@ -146,28 +162,38 @@ def create_app(settings: Settings) -> FastAPI:
         """The API reference, drawn by ``static/docs.js`` from ``/openapi.json``."""
         return FileResponse(STATIC / "docs.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        """The pages link their icon; this answers browsers and tools that ask anyway."""
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     if settings.token:
         token = settings.token
 
         @app.post("/api/login", status_code=204, tags=["access"],
-                  responses=documented(401, 403, 422))
+                  responses=documented(401, 403, 422, 429))
         async def login(body: Login, request: Request) -> Response:
             """Check the token and keep it in an HttpOnly cookie for the page, whose audio
-            players and download links cannot send an ``Authorization`` header."""
+            players and download links cannot send an ``Authorization`` header. Wrong
+            tokens are throttled per address, as everywhere else (429 and ``Retry-After``)."""
+            client = client_key(request.scope)
+            if wait := throttle.wait(client):
+                return throttled(wait)
             if not same_token(body.token, token):
+                throttle.failed(client)
                 raise HTTPException(401, "Wrong token.")
             response = Response(status_code=204)
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
                                 secure=request.url.scheme == "https")
             return response
 
-    @app.get("/api/config", tags=["jobs"])
+    @app.get("/api/config", tags=["jobs"], responses=documented(401, 429))
     async def config() -> ServiceConfig:
         """Models, stems, formats and limits, for the page's form."""
         return await run_in_threadpool(service.config)
 
     @app.post("/api/jobs", status_code=202, tags=["jobs"],
-              responses=documented(400, 401, 403, 413, 422, 503, 507))
+              responses=documented(400, 401, 403, 413, 422, 429, 503, 507))
     async def submit(request: Request,
                      file: Annotated[UploadFile, File(description="the track")],
                      model: Annotated[str | None, Form()] = None,
@@ -181,37 +207,39 @@ def create_app(settings: Settings) -> FastAPI:
                                       upload_reservation(request))
         return JobStatus.of(service.report(job))
 
-    @app.get("/api/jobs/{job_id}", tags=["jobs"], responses=documented(401, 404, 422))
+    @app.get("/api/jobs/{job_id}", tags=["jobs"], responses=documented(401, 404, 422, 429))
     async def job_status(job_id: str) -> JobStatus:
         """Queue position, progress, error or stems of a job."""
         return JobStatus.of(service.status(job_id))
 
     @app.get("/api/jobs/{job_id}/mix", tags=["jobs"], response_class=FileResponse,
-             responses=documented(401, 404, 422))
+             responses=documented(401, 404, 422, 429))
     async def mix(job_id: str) -> FileResponse:
         """The uploaded track, for the player."""
         return download(service.mix(job_id))
 
     @app.get("/api/jobs/{job_id}/stems/{stem}", tags=["jobs"], response_class=FileResponse,
-             responses=documented(401, 404, 409, 422))
+             responses=documented(401, 404, 409, 422, 429))
     async def stem_file(job_id: str, stem: str) -> FileResponse:
         """One stem of a finished job."""
         return download(service.stem(job_id, stem))
 
     @app.get("/api/jobs/{job_id}/zip", tags=["jobs"], response_class=FileResponse,
-             responses=documented(401, 404, 409, 422))
+             responses=documented(401, 404, 409, 422, 429))
     async def stems_zip(job_id: str) -> FileResponse:
         """Every stem of a finished job in one zip."""
         return download(await run_in_threadpool(service.archive, job_id))
 
     @app.post("/api/music/{file_name:path}", tags=["legacy"], response_class=FileResponse,
               responses={200: {"content": {"application/zip": {}},
-                               "description": "drums, bass, other and vocals as MP3 320 kb/s"},
-                         **documented(400, 401, 403, 413, 422, 500, 503, 507)})
+                               "description": "the default model's stems (drums, bass, "
+                                              "other, vocals) as MP3 320 kb/s"},
+                         **documented(400, 401, 403, 413, 422, 429, 500, 503, 507)})
     async def legacy_music(request: Request, file_name: str,
                            file: Annotated[UploadFile, File(description="the track")]
                            ) -> FileResponse:
-        """The demucs image's API: upload, wait, get a zip of the four stems as MP3.
+        """The demucs image's API: upload, wait, get a zip of the default model's stems as
+        MP3.
 
         ``file_name`` names the zip only; it is never used as a path. The client never
         learns the job's id, so the job is deleted once its zip is sent (or it failed).

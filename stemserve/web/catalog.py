@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 from stemserve.client import open_backend
-from stemserve.defaults import DEFAULT_MODEL, export_root
+from stemserve.client.models import keyed_exports, local_export
+from stemserve.defaults import DEFAULT_MODEL
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend
-from stemserve.spec import is_export, load_export
+from stemserve.releases import KNOWN_MODELS
+from stemserve.spec import ModelSpec, is_export, load_export
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +71,45 @@ class ModelCatalog:
     def models(self) -> dict[str, str]:
         """{name: what open_backend takes}, the default first.
 
-        Triton: the served model. In-process: the default model, every export under
-        the export root, and every release whose checkpoint is cached (exported on first
-        use, which needs PyTorch).
+        Triton: the served model. In-process: the default model, every export under the
+        export root (a release by its name, a local model by its own unless a release or
+        another entry has it, then by its folder's), and every release whose checkpoint is
+        cached (exported on first use, which needs PyTorch).
         """
+        return {name: target for name, (target, _) in self._entries().items()}
+
+    def describe(self, name: str) -> str:
+        """What model ``name`` is, for a user choosing: release or local file (and where),
+        its family and checkpoint's sha256 where known."""
+        entry = self._entries().get(name)
+        if entry is None:
+            raise ModelError(f"model {name!r} is not available here")
+        return entry[1]
+
+    def _entries(self) -> dict[str, tuple[str, str]]:
+        """{name: (target, description)}, the default first."""
         if self._served is not None:
-            return {self._served: self._served}
-        models = {_model_name(self._default): self._default}
-        for folder in sorted(export_root().glob("*/")):
-            if is_export(folder):
-                models.setdefault(folder.name, str(folder))
+            backend = self._backends[self._served]
+            return {self._served: (self._served, f"served by {backend.where}: "
+                                                 f"{_spec_text(backend.spec)}")}
+        entries: dict[str, tuple[str, str]] = {}
+        default = _model_name(self._default)
+        opened = self._backends.get(default)
+        entries[default] = (self._default, _spec_text(opened.spec) if opened is not None
+                            else f"{self._default}, not opened yet")
+        for folder, source in keyed_exports():
+            spec = load_export(folder).spec
+            text = f"{source.describe()}, {_spec_text(spec)}"
+            if source.kind == "release":
+                entries.setdefault(source.name, (source.name, text))
+            elif source.name in KNOWN_MODELS or source.name in entries:
+                entries.setdefault(folder.name, (str(folder), text))
+            else:
+                entries[source.name] = (str(folder), text)
         for release in _cached_releases():
-            models.setdefault(release, release)
-        return models
+            entries.setdefault(release, (release, f"release {release}, downloaded, exported "
+                                                  "on its first job"))
+        return entries
 
     def backend(self, name: str) -> Backend:
         """The shared backend of model ``name``, opened (and exported) on first use."""
@@ -106,9 +134,8 @@ class ModelCatalog:
         if backend is not None:
             return tuple(backend.spec.sources)
         target = self.models().get(name)
-        if target is not None and is_export(Path(target)):
-            return tuple(load_export(Path(target)).spec.sources)
-        return None
+        folder = None if target is None else local_export(target)
+        return None if folder is None else tuple(load_export(folder).spec.sources)
 
     def close(self) -> None:
         with self._lock:
@@ -123,6 +150,12 @@ def _model_name(model: str) -> str:
     if is_export(Path(model)):
         return load_export(Path(model)).bag.name
     return Path(model).stem
+
+
+def _spec_text(spec: ModelSpec) -> str:
+    """A served or exported model in a few words: family, checkpoint sha256, precision."""
+    return (f"{spec.rules.title}, sha256 {spec.checkpoint_sha256[:8]}, {spec.precision}, "
+            f"{len(spec.sources)} stems")
 
 
 def _cached_releases() -> list[str]:

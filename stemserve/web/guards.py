@@ -3,14 +3,19 @@
 Both guards are plain ASGI middleware, so they answer before FastAPI reads a body: a refused
 upload never reaches the disk. :class:`AccessGuard` refuses cross-site writes (a page on
 another site posting a form to this unauthenticated API) and, with a token configured,
-``/api/`` requests without it. :class:`UploadGuard` holds request bodies to the upload limit
-and multipart uploads to the jobs folder's disk budget while they are spooled.
+``/api/`` requests without it, and makes guessing the token slow (:class:`TokenThrottle`,
+shared with ``POST /api/login``). :class:`UploadGuard` holds request bodies to the upload
+limit and multipart uploads to the jobs folder's disk budget while they are spooled.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hmac
 import ipaddress
-from typing import Iterable
+import math
+import time
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
@@ -92,20 +97,114 @@ def cross_site(headers: Headers, allowed: frozenset[str], loopback: bool) -> str
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Who may guess the token, how often
+
+FREE_FAILURES = 5
+"""Wrong tokens an address may send before it has to wait."""
+FIRST_WAIT = 1.0
+"""Seconds to wait after the last free failure; each further one doubles the wait."""
+MAX_WAIT = 900.0
+FORGET_AFTER = 60.0
+"""Seconds after its last failure (or the end of its wait) when an address starts afresh."""
+TRACKED_ADDRESSES = 4096
+"""The most addresses whose failures are kept: the least recently failing go first."""
+
+
+@dataclasses.dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    until: float = 0.0
+
+
+def client_key(scope: Scope) -> str:
+    """Who a request counts against: its peer's address; an IPv6 peer by its /64, which
+    one host usually has whole (a proxy in front makes every client one address)."""
+    host = (scope.get("client") or ("?",))[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
+
+
+class TokenThrottle:
+    """Makes guessing the token slow, per client address (:func:`client_key`), in memory.
+
+    After :data:`FREE_FAILURES` wrong tokens, an address must wait :data:`FIRST_WAIT`
+    seconds, twice as long after each further wrong token (at most :data:`MAX_WAIT`);
+    while it waits, every token it sends, the right one too, is refused unchecked, so that
+    nothing is learned from guesses made then. A right token is never counted and never
+    resets the count: another client behind the same address (a NAT) polling the page would
+    otherwise give a guesser new free tries. Failures are forgotten :data:`FORGET_AFTER`
+    seconds after the last one or its wait; at most ``capacity`` addresses are tracked.
+    """
+
+    def __init__(self, *, capacity: int = TRACKED_ADDRESSES,
+                 clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.clock = clock
+        self._failures: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def wait(self, client: str) -> float:
+        """Seconds ``client`` must still wait before its token is checked; 0 when none."""
+        now = self.clock()
+        failures = self._current(client, now)
+        return max(0.0, failures.until - now) if failures else 0.0
+
+    def failed(self, client: str) -> None:
+        """Count a wrong token from ``client``."""
+        now = self.clock()
+        failures = self._current(client, now) or _Failures()
+        failures.count += 1
+        failures.last = now
+        if failures.count >= FREE_FAILURES:
+            doublings = min(failures.count - FREE_FAILURES, 32)  # past MAX_WAIT: no overflow
+            failures.until = now + min(FIRST_WAIT * 2.0 ** doublings, MAX_WAIT)
+        self._failures[client] = failures
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.capacity:
+            self._failures.popitem(last=False)
+
+    def _current(self, client: str, now: float) -> _Failures | None:
+        failures = self._failures.get(client)
+        if failures is not None and now - max(failures.last, failures.until) > FORGET_AFTER:
+            del self._failures[client]
+            return None
+        return failures
+
+
+def throttled(wait: float) -> JSONResponse:
+    """The answer to a token sent while its address must wait."""
+    seconds = max(1, math.ceil(wait))
+    return JSONResponse({"detail": f"Too many wrong tokens from this address: try again in "
+                                   f"{seconds} s."}, 429, headers={"Retry-After": str(seconds)})
+
+
 class AccessGuard:
     """Refuses cross-site writes (403) and, with a ``token``, ``/api/`` requests that lack it
-    (401), before anything is read.
+    (401), before anything is read; an address that sent too many wrong tokens waits (429,
+    ``throttle``).
 
     The token comes as ``Authorization: Bearer <token>`` or, for the page (whose audio
     elements and download links cannot send headers), in the cookie ``POST /api/login`` sets.
     """
 
     def __init__(self, app: ASGIApp, *, allowed: frozenset[str], loopback: bool,
-                 token: str | None):
+                 token: str | None, throttle: TokenThrottle):
         self.app = app
         self.allowed = allowed
         self.loopback = loopback
         self.token = token
+        self.throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,21 +217,31 @@ class AccessGuard:
                 await JSONResponse({"detail": reason}, 403)(scope, receive, send)
                 return
         path = scope["path"]
-        if self.token and path.startswith("/api/") and path not in PUBLIC_API \
-                and not self.authorized(headers):
-            response = JSONResponse(
-                {"detail": "This server needs its token: enter it on the page, or send "
-                           "'Authorization: Bearer <token>'."}, 401,
-                headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
+        if self.token and path.startswith("/api/") and path not in PUBLIC_API:
+            client = client_key(scope)
+            wait = self.throttle.wait(client)
+            if wait:
+                await throttled(wait)(scope, receive, send)
+                return
+            credentials = self.credentials(headers)
+            if not same_token(credentials, self.token):
+                if credentials:  # a guess; no token at all is a page not logged in yet
+                    self.throttle.failed(client)
+                response = JSONResponse(
+                    {"detail": "This server needs its token: enter it on the page, or send "
+                               "'Authorization: Bearer <token>'."}, 401,
+                    headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
-    def authorized(self, headers: Headers) -> bool:
+    @staticmethod
+    def credentials(headers: Headers) -> str:
+        """The token the request sends, in its ``Authorization`` header or its cookie."""
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             credentials = cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE, "")
-        return self.token is not None and same_token(credentials.strip(), self.token)
+        return credentials.strip()
 
 
 def same_token(candidate: str, token: str) -> bool:

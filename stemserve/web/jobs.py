@@ -32,6 +32,7 @@ from typing import IO, Any, Callable, Literal
 
 from stemserve.errors import QueueFull, StemserveError, StoreFull
 from stemserve.files import atomic_path, atomic_write
+from stemserve.spec import ModelSpec
 from stemserve.web.names import public_message
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,17 @@ ARCHIVE = "stems.zip"
 # three times (the rescale spill, the stems themselves at most that large, the zip of them).
 ESTIMATE_BYTES_PER_STEM_SECOND = 44100 * 2 * 4 * 3
 
-Stage = Literal["separating", "encoding", "zipping"]
+Stage = Literal["preparing", "separating", "encoding", "zipping"]
+STAGE_TEXT: dict[Stage, str] = {
+    "preparing": "preparing the model", "separating": "separating",
+    "encoding": "encoding the stems", "zipping": "zipping the stems"}
+"""Each stage as the page says it: preparing is the model opened (exported first, the first
+time) for the job."""
 ProgressCallback = Callable[[str, float, float], None]
 """Receives ``(stage, done, total)``: audio seconds separated, or stems encoded, so far."""
 Runner = Callable[["Job", ProgressCallback], dict[str, Path]]
-"""Separates a job's upload into files under ``job.folder / STEMS``; returns {stem: path}."""
+"""Separates a job's upload into files under ``job.folder / STEMS``; returns {stem: path}.
+Sets ``job.model_info`` once it knows the model."""
 
 
 def estimate_bytes(seconds: float, stems: int) -> int:
@@ -86,6 +93,22 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Which network separated a job (its backend's spec), so that stems can be traced to
+    their checkpoint: a model name alone may be re-exported or re-quantized."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    precision: str
+    family: str
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelInfo:
+        return cls(checkpoint=spec.checkpoint, checkpoint_sha256=spec.checkpoint_sha256,
+                   precision=spec.precision, family=spec.family)
+
+
 @dataclasses.dataclass
 class Job:
     """One upload and what became of it.
@@ -93,8 +116,9 @@ class Job:
     ``name`` is the uploaded file's name, shown to the user and nowhere used as a path;
     ``upload`` is the server's own file name for it inside ``folder``. ``options`` are the
     runner's (model, stems, format). ``stems`` maps each stem to its file under ``folder``.
-    ``position`` is filled in on the copies :meth:`JobQueue.get` returns: the job's place in
-    the queue, 1 being next, or None once it left the queue.
+    ``model_info`` is set by the runner once the job's model is open. ``position`` is filled
+    in on the copies :meth:`JobQueue.get` returns: the job's place in the queue, 1 being
+    next, or None once it left the queue.
     """
 
     id: str
@@ -112,7 +136,12 @@ class Job:
     error: str | None = None
     stems: dict[str, str] = dataclasses.field(default_factory=dict)
     finished: float | None = None
+    model_info: ModelInfo | None = None
     position: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_info, dict):  # as job.json keeps it
+            self.model_info = ModelInfo(**self.model_info)
 
     @property
     def upload_path(self) -> Path:

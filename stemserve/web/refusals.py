@@ -25,6 +25,8 @@ DESCRIPTIONS = {400: "not audio, an unknown model or a malformed form",
                 401: "the token is missing or wrong", 403: "a write from another site",
                 404: "no such job (it may have expired)", 409: "the job is not done",
                 413: "file too large or track too long", 422: "a bad option",
+                429: "too many wrong tokens from this address: retry after Retry-After "
+                     "seconds",
                 500: "the separation failed", 503: "queue full: retry later",
                 507: "disk budget used up: retry later"}
 

@@ -4,16 +4,19 @@ every answer, and a clean shutdown on Ctrl-C, SIGTERM or SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
 import signal
+import socket
 import tempfile
 from typing import Any, Literal
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from stemserve.errors import StemserveError
 from stemserve.web.app import create_app
 from stemserve.web.settings import Settings
 
@@ -33,6 +36,9 @@ SECURITY_HEADERS = [
 ]
 """On every response: no type sniffing, only this server's own scripts, styles and media, no
 framing by other sites, and no job URL leaked in a Referer."""
+TRITON_PORTS = {8000: ("HTTP", "--http-port"), 8001: ("gRPC", "--grpc-port"),
+                8002: ("metrics", "--metrics-port")}
+"""``stemserve serve``'s default ports, each with the flag that moves it."""
 
 
 class TimedH11Protocol(H11Protocol):
@@ -134,34 +140,75 @@ class TimedH11Protocol(H11Protocol):
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The service's socket, bound before anything else starts (and handed to uvicorn), so
+    that a taken port stops the start with what to do instead of uvicorn's bare "address
+    already in use" after the server was announced."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restarts at once
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise StemserveError(_unbound(_address(host, port), port, err)) from None
+    return sock
+
+
+def _unbound(address: str, port: int, err: OSError) -> str:
+    """Why ``address`` cannot be listened on, and what to do."""
+    if err.errno == errno.EADDRINUSE:
+        message = f"cannot listen on {address}: the port is in use; pick another with --port"
+        if port in TRITON_PORTS:
+            kind, flag = TRITON_PORTS[port]
+            message += (f" ({port} is the {kind} port of `stemserve serve`: a local Triton may "
+                        f"hold it, and can move with `stemserve serve {flag}`)")
+        return message
+    if err.errno == errno.EACCES:
+        return (f"cannot listen on {address}: ports below 1024 need root; pick another with "
+                "--port")
+    return f"cannot listen on {address}: {err.strerror or err}; check --host and --port"
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def serve(settings: Settings) -> None:
     """Run the web service with uvicorn until Ctrl-C, SIGTERM or SIGHUP.
 
-    Uploads are spooled inside the jobs folder (``.uploads``), where the disk budget is
-    kept, never in a ``/tmp`` that may be small or in memory. All three signals shut down
-    alike (SIGHUP: a closed terminal, an ssh session ending): open requests get
+    The port is bound first (:func:`listen`): one in use stops the start with a
+    :class:`StemserveError` before a model is opened or the server announced. Uploads are
+    spooled inside the jobs folder (``.uploads``), where the disk budget is kept, never in a
+    ``/tmp`` that may be small or in memory. All three signals shut down alike (SIGHUP: a
+    closed terminal, an ssh session ending): open requests get
     :data:`GRACEFUL_SHUTDOWN_SECONDS`, then the queue and backends are closed, and the
-    signal goes on to the command line's own handler.
+    signal goes on to the command line's own handler. uvicorn's access log (a line per
+    request, and the players make a range request per chunk) is on with ``-v`` only.
     """
     import uvicorn
 
-    app = create_app(settings)
-    spool = settings.jobs_dir / SPOOL
-    spool.mkdir(exist_ok=True)
-    tempfile.tempdir = str(spool)  # this process's temporary files are its uploads' spools
-    protocol = functools.partial(TimedH11Protocol, head_timeout=settings.header_timeout,
-                                 body_timeout=settings.body_timeout)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            http=protocol,  # type: ignore[arg-type]
-                            headers=SECURITY_HEADERS,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    logger.info("stemserve web on http://%s:%d (jobs in %s)", settings.host, settings.port,
-                settings.jobs_dir)
-    previous = signal.signal(signal.SIGHUP, _as_sigterm)
-    try:
-        uvicorn.Server(config).run()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    with listen(settings.host, settings.port) as sock:
+        app = create_app(settings)
+        spool = settings.jobs_dir / SPOOL
+        spool.mkdir(exist_ok=True)
+        tempfile.tempdir = str(spool)  # this process's temporary files are its uploads' spools
+        protocol = functools.partial(TimedH11Protocol, head_timeout=settings.header_timeout,
+                                     body_timeout=settings.body_timeout)
+        verbose = logging.getLogger("stemserve").isEnabledFor(logging.DEBUG)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                access_log=verbose,
+                                http=protocol,  # type: ignore[arg-type]
+                                headers=SECURITY_HEADERS,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        logger.info("stemserve web on http://%s (jobs in %s)",
+                    _address(settings.host, sock.getsockname()[1]), settings.jobs_dir)
+        previous = signal.signal(signal.SIGHUP, _as_sigterm)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
 
 def _as_sigterm(signum: int, frame: object) -> None:

@@ -22,7 +22,8 @@ from stemserve.defaults import SOURCES, STEM_NAMES
 from stemserve.errors import (InputError, JobFailed, JobNotDone, ModelError, StemserveError,
                               TooLarge, UnknownJob)
 from stemserve.web.catalog import ModelCatalog
-from stemserve.web.jobs import ACTIVE, Job, JobQueue, JobState, Reservation, Stage, estimate_bytes
+from stemserve.web.jobs import (ACTIVE, STAGE_TEXT, Job, JobQueue, JobState, ModelInfo,
+                                Reservation, Stage, estimate_bytes)
 from stemserve.web.names import (display_name, download_stem, media_type, public_message,
                                  upload_name)
 from stemserve.web.options import DEFAULT_FORMAT, FORMATS, MAX_SHIFTS, JobOptions
@@ -39,7 +40,12 @@ class ServiceConfig:
 
     backend: Literal["triton", "onnx"]
     models: list[str]
+    model_descriptions: dict[str, str]
+    """What each model is: a release or a local file (and where), its family, checkpoint
+    sha256 and precision where known."""
     default_model: str
+    model_info: ModelInfo
+    """The default model's checkpoint, its sha256, precision and family."""
     sources: list[str]
     """The default model's stems."""
     model_sources: dict[str, list[str]]
@@ -65,9 +71,11 @@ class JobReport:
     seconds: float
     progress: float
     stage: Stage | None
+    stage_text: str | None
     stage_progress: float
     error: str | None
     model: str
+    model_info: ModelInfo | None
     two_stems: str | None
     shifts: int
     format: str
@@ -133,7 +141,10 @@ class JobService:
         known = {name: list(sources) for name in models
                  if (sources := self.catalog.sources(name)) is not None}
         return ServiceConfig(
-            backend=self.catalog.kind, models=models, default_model=models[0],
+            backend=self.catalog.kind, models=models,
+            model_descriptions={name: self.catalog.describe(name) for name in models},
+            default_model=models[0],
+            model_info=ModelInfo.of(self.catalog.backend(models[0]).spec),  # open since start
             sources=known.get(models[0], list(SOURCES)), model_sources=known,
             formats=list(FORMATS), default_format=DEFAULT_FORMAT,
             default_shifts=JobOptions().shifts, max_shifts=MAX_SHIFTS,
@@ -215,8 +226,10 @@ class JobService:
         return JobReport(
             id=job.id, name=job.name, state=job.state, position=job.position,
             seconds=round(job.seconds, 2), progress=round(job.progress, 2), stage=job.stage,
+            stage_text=STAGE_TEXT[job.stage] if job.stage else None,
             stage_progress=round(job.stage_progress, 3), error=job.error,
-            model=job.options["model"], two_stems=job.options["two_stems"],
+            model=job.options["model"], model_info=job.model_info,
+            two_stems=job.options["two_stems"],
             shifts=job.options["shifts"], format=job.options["format"],
             stems=list(job.stems), has_mix=job.upload_path.exists(),
             expires=self.queue.expires(job))

@@ -29,7 +29,8 @@ class Settings:
 
     host: str = dataclasses.field(default="127.0.0.1", metadata={
         "help": "address to listen on; 0.0.0.0: every interface"})
-    port: int = dataclasses.field(default=8000, metadata={"help": "port to listen on"})
+    port: int = dataclasses.field(default=8080, metadata={
+        "help": "port to listen on, beside `stemserve serve`'s 8000-8002"})
     triton_url: str | None = None
     """Triton gRPC address(es); None separates in-process with ONNX Runtime. Flags: ``--url``,
     or ``--backend onnx`` to ignore ``$STEMSERVE_TRITON_URL``."""

@@ -25,10 +25,13 @@ function showError(message) {
   $("#error").hidden = false;
 }
 
-function showStatus(text, fraction) {
+// `stage`, next to the bar: what the server does now (uploading, queued, preparing the
+// model, separating, encoding the stems, zipping the stems).
+function showStatus(text, fraction, stage) {
   $("#error").hidden = true;
   $("#status").hidden = false;
   $("#status-text").textContent = text;
+  $("#status-stage").textContent = stage;
   const bar = $("#status-bar");
   if (fraction === null) bar.removeAttribute("value"); // indeterminate
   else bar.value = fraction;
@@ -48,10 +51,11 @@ function errorDetail(text, status) {
 // ------------------------------------------------------------------------------------------
 // Form
 
-function fillSelect(select, values, chosen, label = (value) => value) {
+function fillSelect(select, values, chosen, label = (value) => value, title = () => "") {
   for (const value of values) {
     const option = new Option(label(value), value);
     option.selected = value === chosen;
+    option.title = title(value);
     select.add(option);
   }
 }
@@ -61,6 +65,26 @@ const FORMAT_LABELS = {
   flac: "FLAC 16-bit", flac24: "FLAC 24-bit", mp3: "MP3 320 kb/s",
 };
 const formatLabel = (name) => FORMAT_LABELS[name] || name;
+
+const FAMILY_LABELS = {
+  demucs: "Demucs v2", demucs_v3: "Demucs v3", hdemucs: "Hybrid Demucs", htdemucs: "HT Demucs",
+};
+
+// A model as the page names it: with the checkpoint (and its sha256) and precision that
+// separate, where known (the default model from the start, any model once its job runs).
+function modelLabel(name, info) {
+  if (!info) return `model ${name}`;
+  return `model ${name} (${FAMILY_LABELS[info.family] || info.family}, ${info.precision}, ` +
+    `checkpoint ${info.checkpoint}, sha256 ${info.checkpoint_sha256.slice(0, 12)})`;
+}
+
+function showModelInfo() {
+  const name = $("#model").value;
+  $("#model-info").textContent = name === config.default_model ?
+    `Separates with ${modelLabel(name, config.model_info)} ` +
+    `${config.backend === "triton" ? "on Triton" : "in-process"}.` :
+    `Separates with ${modelLabel(name)}, prepared on its first job.`;
+}
 
 // The two-stems choices of the chosen model (a 6-source model adds guitar and piano).
 function fillStems() {
@@ -81,14 +105,23 @@ async function loadConfig() {
   }
   if (!response.ok) throw new Error(errorDetail(await response.text(), response.status));
   config = await response.json();
-  fillSelect($("#model"), config.models, config.default_model);
+  // Each model with what it is (a release or a local file, family, sha256), so that a
+  // local file named like a release is never taken for it.
+  const about = (name) => config.model_descriptions[name] || "";
+  fillSelect($("#model"), config.models, config.default_model,
+             (name) => about(name) ? `${name}: ${about(name)}` : name, about);
   fillStems();
-  $("#model").addEventListener("change", fillStems);
+  showModelInfo();
+  $("#model").addEventListener("change", () => {
+    fillStems();
+    showModelInfo();
+  });
   fillSelect($("#format"), config.formats, config.default_format, formatLabel);
   $("#shifts").value = config.default_shifts;
   $("#shifts").max = config.max_shifts;
   $("#limits").textContent = `Up to ${config.max_upload_mb} MB and ` +
-    `${clock(config.max_duration)} per track. WAV, FLAC, OGG or MP3.`;
+    `${clock(config.max_duration)} per track: WAV, FLAC, MP3, OGG/Opus, AIFF or whatever ` +
+    "else libsndfile reads.";
 }
 
 // ------------------------------------------------------------------------------------------
@@ -159,7 +192,7 @@ function upload(file) {
   request.upload.addEventListener("progress", (event) => {
     const fraction = event.lengthComputable ? event.loaded / event.total : null;
     showStatus(`Uploading ${file.name}: ${fraction === null ? "" :
-                Math.round(fraction * 100) + " %"}`, fraction);
+                Math.round(fraction * 100) + " %"}`, fraction, "uploading");
   });
   request.addEventListener("load", () => {
     if (request.status === 202) follow(JSON.parse(request.responseText));
@@ -168,29 +201,36 @@ function upload(file) {
   request.addEventListener("error", () => {
     showError(`The upload of ${file.name} failed: the server could not be reached.`);
   });
-  showStatus(`Uploading ${file.name}`, 0);
+  showStatus(`Uploading ${file.name}`, 0, "uploading");
   request.send(form);
 }
 
 // ------------------------------------------------------------------------------------------
 // Following a job (its id in the address, so a reload or a shared link finds it again)
 
+// [text, fraction of the bar (null: indeterminate), stage beside the bar]
 function describe(job) {
   if (job.state === "queued") {
-    return [`${job.name} is waiting in the queue: position ${job.position}.`, null];
+    return [`${job.name} is waiting in the queue: position ${job.position}.`, null, "queued"];
+  }
+  const stage = job.stage_text || "starting";
+  if (job.state === "running" && job.stage === "preparing") {
+    return [`Preparing ${job.model} for ${job.name} (a model's first job may export it, ` +
+            "which takes minutes)", null, stage];
   }
   if (job.state === "running" && job.stage === "encoding") {
     return [`Encoding the stems of ${job.name}: ${Math.round(100 * job.stage_progress)} %`,
-            job.stage_progress];
+            job.stage_progress, stage];
   }
   if (job.state === "running" && job.stage === "zipping") {
-    return [`Zipping the stems of ${job.name}`, null];
+    return [`Zipping the stems of ${job.name}`, null, stage];
   }
   if (job.state === "running") {
     return [`Separating ${job.name}: ${job.progress.toFixed(1)} s of ` +
-            `${job.seconds.toFixed(1)} s`, job.seconds ? job.progress / job.seconds : null];
+            `${job.seconds.toFixed(1)} s`, job.seconds ? job.progress / job.seconds : null,
+            stage];
   }
-  return [`${job.name}: ${job.state}`, 1];
+  return [`${job.name}: ${job.state}`, 1, job.state];
 }
 
 let followed = 0; // a newer upload stops following the older job
@@ -230,8 +270,8 @@ class Player {
     this.playing = false;
     $("#track-name").textContent = job.name;
     $("#track-info").textContent = [
-      `${clock(job.seconds)}`, `model ${job.model}`,
-      job.two_stems ? `${job.two_stems} + no_${job.two_stems}` : "four stems",
+      `${clock(job.seconds)}`, modelLabel(job.model, job.model_info),
+      job.two_stems ? `${job.two_stems} + no_${job.two_stems}` : `${job.stems.length} stems`,
       job.shifts ? `${job.shifts} shifts` : null, formatLabel(job.format),
     ].filter(Boolean).join(" · ");
     $("#zip").href = job.zip_url;
@@ -270,10 +310,13 @@ class Player {
     };
     node.dataset.stem = track.name;
     node.querySelector(".name").textContent = track.name;
+    node.querySelector(".name").title = track.name; // the whole name where it is cut short
     row.audio.src = track.url;
     node.querySelector(".download").href = track.url;
     node.querySelector(".mute").addEventListener("click", () => {
-      row.muted = !row.muted;
+      // A soloed row is heard, so its M is off: pressing it mutes the row and ends its solo.
+      row.muted = row.solo || !row.muted;
+      row.solo = false;
       this.applyMutes();
     });
     node.querySelector(".solo").addEventListener("click", () => {
@@ -288,14 +331,17 @@ class Player {
     this.rows.push(row);
   }
 
-  // A soloed stem silences every stem not soloed; otherwise mute decides.
+  // A soloed stem silences every stem not soloed; otherwise mute decides. The buttons show
+  // what is so: M is lit on a row muted and not soloed (a soloed row is heard, and its mute
+  // comes back with the solo's end), S on a soloed row.
   applyMutes() {
     const soloing = this.rows.some((row) => row.solo);
     for (const row of this.rows) {
       const audible = soloing ? row.solo : !row.muted;
       row.audio.muted = !audible;
       row.node.classList.toggle("silent", !audible);
-      row.node.querySelector(".mute").setAttribute("aria-pressed", String(row.muted));
+      row.node.querySelector(".mute").setAttribute("aria-pressed",
+                                                   String(row.muted && !row.solo));
       row.node.querySelector(".solo").setAttribute("aria-pressed", String(row.solo));
     }
   }
