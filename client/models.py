@@ -101,8 +101,8 @@ class ModelSource:
         if self.kind == "release":
             return f"release {self.name}"
         what = "bag YAML" if self.kind == "bag" else "local file"
-        return (f"{what} {self.path or self.name} (sha256 {self.files[0][1][:8]}"
-                + (f", --config {self.config}" if self.config else "") + ")")
+        return (f"{what} {self.path or self.name}, sha256 {self.files[0][1][:8]}"
+                + (f", --config {self.config}" if self.config else ""))
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -213,8 +213,8 @@ def export_model(model: str | Path, config: str | None = None, *,
     from stemserve.export.to_onnx import export_bag  # torch is there: the load needed it
 
     target = Path(out) if out is not None else source.folder
-    logger.info("exporting %s to ONNX (%s) in %s: tracing %s (about a minute per full-size "
-                "model)", model, source.describe(), target,
+    logger.info("exporting %s to ONNX in %s (%s): tracing %s, about a minute per full-size "
+                "model", model, target, source.describe(),
                 "it" if len(bag.models) == 1 else f"its {len(bag.models)} models")
     start = time.perf_counter()
     segment_length = None if segment is None else round(segment * bag.samplerate)

@@ -93,8 +93,9 @@ _FORMATS = ("a plain state dict (tensors by parameter name) built with a release
            "package (klass, args, kwargs, state, training_args); a diffq-compressed state "
            "({'compressed': ...}, as in demucs_quantized); a demucs 3/4 training package "
            "(klass demucs.htdemucs.HTDemucs, demucs.hdemucs.HDemucs or demucs.demucs.Demucs, "
-           "diffq-quantized or not); or {'config': Demucs arguments, 'state': state dict}, as "
-           "stemserve's benchmarks save it")
+           "diffq-quantized or not); or {'config': arguments, 'state': state dict} with an optional "
+           "'family' (demucs_v3, hdemucs, htdemucs), as stemserve's benchmarks and `stemserve "
+           "demo` save it")
 
 
 class _Range(NamedTuple):
@@ -1073,9 +1074,20 @@ def _from_package_v4(package: Mapping[str, Any], family: str, args: Any, kwargs:
 
 
 def _from_saved(saved: Mapping[str, Any], what: str) -> _Loaded:
-    """Model of ``{'config': Demucs arguments, 'state': state dict}``, as benchmarks save it."""
-    used = _configuration((), {"sources": SOURCES, **_mapping(saved["config"], "config", what)},
-                          what)
+    """Model of ``{'config': arguments, 'state': state dict}`` and an optional ``'family'``
+    (a key of :data:`MODEL_CLASSES`; Demucs v2 without one), as stemserve's benchmarks and
+    ``stemserve demo`` save it."""
+    family = saved.get("family", "demucs")
+    if not (isinstance(family, str) and family in MODEL_CLASSES):
+        raise CheckpointError(f"{what}: family={brief(family)} is not one of "
+                              f"{', '.join(MODEL_CLASSES)}")
+    config = _package_field(saved, "config", what)
+    if family != "demucs":
+        used = _configuration_v4(family, (), _mapping(config, "config", what), what)
+        return _Loaded(_assign(family, used, _state_dict(saved["state"], what), what,
+                               f"its own configuration, {_describe(used, family)}"), family,
+                       used)
+    used = _configuration((), {"sources": SOURCES, **_mapping(config, "config", what)}, what)
     return _Loaded(_assign("demucs", used, _state_dict(saved["state"], what), what,
                            f"its own configuration, {_describe(used)}"), "demucs", used)
 

@@ -123,17 +123,17 @@ class ModelSpec:
         """A sidecar comes from a file or a server: every field is checked here, where it
         is read, because names become paths (stems, repository folders, the graph's file)
         and lengths size every buffer a client allocates."""
-        if self.family not in FAMILIES:
+        if not (isinstance(self.family, str) and self.family in FAMILIES):
             raise SpecError(f"unknown model family {brief(self.family)}; known: "
                             f"{', '.join(FAMILIES)}")
         for field in ("model_name", "checkpoint"):
             _check_name(getattr(self, field), field)
-        if not (isinstance(self.sources, tuple) and 1 <= len(self.sources) <= MAX_SOURCES
-                and len(set(self.sources)) == len(self.sources)):
-            raise SpecError(f"sources {brief(self.sources)} are not 1 to {MAX_SOURCES} "
-                            "different names")
+        if not (isinstance(self.sources, tuple) and 1 <= len(self.sources) <= MAX_SOURCES):
+            raise SpecError(f"sources {brief(self.sources)} are not 1 to {MAX_SOURCES} names")
         for source in self.sources:
             _check_name(source, "source")
+        if len(set(self.sources)) != len(self.sources):
+            raise SpecError(f"sources {brief(self.sources)} name a stem twice")
         _check_name(self.onnx_file, "onnx_file")
         if not self.onnx_file.endswith(".onnx"):
             raise SpecError(f"onnx_file {brief(self.onnx_file)} is not an .onnx file name")
@@ -142,7 +142,7 @@ class ModelSpec:
                     and _TENSOR_NAME.fullmatch(getattr(self, field))):
                 raise SpecError(f"{field} {brief(getattr(self, field))} is not a tensor name "
                                 "(letters, digits and _)")
-        if self.precision not in PRECISION_SIDECARS:
+        if not (isinstance(self.precision, str) and self.precision in PRECISION_SIDECARS):
             raise SpecError(f"precision {brief(self.precision)} is not one of "
                             f"{', '.join(PRECISION_SIDECARS)}")
         if not (isinstance(self.checkpoint_sha256, str) and _HEX.fullmatch(self.checkpoint_sha256)):

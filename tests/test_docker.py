@@ -169,7 +169,7 @@ def test_web_service_names_the_export_the_export_service_writes(compose, name):
     web = services[name]
     args = build_parser().parse_args([expand(arg) for arg in web["command"][1:]])
     assert (args.command, args.host, args.port) == ("web", "0.0.0.0", 8000)
-    assert args.model == "/models/export/demucs_quantized"
+    assert args.model == "/models/export/htdemucs"
     assert "model_repository:/models:ro" in web["volumes"]
     assert "model_repository:/models" in services["export"]["volumes"]
     export_script = expand(services["export"]["command"][-1]).replace("$$", "$")

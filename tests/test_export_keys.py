@@ -123,8 +123,8 @@ def test_a_release_name_never_means_a_local_file(tmp_path, cache, monkeypatch, c
     assert not (tmp_path / "out").exists()
     (source,) = [source for _, source in keyed_exports()]
     assert (source.kind, source.path) == ("file", str(local.resolve()))
-    assert "local file" in source.describe() and source.describe().endswith(
-        f"(sha256 {source.files[0][1][:8]}, --config demucs_unittest)")
+    assert source.describe() == (f"local file {local.resolve()}, sha256 "
+                                 f"{source.files[0][1][:8]}, --config demucs_unittest")
 
 
 def test_a_release_key_is_its_name_and_its_files_checksums():
@@ -181,10 +181,25 @@ def test_the_web_catalog_says_what_each_export_is(tmp_path, cache, small_export,
         assert list(models)[0] == "small" and "htdemucs" not in models
         (local_ht,) = [name for name in models if name.startswith("htdemucs-")]
         assert catalog.describe(local_ht).startswith(
-            f"local file {(tmp_path / 'htdemucs.th').resolve()} (sha256 ")
+            f"local file {(tmp_path / 'htdemucs.th').resolve()}, sha256 ")
         assert "Demucs v2, sha256 " in catalog.describe(local_ht)
-        assert catalog.describe("mine").startswith(f"local file {mine.resolve()} (sha256 ")
+        assert catalog.describe("mine").startswith(f"local file {mine.resolve()}, sha256 ")
         assert catalog.describe("small").startswith("Demucs v2, sha256 ")
         assert catalog.sources("mine") == tuple(SOURCES)
     finally:
         catalog.close()
+
+
+def test_separate_without_a_model_asks_for_htdemucs(tmp_path, cache, monkeypatch, capsys):
+    """demucs 4's default: with nothing cached and a mirror where nothing listens, the
+    error names htdemucs' file; demucs_quantized still works by name."""
+    monkeypatch.setenv("STEMSERVE_CHECKPOINT_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    track = write_song(tmp_path / "song.wav")
+    assert main(["separate", str(track), "--backend", "onnx", "-o", str(tmp_path / "out")]) == 1
+    assert "could not download http://127.0.0.1:9/955717e8-8726e21a.th" in \
+        capsys.readouterr().err
+    assert main(["separate", str(track), "-n", "demucs_quantized", "--backend", "onnx",
+                 "-o", str(tmp_path / "out")]) == 1
+    assert "could not download http://127.0.0.1:9/demucs_quantized-07afea75.th" in \
+        capsys.readouterr().err

@@ -148,9 +148,13 @@ def test_refusals_name_the_way_out(small_export, tmp_path, capsys):
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_served_int8_repository_answers_with_its_precision(small_export, int8_export,
-                                                            tmp_path):
+                                                            tmp_path, capsys):
     """`serve --int8`'s repository: the config carries the int8 sidecar, the stems are the
-    in-process int8 ones, and a client asking for another precision is told so."""
+    in-process int8 ones, a client asking for another precision is told so, and one asking
+    for none is told which it gets, its stems in a folder of their own."""
+    import soundfile as sf
+
+    from stemserve.client.cli import main
     from stemserve.client import separate_array
     from stemserve.client.backends import open_backend
     from stemserve.client.backends.onnx import OnnxBackend
@@ -169,6 +173,16 @@ def test_a_served_int8_repository_answers_with_its_precision(small_export, int8_
             got = separate_array(mix, spec.sample_rate, backend=served)
         with pytest.raises(ModelError, match="serves the int8 graph"):
             open_backend("triton", url=server.grpc_url, precision="fp32")
+        sf.write(str(tmp_path / "song.wav"), mix.T, spec.sample_rate)
+        capsys.readouterr()
+        assert main(["separate", str(tmp_path / "song.wav"), "--url", server.grpc_url,
+                     "-o", str(tmp_path / "out")]) == 0
+    told = capsys.readouterr().err
+    assert (f"Triton at {server.grpc_url} serves the int8 graph of 'small', not the exact "
+            "fp32 one") in told
+    assert f"separating with small (Demucs v2, sha256 {spec.checkpoint_sha256[:8]}, int8) on " \
+        f"Triton at {server.grpc_url}" in told
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["small-int8"]
     assert max(np.abs(got[name] - expected[name]).max() for name in got) < 1e-5
 
 
