@@ -24,11 +24,12 @@ from stemserve.errors import ServerError, StemserveError, print_error
 
 
 INT8_HELP = ("the int8 graph (dynamic quantization of the LSTM and matrix products; "
-             "opt-in: the stems differ from demucs' by what benchmarks/quality.py "
-             "measures)")
+             "opt-in: the stems differ slightly from demucs', by the SDR the README's "
+             "Benchmarks section gives)")
 BF16_HELP = ("bf16 arithmetic: OpenVINO runs the fp32 graph on a CPU with AMX or AVX512_BF16 "
-             "(the 'openvino' extra; opt-in: the stems differ from demucs' by what "
-             "benchmarks/quality.py measures)")
+             "(the 'openvino' extra; opt-in: the stems differ slightly from demucs', by the "
+             "SDR the README's Benchmarks section gives; slower than fp32 for Demucs v2 on "
+             "CPUs without AMX)")
 
 
 def _add_cpu_fast_paths(parser: argparse.ArgumentParser, suffix: str) -> None:

@@ -710,7 +710,9 @@ def _unavailable(url: str, exc: Exception, path: Path) -> str:
         f"could not download {url} ({exc})"
     return (f"{problem}, and {path.parent} holds no valid {path.name}. Connect to the network, "
             f"copy {path.name} into {path.parent}, or set {URL_ENV} to a mirror that has it "
-            f"(an http(s):// or file:// URL, or a folder)")
+            f"(an http(s):// or file:// URL, or a folder). Offline, a checkpoint file of your "
+            f"own works too (-n my_model.th [--config RELEASE]), and `stemserve demo` writes a "
+            f"random-weight model to try things with")
 
 
 def _mirror_problem(url: str, exc: Exception) -> str:

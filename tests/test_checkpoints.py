@@ -510,7 +510,8 @@ def test_unknown_format_says_which_formats_load(tmp_path):
     message = str(error.value)
     assert f"{path} holds a dict with keys 'model', 'optimizer', 'epoch'" in message
     for fmt in ("a plain state dict", "--config RELEASE", "a demucs 2.x training package",
-                "a diffq-compressed state", "{'config': Demucs arguments, 'state': state dict}"):
+                "a diffq-compressed state", "{'config': arguments, 'state': state dict} with an "
+                "optional 'family'"):
         assert fmt in message
 
 

@@ -25,6 +25,7 @@ def test_a_demo_model_of_every_family_loads_as_a_checkpoint(name, tmp_path, caps
     assert info.family == family and list(model.sources) == list(config["sources"])
 
 
+@pytest.mark.slow
 def test_a_demo_model_separates_with_no_download(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STEMSERVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("STEMSERVE_CHECKPOINT_URL", "http://127.0.0.1:9/")  # nothing there

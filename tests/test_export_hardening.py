@@ -87,6 +87,7 @@ def _relative(got: np.ndarray, expected: np.ndarray) -> float:
 
 # -- int8 for every family ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shared_lstm_weights_are_why_half_the_lstms_were_left(family_exports):
     """The cause: BLSTM(max_steps) traces its whole and its framed run, two LSTM nodes on
     the same weights, and torch's exporter deduplicates them to ``Identity(first's W)``,
@@ -105,6 +106,7 @@ def test_shared_lstm_weights_are_why_half_the_lstms_were_left(family_exports):
                 assert any(other.input[slot] == identity.input[0] for other in lstms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_lstm_of_every_family_is_quantized(family, family_exports, tmp_path):
     """Every LSTM comes out a DynamicQuantizeLSTM whose output stays within a few percent

@@ -38,7 +38,7 @@ def test_a_one_segment_track_moves_before_its_answer(small_export, quick_ticks):
     seconds = 0.8 * spec.segment_seconds  # shorter than one segment: one request
     mix = np.random.default_rng(0).standard_normal((2, int(seconds * spec.sample_rate)))
     seen: list[tuple[str, float, float]] = []
-    with SlowBackend(spec, seconds=1.5) as backend:
+    with SlowBackend(spec, seconds=1.0) as backend:
         separate_array(mix.astype(np.float32), spec.sample_rate, backend=backend,
                        progress=lambda *report: seen.append(report))
     done = [value for stage, value, _ in seen if stage == "separating"]
