@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fp32, int8 and/or bf16 (OpenVINO; the arena lever is fp32's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny check: small model, 0.5 s segments, batches 1 and 2")
+                        help="tiny check: small model, 1 s segments, batches 1 and 2")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
     if args.quick:
-        args.config, args.segment, args.batches, args.repeats = "small", 0.5, "1,2", 1
+        args.config, args.segment, args.batches, args.repeats = "small", 1.0, "1,2", 1
     batches = [int(item) for item in args.batches.split(",") if item]
     precisions = [item for item in args.precisions.split(",") if item]
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stemserve.cpu import cpu_info
+
 from .timing import loadavg
 
 #: Distributions whose versions every result records (absent ones are recorded as None).
@@ -27,23 +29,6 @@ PACKAGES = ("stemserve", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "num
 INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
                      "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
                      "amx_tile", "amx_fp16")
-
-
-def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
-    """The first processor's block of /proc/cpuinfo as a dict (empty where there is none)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if info:
-                break
-            continue
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return info
 
 
 def _physical_cores(path: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -110,7 +95,7 @@ def versions() -> dict[str, str | None]:
 
 def describe() -> dict:
     """Everything about this machine that a reader needs to judge a number measured on it."""
-    info = _cpuinfo()
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
     memory = _memory_bytes()
     return {

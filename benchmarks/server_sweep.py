@@ -281,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds cap of each in-process measurement (20)")
     parser.add_argument("--series", default="on,off", help="which servers: on,off")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny check: small model, 0.5 s segments, 1,2 clients, 3 requests")
+                        help="tiny check: small model, 1 s segments, 1,2 clients, 3 requests")
     parser.add_argument("--perf-analyzer", action=argparse.BooleanOptionalAction, default=None,
                         help="cross-check the batching-on server with Triton's perf_analyzer "
                              "at the same levels (default: on, off with --quick)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.config, args.segment, args.concurrency = "small", 0.5, "1,2"
+        args.config, args.segment, args.concurrency = "small", 1.0, "1,2"
         args.requests, args.warmup, args.inproc_repeats = args.requests or 3, 1, 2
     if args.perf_analyzer is None:
         args.perf_analyzer = not args.quick

@@ -283,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per mode after which a measurement sends no more "
                              "requests, once it has 3 sequential rounds or a window (6)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny check: 0.5 s segments, 3 requests, one window")
+                        help="tiny check: 1 s segments, 3 requests, one window")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.segments, args.repeats, args.warmup, args.window_requests = "0.5", 3, 1, 8
+        args.segments, args.repeats, args.warmup, args.window_requests = "1", 3, 1, 8
     segments = [float(item) for item in str(args.segments).split(",") if item]
 
     def log(message: str) -> None:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(overhead over in-process: gRPC {item['grpc_overhead_ms']:.1f} ms, "
                 f"shared memory {item['shm_overhead_ms']:.1f} ms).")
     if args.quick:
-        section["notes"].append("--quick: 0.5 s segments and a few requests; a check that "
+        section["notes"].append("--quick: 1 s segments and a few requests; a check that "
                                 "the script runs, not a measurement.")
     section["notes"].append("No plot: the existing plot kinds do not fit rows keyed by "
                             "segment length and mode.")

@@ -126,10 +126,6 @@ _LIMITS: dict[str, _Range] = {
 _FLAGS = ("rewrite", "glu", "resample", "normalize")
 # Source names become the stems' file names: no separators, no leading dot.
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
-# A segment's bounds (stemserve.spec): the releases train on 40 s (v2), 7.8 s (htdemucs) or
-# 40-44 s (v3); the segment also sizes every export and every request.
-_MAX_SEGMENT_S = MAX_SEGMENT_SECONDS
-_MIN_SEGMENT_S = MIN_SEGMENT_SECONDS
 # Channels grow by ``growth`` per layer, so the bounds above still allow 10**13 parameters;
 # this caps the model itself at 2.6 times the largest release (2.8 GB of float32 weights).
 _MAX_PARAMETERS = 700_000_000
@@ -187,8 +183,6 @@ def _text(pattern: str, accepted: str, releases: str) -> _Rule:
     compiled = re.compile(pattern)
     return _Rule(lambda v: isinstance(v, str) and compiled.fullmatch(v) is not None, accepted,
                  releases)
-
-
 
 
 # Bounds on the arguments of demucs 4.0.1's HTDemucs, HDemucs and (v3) Demucs, by name (the
@@ -307,7 +301,6 @@ _QUANTIZER_RULES: dict[str, dict[str, _Rule]] = {
         "detect_bound": _flag("True"),
     },
 }
-
 
 
 # --------------------------------------------------------------------------- unpickling
@@ -870,10 +863,10 @@ def _check_segments(members: list[tuple[torch.nn.Module, CheckpointInfo]], what:
     # demucs' own bound for a bag holding HTDemucs models (BagOfModels.max_allowed_segment):
     # no segment longer than the one they were trained on.
     bound = (f"{float(min(trained)):g}, the shortest training segment of its HTDemucs models"
-             if trained else f"{_MAX_SEGMENT_S}")
+             if trained else f"{MAX_SEGMENT_SECONDS}")
     raise CheckpointError(f"{what}: its models split tracks into segments of different lengths "
                           f"({listed}), and a bag's models are served on one; add "
-                          f"'segment: N' to the bag's YAML, N seconds from {_MIN_SEGMENT_S} to "
+                          f"'segment: N' to the bag's YAML, N seconds from {MIN_SEGMENT_SECONDS} to "
                           f"{bound}")
 
 
@@ -1194,9 +1187,9 @@ def _check_segment(used: Mapping[str, Any], what: str) -> None:
     """Bound the training segment and the input the network needs for it (its valid length),
     which every export and every request is sized by: stride**depth can make it hours."""
     segment, rate = used["segment_length"], used["samplerate"]
-    if not (_is_number(segment, integer=True) and 0 < segment <= _MAX_SEGMENT_S * rate):
+    if not (_is_number(segment, integer=True) and 0 < segment <= MAX_SEGMENT_SECONDS * rate):
         raise CheckpointError(f"{what}: segment_length={brief(segment)} is out of bounds: "
-                              f"stemserve loads 1 sample to {_MAX_SEGMENT_S} s (the releases "
+                              f"stemserve loads 1 sample to {MAX_SEGMENT_SECONDS} s (the releases "
                               f"use 40 s)")
     padded = valid_length(segment, **{key: used[key] for key in
                                       ("resample", "depth", "kernel_size", "stride", "context")})
@@ -1205,11 +1198,11 @@ def _check_segment(used: Mapping[str, Any], what: str) -> None:
 
 def _check_padded(padded: int, segment_s: float, used: Mapping[str, Any], what: str) -> None:
     rate = used["samplerate"]
-    if padded > 2 * _MAX_SEGMENT_S * rate:
+    if padded > 2 * MAX_SEGMENT_SECONDS * rate:
         raise CheckpointError(f"{what}: its network needs {padded / rate:.0f} s of input for "
                               f"its {segment_s:g} s segment (stride {used['stride']}, "
                               f"depth {used['depth']}); stemserve loads at most "
-                              f"{2 * _MAX_SEGMENT_S} s")
+                              f"{2 * MAX_SEGMENT_SECONDS} s")
 
 
 def _describe(config: Mapping[str, Any], family: str = "demucs") -> str:

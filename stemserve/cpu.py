@@ -14,7 +14,7 @@ from pathlib import Path
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def _first_processor() -> dict[str, str]:
+def cpu_info() -> dict[str, str]:
     """The fields of ``/proc/cpuinfo``'s first processor (the others repeat its model and
     flags); empty where it cannot be read."""
     try:
@@ -34,12 +34,12 @@ def _first_processor() -> dict[str, str]:
 
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), "" if unknown."""
-    return _first_processor().get("model name", "")
+    return cpu_info().get("model name", "")
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as the kernel names them (``avx512_bf16``, ``amx_tile``)."""
-    return frozenset(_first_processor().get("flags", "").split())
+    return frozenset(cpu_info().get("flags", "").split())
 
 
 def cpu_has_vnni() -> bool:

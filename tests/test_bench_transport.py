@@ -28,7 +28,7 @@ def _finite_positive(value) -> bool:
 
 
 def test_transport_quick_writes_a_valid_section(tmp_path):
-    """0.5 s segments, one server, every mode sequential and with a window of 8."""
+    """1 s segments, one server, every mode sequential and with a window of 8."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.transport", "--quick",
                            "--machine", MACHINE, "--results-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -37,7 +37,7 @@ def test_transport_quick_writes_a_valid_section(tmp_path):
     section = data["sections"]["transport"]
     assert "benchmarks.transport" in section["command"] and "--quick" in section["command"]
     config = section["config"]
-    assert config["segments_s"] == [0.5] and config["model_args"] == {"channels": 4}
+    assert config["segments_s"] == [1.0] and config["model_args"] == {"channels": 4}
     window = f"window {config['window']}"
 
     by_key = {(row["series"], row["measurement"]): row for row in section["rows"]}
@@ -45,10 +45,10 @@ def test_transport_quick_writes_a_valid_section(tmp_path):
                            for measurement in ("sequential", window)}
     for (mode, measurement), row in by_key.items():
         assert row["status"] == "ok", row
-        assert row["segment_s"] == 0.5
+        assert row["segment_s"] == 1.0
         assert row["payload_mb"] == pytest.approx(row["input_mb"] + row["output_mb"])
         # Stereo float32 in, four stereo stems out of about the same length.
-        assert row["input_mb"] >= 2 * 22050 * 4 / 1e6
+        assert row["input_mb"] >= 2 * 44100 * 4 / 1e6
         assert 3 * row["input_mb"] < row["output_mb"] < 4 * row["input_mb"]
         for field in ("requests", "elapsed_s", "segments_per_s", "mb_per_s", "audio_s_per_s",
                       "client_cpu_s_per_request", "latency_ms.p50", "latency_ms.p95"):
@@ -77,7 +77,7 @@ def test_transport_quick_writes_a_valid_section(tmp_path):
         assert _finite_positive(comparison[field]), (field, comparison)
     assert math.isfinite(comparison["shm_saves_ms"])
     (segment,) = section["extra"]["segments"]
-    assert segment["padded_samples"] >= segment["segment_samples"] == 22050
+    assert segment["padded_samples"] >= segment["segment_samples"] == 44100
     assert _finite_positive(segment["server_start_s"])
 
     markdown = (tmp_path / f"{MACHINE}.md").read_text()

@@ -51,8 +51,8 @@ def test_quick_run_writes_a_valid_model_forward_section(bench_quick_run):
     assert "benchmarks.model_forward" in section["command"] and "--config small" in section["command"]
     assert section["started"] and section["finished"] and section["duration_s"] > 0
     config = section["config"]
-    assert config["model"] == "small" and config["segment_s"] == 0.5
-    assert config["padded_samples"] >= config["segment_samples"] == 22050
+    assert config["model"] == "small" and config["segment_s"] == 1
+    assert config["padded_samples"] >= config["segment_samples"] == 44100
 
     quick = dict(zip(SCRIPTS[0].quick[::2], SCRIPTS[0].quick[1::2]))["--backends"].split(",")
     by_key = {(row["backend"], row["batch"]): row for row in section["rows"]}
