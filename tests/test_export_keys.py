@@ -203,3 +203,21 @@ def test_separate_without_a_model_asks_for_htdemucs(tmp_path, cache, monkeypatch
                  "-o", str(tmp_path / "out")]) == 1
     assert "could not download http://127.0.0.1:9/demucs_quantized-07afea75.th" in \
         capsys.readouterr().err
+
+
+def test_a_damaged_export_is_not_offered_by_the_web_catalog(tmp_path, cache, small_export,
+                                                            monkeypatch, caplog):
+    from stemserve.web.catalog import ModelCatalog
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    mine = export_dir_for(save_v2(tmp_path / "mine.th", 2), "demucs_unittest")
+    (mine / "model.json").write_text("{not json")
+    catalog = ModelCatalog(model=str(small_export))
+    catalog.open()
+    try:
+        with caplog.at_level("WARNING", logger="stemserve"):
+            assert list(catalog.models()) == ["small"]
+            assert list(catalog.models()) == ["small"]
+        assert caplog.text.count(f"not offering {mine}") == 1
+    finally:
+        catalog.close()

@@ -16,7 +16,7 @@ from typing import Literal
 from stemserve.client import open_backend
 from stemserve.client.models import keyed_exports, local_export
 from stemserve.defaults import DEFAULT_MODEL
-from stemserve.errors import ModelError
+from stemserve.errors import ModelError, StemserveError
 from stemserve.pipeline import Backend
 from stemserve.releases import KNOWN_MODELS
 from stemserve.spec import ModelSpec, is_export, load_export
@@ -48,6 +48,7 @@ class ModelCatalog:
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._served: str | None = None
+        self._damaged: set[Path] = set()
 
     def open(self) -> None:
         """Open the default model's backend: a server that does not answer, or a model that
@@ -98,7 +99,13 @@ class ModelCatalog:
         entries[default] = (self._default, _spec_text(opened.spec) if opened is not None
                             else f"{self._default}, not opened yet")
         for folder, source in keyed_exports():
-            spec = load_export(folder).spec
+            try:
+                spec = load_export(folder).spec
+            except StemserveError as err:  # a damaged export is not offered, and said once
+                if folder not in self._damaged:
+                    self._damaged.add(folder)
+                    logger.warning("not offering %s: %s", folder, err)
+                continue
             text = f"{source.describe()}, {_spec_text(spec)}"
             if source.kind == "release":
                 entries.setdefault(source.name, (source.name, text))
