@@ -35,6 +35,7 @@ from stemserve.model_repository.local import local_servers
 from stemserve.model_repository.server import TritonServer
 from stemserve.spec import load_export_spec
 from test_separate_cli import RATE, all_files, python_backend_regions, song, write_song
+from tolerance import assert_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
@@ -46,8 +47,10 @@ pytestmark = pytest.mark.server
 
 MIX = song(seconds=20)
 """27 segments of the small model: long enough to kill a server in the middle."""
-TOLERANCE = 1e-5
-"""Fleet vs one server: batch composition moves ONNX Runtime's sums by ~1e-8 at most."""
+ULPS = 8
+"""Fleet vs one server, in float32 epsilons of the stems' peak (``tests/tolerance.py``):
+batch composition moves ONNX Runtime's sums a little; measured 1.7 (7.5e-9 at a peak of
+0.036) on a 2-core Xeon."""
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +82,10 @@ def urls(servers) -> list[str]:
     return [server.grpc_url for server in servers]
 
 
-def max_error(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
+def assert_same_stems(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     assert sorted(got) == sorted(expected)
-    return max(float(np.abs(got[name] - expected[name]).max()) for name in got)
+    assert_matches(np.stack([got[name] for name in sorted(got)]),
+                   np.stack([expected[name] for name in sorted(got)]), ULPS, "fleet")
 
 
 def inferences(server) -> int:
@@ -209,7 +213,7 @@ def test_segments_spread_over_three_servers_with_single_server_output(fleet_serv
     assert all(done > earlier for done, earlier in zip(after, before, strict=True)), (before, after)
     assert all(entry.healthy and entry.answered >= 5 for entry in status), status
     assert backend.retried == 0
-    assert max_error(got, reference) < TOLERANCE
+    assert_same_stems(got, reference)
 
 
 def test_server_killed_mid_track_loses_nothing(fleet_servers, reference):
@@ -219,7 +223,7 @@ def test_server_killed_mid_track_loses_nothing(fleet_servers, reference):
         assert fleet.retried > 0
     assert [entry.taken_out for entry in status] == [0, 1, 0]
     assert not status[1].healthy and "UNAVAILABLE" in status[1].last_error
-    assert max_error(got, reference) < TOLERANCE
+    assert_same_stems(got, reference)
 
 
 def test_a_frozen_server_is_taken_out_within_seconds(fleet_servers, reference):
@@ -238,7 +242,7 @@ def test_a_frozen_server_is_taken_out_within_seconds(fleet_servers, reference):
     assert took < 60, took
     assert not status[1].healthy and "stopped answering" in status[1].last_error
     assert fleet.retried > 0
-    assert max_error(got, reference) < TOLERANCE
+    assert_same_stems(got, reference)
 
 
 def test_stopped_server_is_taken_back_once_ready(fleet_servers, reference):
@@ -246,20 +250,20 @@ def test_stopped_server_is_taken_back_once_ready(fleet_servers, reference):
     with FleetBackend(urls(fleet_servers), backoff=0.1) as fleet:
         victim.stop()
         got = separate_array(MIX, RATE, backend=fleet)
-        assert max_error(got, reference) < TOLERANCE
+        assert_same_stems(got, reference)
         assert fleet.retried > 0 and not fleet.status()[2].healthy
 
         victim.start()
         wait_until(lambda: fleet.status()[2].healthy, 20, "taken back")
         before = inferences(victim)
-        assert max_error(separate_array(MIX, RATE, backend=fleet), reference) < TOLERANCE
+        assert_same_stems(separate_array(MIX, RATE, backend=fleet), reference)
         assert inferences(victim) > before
 
         # Restarted behind the fleet's back: the server forgot this client's shared-memory
         # regions; the fleet notices on the first answer, re-sends, and takes it back.
         retried = fleet.retried
         victim.restart()
-        assert max_error(separate_array(MIX, RATE, backend=fleet), reference) < TOLERANCE
+        assert_same_stems(separate_array(MIX, RATE, backend=fleet), reference)
         assert fleet.retried > retried
         wait_until(lambda: fleet.status()[2].healthy, 20, "taken back after the restart")
         assert fleet.status()[2].taken_out == 2
@@ -309,9 +313,11 @@ def test_cli_separates_a_folder_over_two_servers_under_one_bar(fleet_servers, tm
 
 
 def test_short_soak_with_a_restart_fails_no_track(fleet_servers):
-    """Eight clients against two servers, one restarted half way: the 5-minute soak's code."""
-    result = soak(urls(fleet_servers)[:2], clients=8, duration=20, track_seconds=3,
-                  restart_server=fleet_servers[1].restart, backoff=0.1)
+    """Eight clients against two servers, one restarted under load: the 5-minute soak's
+    code. The restart (SIGINT with requests in flight, then a start) takes about 9 s here:
+    it begins a quarter of the way in, so the load runs through all of it."""
+    result = soak(urls(fleet_servers)[:2], clients=8, duration=14, track_seconds=3,
+                  restart_server=fleet_servers[1].restart, restart_at=0.25, backoff=0.1)
     print(result.summary())
     assert result.failed == 0, result.errors
     assert result.completed >= 8 and result.retried > 0

@@ -32,10 +32,19 @@ from stemserve.models.configs import DEMUCS_MDX, HDEMUCS_MMI, HTDEMUCS, HTDEMUCS
 from stemserve.models.families import family_of
 from test_models_v4 import OFFICIAL_NAMES, SMALL_HT, random_state
 from test_pipeline_core import RATE, make_mix
+from tolerance import assert_differs, assert_matches
 
 pytestmark = pytest.mark.oracle
 
-TOLERANCE = 1e-4
+ULPS = {"torch": 6, "onnx": 200, "triton": 200}
+"""Bounds in float32 epsilons of the stems' peak (0.10 to 0.26), ``tests/tolerance.py``.
+Measured on a 2-core Xeon (every case and run): torch 0.6 to 2.0 (stemserve's networks in
+PyTorch, which compute what demucs 4.0.1's do); ONNX Runtime 15.9 to 72.9 and Triton the
+same (its graphs: only they differ from PyTorch). Pipeline bugs on torch: a flat window
+3e6, a sample off 8e5, mirrored shifts 4.5e6, one bag weight changed 6e5 (mdx), rotated
+stems 1e7; the normalisation's biased std only 2.4 to 5.7: HT and Hybrid Demucs normalise
+their own input, so the v2 tests (``test_pipeline_oracle.py``) and the fixture test
+(``test_pipeline_fixture.py``) catch it (``tests/test_mutations.py``)."""
 SEED = 20240613
 SMALL_HD = dict(HDEMUCS_MMI, channels=8, segment=Fraction(3, 2))
 SMALL_V3 = dict(DEMUCS_MDX, channels=8, segment=Fraction(3, 2))
@@ -99,19 +108,27 @@ def build(name: str) -> tuple[list[torch.nn.Module], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory) -> dict:
-    """Every case's official stems, from one run of the oracle."""
-    cases = {}
-    for name, (members, weights, segment) in CASES.items():
-        _, states = build(name)
-        cases[name] = dict(
-            models=[(_MODULES[klass], OFFICIAL_NAMES[klass], kwargs, state)
-                    for (klass, kwargs), state in zip(members, states)],
-            weights=weights, segment=segment,
-            runs={key: (torch.from_numpy(mix), shifts) for key, (mix, shifts) in RUNS.items()})
-    result = run_oracle(_OFFICIAL, tmp_path_factory.mktemp("oracle-v4-apply"),
-                        dict(cases=cases, seed=SEED), timeout=1800)
-    return {key: value.numpy() for key, value in result["results"].items()}
+def official(tmp_path_factory) -> Callable[[str], dict]:
+    """A case's official stems by run, from one run of the oracle per case, made on first
+    use: a selection of the tests (``-k mdx``, tests/test_mutations.py) waits for its own
+    cases only."""
+    made: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in made:
+            members, weights, segment = CASES[name]
+            _, states = build(name)
+            case = dict(
+                models=[(_MODULES[klass], OFFICIAL_NAMES[klass], kwargs, state)
+                        for (klass, kwargs), state in zip(members, states)],
+                weights=weights, segment=segment,
+                runs={key: (torch.from_numpy(mix), shifts)
+                      for key, (mix, shifts) in RUNS.items()})
+            result = run_oracle(_OFFICIAL, tmp_path_factory.mktemp(f"oracle-v4-{name}"),
+                                dict(cases={name: case}, seed=SEED), timeout=1800)
+            made[name] = {key: value.numpy() for (_, key), value in result["results"].items()}
+        return made[name]
+    return get
 
 
 def bag_of(name: str) -> Bag:
@@ -146,22 +163,22 @@ def exports(tmp_path_factory) -> Callable[[str], Path]:
     return export
 
 
-def check_stems(name: str, backend, official: dict) -> None:
+def check_stems(name: str, backend, official: Callable[[str], dict], path: str) -> None:
     for (channels, shifts), (mix, _) in RUNS.items():
         stems = separate_array(mix[0] if channels == 1 else mix, RATE, backend=backend,
                                shifts=shifts, seed=SEED)
         got = np.stack([stems[source] for source in backend.spec.sources])
-        expected = official[name, (channels, shifts)]
-        assert got.shape == expected.shape
-        error = np.abs(got - expected).max()
-        print(f"{name}, {channels} channel(s), shifts {shifts}: max abs error {error:.2e}")
-        assert error < TOLERANCE, (name, channels, shifts, error)
+        expected = official(name)[channels, shifts]
+        ulps = assert_matches(got, expected, ULPS[path],
+                              f"{path} {name}, {channels} channel(s), shifts {shifts}")
+        print(f"{path} {name}, {channels} channel(s), shifts {shifts}: {ulps:.1f} epsilons "
+              "of the peak")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_demucs_4(name, official):
     with torch_bag(name) as bag:
-        check_stems(name, bag, official)
+        check_stems(name, bag, official, "torch")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -169,7 +186,7 @@ def test_onnx_matches_demucs_4(name, official, exports):
     """In-process ONNX Runtime on the exported graphs (a bag: one per member)."""
     with open_backend("onnx", model=exports(name)) as backend:
         assert isinstance(backend, BagBackend) == (len(CASES[name][0]) > 1)
-        check_stems(name, backend, official)
+        check_stems(name, backend, official, "onnx")
 
 
 @pytest.mark.server
@@ -180,7 +197,7 @@ def test_triton_matches_demucs_4(name, official, exports, tmp_path):
     with local_server(exports(name), root=tmp_path) as server, \
             open_backend("triton", url=server.grpc_url) as backend:
         assert backend.spec.checkpoint == name
-        check_stems(name, backend, official)
+        check_stems(name, backend, official, "triton")
 
 
 def test_another_seed_draws_other_shifts(official):
@@ -188,4 +205,4 @@ def test_another_seed_draws_other_shifts(official):
     with torch_bag("htdemucs") as bag:
         stems = separate_array(RUNS[2, 2][0], RATE, backend=bag, shifts=2, seed=SEED + 1)
     got = np.stack([stems[source] for source in bag.spec.sources])
-    assert np.abs(got - official["htdemucs", (2, 2)]).max() > 10 * TOLERANCE
+    assert_differs(got, official("htdemucs")[2, 2], 1000 * ULPS["torch"])

@@ -24,10 +24,14 @@ from stemserve.checkpoints import BAGS, DEMUCS4_FILES
 from stemserve.client.cli import main
 from stemserve.defaults import export_root
 from test_models_v4 import SMALL_HT
+from tolerance import assert_matches
 
 pytestmark = [pytest.mark.oracle, pytest.mark.server, pytest.mark.slow]
 
-TOLERANCE = 1e-4
+ULPS = 200
+"""Bound in float32 epsilons of the stems' peak (~0.2), ``tests/tolerance.py``: measured
+79.8 (htdemucs) and 68.1 (htdemucs_ft) on a 2-core Xeon, the ONNX graphs on a real
+tritonserver as in ``test_pipeline_v4.py`` (float32 WAV stems, written exactly)."""
 RATE = 44100
 
 _MAKE = '''
@@ -103,11 +107,12 @@ def test_separate_release_with_serve_equals_demucs_4(name, song_mp3, tmp_path, m
         assert [stem.name for stem in stems] == \
             sorted(f"{source}.wav" for source in ("drums", "bass", "other", "vocals"))
         expected = official["stems"].numpy()
+        got = []
         for index, source in enumerate(("drums", "bass", "other", "vocals")):
-            got, rate = sf.read(str(tmp_path / "out" / name / "song" / f"{source}.wav"),
-                                dtype="float32", always_2d=True)
-            assert rate == RATE and got.shape == expected[index].T.shape
-            error = np.abs(got.T - expected[index]).max()
-            assert error < TOLERANCE, (name, source, error)
+            stem, rate = sf.read(str(tmp_path / "out" / name / "song" / f"{source}.wav"),
+                                 dtype="float32", always_2d=True)
+            assert rate == RATE and stem.shape == expected[index].T.shape
+            got.append(stem.T)
+        assert_matches(np.stack(got), expected, ULPS, name)
     finally:
         shutil.rmtree(export, ignore_errors=True)
