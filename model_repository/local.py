@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
 from stemserve.defaults import repository_root
-from stemserve.model_repository.ports import free_ports
+from stemserve.model_repository.ports import start_on_free_ports
 from stemserve.model_repository.server import TritonServer
 from stemserve.model_repository.writer import fill_repository
 
@@ -32,24 +32,35 @@ def local_servers(export_dir: Path, count: int = 1, *, variant: str = "cpu",
     so a `stemserve serve` running from a repository of its own is never disturbed.
     ``fill`` goes to :func:`~.writer.fill_repository` (``dynamic_batching``,
     ``max_batch_size``, ``intra_op_threads``, ...). Server ``i`` logs to
-    ``server-i.log`` in ``logs`` (default: that folder).
+    ``server-i.log`` in ``logs`` (default: that folder). A server whose port was taken
+    between the pick and its bind starts again on fresh ports
+    (:func:`~.ports.start_on_free_ports`).
     """
     root = Path(root) if root is not None else repository_root()
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="serve-", dir=root) as folder:
         repository = Path(folder) / "repository"
         fill_repository(export_dir, repository, variant, **fill)
-        servers = []
-        for index in range(count):
-            http_port, grpc_port, metrics_port = free_ports(3)
-            servers.append(TritonServer(
-                repository, http_port=http_port, grpc_port=grpc_port,
-                metrics_port=metrics_port, extra_args=extra_args,
-                log_file=Path(logs or folder) / f"server-{index}.log"))
+
+        def start(index: int) -> TritonServer:
+            def on(ports: list[int]) -> TritonServer:
+                http_port, grpc_port, metrics_port = ports
+                server = TritonServer(repository, http_port=http_port, grpc_port=grpc_port,
+                                      metrics_port=metrics_port, extra_args=extra_args,
+                                      log_file=Path(logs or folder) / f"server-{index}.log")
+                server.start(start_timeout)  # stops it again if the start fails
+                return server
+            return start_on_free_ports(on)
+
+        servers: list[TritonServer] = []
         try:
             with ThreadPoolExecutor(count) as pool:
-                for started in [pool.submit(server.start, start_timeout) for server in servers]:
-                    started.result()
+                starts = [pool.submit(start, index) for index in range(count)]
+                wait(starts)
+            servers = [started.result() for started in starts if not started.exception()]
+            for started in starts:
+                if started.exception() is not None:
+                    raise started.exception()
             yield servers
         finally:
             with ThreadPoolExecutor(count) as pool:

@@ -26,7 +26,8 @@ from stemserve.client import separate_array
 from stemserve.client.backends.triton import CONTROL_TIMEOUT, TritonBackend
 from stemserve.errors import StemserveError
 from stemserve.model_repository.local import local_server
-from stemserve.model_repository.ports import free_ports
+from stemserve.errors import ServerError
+from stemserve.model_repository.ports import start_on_free_ports
 from stemserve.model_repository.server import TritonServer
 from test_separate_cli import RATE, song, write_song
 
@@ -79,12 +80,18 @@ def separate_command(track: Path, out: Path, url: str, *extra: str) -> list[str]
             "--backend", "triton", "--url", url, *extra]
 
 
+def wait_until(condition, what: str, limit: float = 60.0) -> None:
+    """Until ``condition()`` holds, checked every 50 ms for up to ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {limit:g} s"
+        time.sleep(0.05)
+
+
 def wait_for_regions(server: TritonServer, pid: int, limit: float = 60.0) -> None:
     """Until the client ``pid`` has registered its shared memory: it is connected."""
-    deadline = time.monotonic() + limit
-    while not any(f"_{pid}_" in name for name in regions(server)):
-        assert time.monotonic() < deadline, "the client never registered shared memory"
-        time.sleep(0.1)
+    wait_until(lambda: any(f"_{pid}_" in name for name in regions(server)),
+               "the client registered shared memory", limit)
 
 
 def dead_pid() -> int:
@@ -96,6 +103,15 @@ def dead_pid() -> int:
 
 def parts(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.name.endswith(".part")]
+
+
+def writing(folder: Path) -> bool:
+    """Whether stems are being written in ``folder``: a hidden ``.part`` file holds data."""
+    for path in parts(folder):
+        with contextlib.suppress(OSError):  # committed or removed meanwhile
+            if path.stat().st_size > 0:
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,21 +137,34 @@ def test_a_frozen_server_fails_in_flight_requests_within_seconds(running):
 
 def test_separate_exits_when_the_server_freezes(running, tmp_path):
     """The CLI with --timeout 3 --retries 1 (and --retries 0) prints its error and exits,
-    with no stems and no temporary files left, while the server is still frozen."""
-    track = write_song(tmp_path / "long.wav", song(seconds=LONG))
-    for retries in ("1", "0"):
-        out = tmp_path / f"out-{retries}"
-        client = subprocess.Popen(
-            separate_command(track, out, running.grpc_url, "--timeout", "3", "--retries",
-                             retries), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+    with no stems and no temporary files left, while the server is still frozen.
+
+    Both clients at once, mid-track when the server freezes (3 x LONG: a client needs about
+    8 s for it, far longer than the other takes to connect), so the run waits out the
+    slower one's give-up only, not both one after the other."""
+    track = write_song(tmp_path / "long.wav", song(seconds=3 * LONG))
+    clients: dict[str, tuple[Path, subprocess.Popen]] = {}
+    stderr: dict[str, str] = {}
+    try:
+        for retries in ("1", "0"):
+            out = tmp_path / f"out-{retries}"
+            clients[retries] = out, subprocess.Popen(
+                separate_command(track, out, running.grpc_url, "--timeout", "3", "--retries",
+                                 retries), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True)
+        for _, client in clients.values():
             wait_for_regions(running, client.pid)
-            with Frozen(running):
-                _, stderr = client.communicate(timeout=90)
-        finally:
+        assert all(client.poll() is None for _, client in clients.values()), \
+            "a client finished before the server froze"
+        with Frozen(running):
+            for retries, (_, client) in clients.items():
+                stderr[retries] = client.communicate(timeout=90)[1]
+    finally:
+        for _, client in clients.values():
             client.kill()
-        assert client.returncode == 1, stderr
-        assert "long.wav" in stderr and "Traceback" not in stderr
+    for retries, (out, client) in clients.items():
+        assert client.returncode == 1, (retries, stderr[retries])
+        assert "long.wav" in stderr[retries] and "Traceback" not in stderr[retries]
         assert not [path for path in out.rglob("*") if path.is_file()]
 
 
@@ -162,7 +191,8 @@ def test_separate_stops_cleanly_on_signals(running, tmp_path, signum):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_regions(running, client.pid)
-        time.sleep(0.5)  # requests in flight, stems being written
+        wait_until(lambda: writing(out), "stems being written")  # requests in flight too
+        assert client.poll() is None, "the client finished before the signal"
         client.send_signal(signum)
         _, stderr = client.communicate(timeout=60)
     finally:
@@ -175,19 +205,23 @@ def test_separate_stops_cleanly_on_signals(running, tmp_path, signum):
 
 def _serve(export: Path) -> tuple[subprocess.Popen, list[int]]:
     """`stemserve serve` started from a script as `serve &` (so with SIGINT ignored, as
-    shells start background jobs), on free ports, once it is ready."""
-    ports = free_ports(3)
-    command = (f"{sys.executable} -m stemserve serve -n {export} --cpu --http-port {ports[0]} "
-               f"--grpc-port {ports[1]} --metrics-port {ports[2]} & wait")
-    shell = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    for line in shell.stdout:
-        lines.append(line)
-        if "Ctrl-C stops it" in line:
-            break
-    else:
-        pytest.fail("stemserve serve did not start:\n" + "".join(lines))
+    shells start background jobs), on free ports (fresh ones again if one was taken before
+    the server bound it), once it is ready."""
+    def start(ports: list[int]) -> tuple[subprocess.Popen, list[int], list[str]]:
+        command = (f"{sys.executable} -m stemserve serve -n {export} --cpu "
+                   f"--http-port {ports[0]} --grpc-port {ports[1]} --metrics-port {ports[2]} "
+                   "& wait")
+        shell = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lines = []
+        for line in shell.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                return shell, ports, lines
+        shell.wait(60)
+        raise ServerError("stemserve serve did not start:\n" + "".join(lines))
+
+    shell, ports, lines = start_on_free_ports(start)
     # What every host without a GPU logs is left out of the forwarded log.
     assert not [line for line in lines
                 if "CudaDriverHelper" in line or "pinned system memory" in line]

@@ -262,9 +262,8 @@ def test_request_timeout_is_retried_then_reported(triton_server, small_export, o
     assert all(np.abs(got[name] - expected[name]).max() < 1e-5 for name in SOURCES)
 
 
-def test_server_unreachable_names_the_url(tmp_path, free_ports, small_export, capsys):
-    (port,) = free_ports(1)
-    url = f"127.0.0.1:{port}"
+def test_server_unreachable_names_the_url(tmp_path, dead_port, small_export, capsys):
+    url = f"127.0.0.1:{dead_port}"
     track = write_song(tmp_path / "u.wav")
     assert run_cli(track, "--backend", "triton", "--url", url, "-o", tmp_path / "out") == 1
     error = capsys.readouterr().err
@@ -311,18 +310,23 @@ class KillingBackend:
 
 
 @pytest.mark.server
-def test_server_killed_mid_track_fails_clearly_after_retries(tmp_path, small_export,
-                                                             free_ports):
-    from stemserve.model_repository.writer import fill_repository
+def test_server_killed_mid_track_fails_clearly_after_retries(tmp_path, small_export):
+    from stemserve.model_repository.ports import start_on_free_ports
     from stemserve.model_repository.server import TritonServer
+    from stemserve.model_repository.writer import fill_repository
 
     track = write_song(tmp_path / "in" / "long.wav", song(seconds=20))
     before = sha256(track)
     fill_repository(small_export, tmp_path / "repository", "cpu")
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc,
-                          metrics_port=metrics, log_file=tmp_path / "server.log")
-    server.start()
+
+    def start(ports: list[int]) -> TritonServer:
+        http, grpc, metrics = ports
+        server = TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc,
+                              metrics_port=metrics, log_file=tmp_path / "server.log")
+        server.start()
+        return server
+
+    server = start_on_free_ports(start)
     regions = python_backend_regions(server.pid)
     try:
         backend = TritonBackend(server.grpc_url, spec=load_export_spec(small_export),

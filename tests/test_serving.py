@@ -20,8 +20,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from stemserve.errors import StemserveError
+from stemserve.errors import ServerError, StemserveError
 from stemserve.spec import ModelSpec, load_export_spec
+from stemserve.model_repository.ports import free_ports, start_on_free_ports
 from stemserve.model_repository.server import TritonServer
 
 pytestmark = pytest.mark.server
@@ -174,7 +175,7 @@ def test_metrics_count_inferences(triton_server, client, spec):
     assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 1
 
 
-def test_server_that_dies_at_start_up_reports_its_log(tmp_path, free_ports):
+def test_server_that_dies_at_start_up_reports_its_log(tmp_path):
     model_dir = tmp_path / "repository" / "broken"
     (model_dir / "1").mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(
@@ -185,14 +186,19 @@ def test_server_that_dies_at_start_up_reports_its_log(tmp_path, free_ports):
         "class TritonPythonModel:\n"
         "    def initialize(self, args):\n"
         "        raise RuntimeError('broken on purpose')\n")
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc,
-                          metrics_port=metrics, log_file=tmp_path / "server.log")
+    servers = []
+
+    def start(ports: list[int]) -> None:
+        http, grpc, metrics = ports
+        servers.append(TritonServer(tmp_path / "repository", http_port=http, grpc_port=grpc,
+                                    metrics_port=metrics, log_file=tmp_path / "server.log"))
+        servers[-1].start(timeout=60)
+
     with pytest.raises(StemserveError, match="exited with code 1 during start-up") as raised:
-        server.start(timeout=60)
+        start_on_free_ports(start)
     assert "failed to load 'broken' version 1: Internal: RuntimeError: broken on purpose" \
         in str(raised.value)
-    assert server.pid is None
+    assert servers[-1].pid is None
 
 
 def _process_tree(root: int) -> dict[int, str]:
@@ -233,18 +239,30 @@ def _serve(export: Path, repository: Path, ports: list[int]) -> list[str]:
             "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
 
 
-def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_path,
-                                                             free_ports):
-    ports = free_ports(3)
-    log = (tmp_path / "stderr").open("w")
-    process = subprocess.Popen(_serve(small_export, tmp_path / "repository", ports),
-                               stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
+def _start_serve(export: Path, repository: Path, stderr: Path
+                 ) -> tuple[subprocess.Popen, list[int], list[str]]:
+    """`stemserve serve` on free ports, once it says it is ready (its stdout lines so far),
+    started again on fresh ones if a port was taken before the server bound it."""
+    def start(ports: list[int]) -> tuple[subprocess.Popen, list[int], list[str]]:
+        with stderr.open("w") as log:
+            process = subprocess.Popen(_serve(export, repository, ports),
+                                       stdout=subprocess.PIPE, stderr=log, text=True)
         lines = []
         for line in process.stdout:
             lines.append(line)
             if line.startswith("Ctrl-C stops it"):
-                break
+                return process, ports, lines
+        process.wait(TIMEOUT_S)
+        raise ServerError("stemserve serve did not start:\n" + "".join(lines)
+                          + stderr.read_text())
+
+    return start_on_free_ports(start)
+
+
+def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_path):
+    process, ports, lines = _start_serve(small_export, tmp_path / "repository",
+                                         tmp_path / "stderr")
+    try:
         assert any(f"127.0.0.1:{ports[1]}" in line for line in lines), lines
         with grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}") as client:
             assert client.is_model_ready("demucs")
@@ -268,11 +286,12 @@ def test_serve_command_is_ready_and_sigterm_leaves_no_process(small_export, tmp_
     assert len(told.splitlines()) < 12, told
 
 
-def test_serve_command_reports_a_port_in_use(small_export, tmp_path, free_ports):
-    ports = free_ports(3)
+def test_serve_command_reports_a_port_in_use(small_export, tmp_path):
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", ports[1]))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
+        http, metrics = free_ports(2)
+        ports = [http, taken.getsockname()[1], metrics]
         result = subprocess.run(_serve(small_export, tmp_path / "repository", ports),
                                 capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 1
@@ -292,3 +311,84 @@ def test_a_track_ending_in_a_one_sample_segment_is_served(triton_server, small_e
         got = separate_array(mix, spec.sample_rate, backend=served)
         expected = separate_array(mix, spec.sample_rate, backend=local)
     assert max(np.abs(got[name] - expected[name]).max() for name in got) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports for servers that take port numbers (tritonserver)
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice():
+    """Clients' connections take their local ports from the ephemeral range: a port picked
+    there and released could be taken by one before the server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked = [port for _ in range(20) for port in free_ports(3)]
+    assert len(set(picked)) == len(picked)
+    assert all(10000 <= port < low for port in picked), picked
+
+
+def test_a_start_that_finds_a_port_taken_goes_again_on_fresh_ports():
+    from stemserve.model_repository.ports import PortInUse, check_port_free, port_in_use
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(PortInUse, match="gRPC port .* already in use"):
+            check_port_free("127.0.0.1", taken.getsockname()[1], "gRPC")
+    # tritonserver's own words when a port is taken after that check: in its log's tail.
+    bound_late = ServerError("tritonserver exited with code 1 during start-up; its log:\n"
+                             "E1207 main.cc:245] \"failed to start GRPC service: Unavailable "
+                             "- Socket '127.0.0.1:14767' already in use \"")
+    assert port_in_use(bound_late) and not port_in_use(ServerError("model failed to load"))
+
+    tries: list[list[int]] = []
+
+    def start(ports: list[int]) -> str:
+        tries.append(ports)
+        if len(tries) == 1:
+            raise PortInUse("HTTP port in use")
+        if len(tries) == 2:
+            raise bound_late
+        return "started"
+
+    assert start_on_free_ports(start) == "started"
+    assert len(tries) == 3 and len({port for ports in tries for port in ports}) == 9
+
+    def failing(error: ServerError):
+        def start(ports: list[int]) -> None:
+            tries.append(ports)
+            raise error
+        return start
+
+    tries.clear()
+    with pytest.raises(ServerError, match="model failed"):  # any other error: at once
+        start_on_free_ports(failing(ServerError("model failed to load")))
+    assert len(tries) == 1
+    with pytest.raises(PortInUse):  # taken every time: the last refusal, after 3 tries
+        start_on_free_ports(failing(PortInUse("taken")))
+    assert len(tries) == 1 + 3
+
+
+def test_local_servers_start_again_when_a_port_was_taken(small_export, tmp_path, monkeypatch):
+    """The race the pick leaves open, forced: the first ports handed out are taken by the
+    time the server binds them; local_server (separate --serve, the fixtures) starts on
+    fresh ones."""
+    from stemserve.model_repository import ports
+    from stemserve.model_repository.local import local_server
+
+    real = ports.free_ports
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        handed: list[list[int]] = []
+
+        def first_taken(count: int, host: str = "127.0.0.1") -> list[int]:
+            picked = real(count, host)
+            if not handed:
+                picked[1] = taken.getsockname()[1]  # gRPC's port: someone else's by now
+            handed.append(picked)
+            return picked
+
+        monkeypatch.setattr(ports, "free_ports", first_taken)
+        with local_server(small_export, root=tmp_path, logs=tmp_path) as server:
+            assert len(handed) == 2 and server.ports["gRPC"] == handed[1][1]
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                assert client.is_model_ready("demucs")

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -51,16 +52,22 @@ def make_track(path: Path, seconds: float = 2.5, sample_rate: int = 44100,
     return path
 
 
+ANNOUNCED = re.compile(r"stemserve web on (http://127\.0\.0\.1:[1-9]\d*) ")
+"""The log line that says where the service listens: the port it bound for ``--port 0``."""
+
+
 @contextlib.contextmanager
 def web_process(port: int, jobs_dir: Path, *args: str, env: dict[str, str] | None = None
                 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """``stemserve web`` in a child process until the block ends (then Ctrl-C); yields the
     process and its base URL once the page answers.
 
-    Its output goes to ``web.log`` beside ``jobs_dir``; a failed start shows it.
+    ``port`` 0 (what these tests pass) has the service bind a free port itself, which its
+    log announces: no port is picked, released, and bound later by a server that may find
+    it taken. Its output goes to ``web.log`` beside ``jobs_dir``; a failed start shows it.
     """
     log_path = jobs_dir.parent / "web.log"
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}" if port else None
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "stemserve", "web", "--port", str(port),
@@ -71,11 +78,16 @@ def web_process(port: int, jobs_dir: Path, *args: str, env: dict[str, str] | Non
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"stemserve web did not start:\n{log_path.read_text()}")
+            if base is None:
+                announced = ANNOUNCED.search(log_path.read_text(errors="replace"))
+                base = announced and announced.group(1)
             try:
-                httpx.get(f"{base}/", timeout=2).raise_for_status()  # public, token or not
-                break
+                if base is not None:
+                    httpx.get(f"{base}/", timeout=2).raise_for_status()  # public, token or not
+                    break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.1)
         yield process, base
     finally:
         if process.poll() is None:
@@ -100,8 +112,8 @@ def jobs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def web(triton_server, small_export, free_ports, jobs_dir) -> Iterator[str]:
-    with running_web(free_ports(1)[0], jobs_dir, "--url", triton_server.grpc_url,
+def web(triton_server, small_export, jobs_dir) -> Iterator[str]:
+    with running_web(0, jobs_dir, "--url", triton_server.grpc_url,
                      "--model", str(small_export), "--max-upload-mb", str(MAX_UPLOAD_MB),
                      "--max-duration", str(MAX_DURATION), "--queue-size", "4") as base:
         yield base
@@ -251,8 +263,18 @@ def test_the_favicon_is_a_small_svg(client):
         assert icon.content.startswith(b"<svg") and len(icon.content) < 2048
 
 
-def test_access_lines_only_with_verbose_logging(client, track, jobs_dir, small_export,
-                                                free_ports, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_web(small_export, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A second service, in-process ONNX Runtime (``--backend onnx``) with ``-v``, though
+    $STEMSERVE_TRITON_URL names a Triton: its base URL and its log."""
+    root = tmp_path_factory.mktemp("web-onnx")
+    env = dict(os.environ, STEMSERVE_TRITON_URL="127.0.0.1:1")  # --backend onnx wins over it
+    with running_web(0, root / "jobs", "-v", "--backend", "onnx", "--model", str(small_export),
+                     env=env) as base:
+        yield base, root / "web.log"
+
+
+def test_access_lines_only_with_verbose_logging(client, track, jobs_dir, onnx_web):
     """A player's range requests made a log line each: uvicorn's access log is on with -v
     only (the stemserve logger at DEBUG)."""
     done = wait_done(client, submit(client, track).json()["id"])
@@ -262,19 +284,22 @@ def test_access_lines_only_with_verbose_logging(client, track, jobs_dir, small_e
     assert "stemserve web on http://127.0.0.1:" in quiet
     assert "HTTP/1.1\" 206" not in quiet and "GET /api/" not in quiet
 
-    with running_web(free_ports(1)[0], tmp_path / "jobs", "-v", "--backend", "onnx",
-                     "--model", str(small_export)) as base:
-        assert httpx.get(f"{base}/api/config").status_code == 200
-    assert '"GET /api/config HTTP/1.1" 200' in (tmp_path / "web.log").read_text()
+    base, log = onnx_web
+    assert httpx.get(f"{base}/api/config").status_code == 200
+    deadline = time.monotonic() + 10  # uvicorn logs the line once the answer is sent
+    while '"GET /api/config HTTP/1.1" 200' not in log.read_text() \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert '"GET /api/config HTTP/1.1" 200' in log.read_text()
 
 
-def test_a_port_in_use_stops_the_start_naming_the_port_and_the_flag(free_ports, tmp_path):
+def test_a_port_in_use_stops_the_start_naming_the_port_and_the_flag(tmp_path):
     """uvicorn used to say "address already in use" after the server was announced, and
     exit with 3; the port is now bound first."""
-    port = free_ports(1)[0]
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", port))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
+        port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "stemserve", "web", "--port", str(port),
                                  "--jobs-dir", str(tmp_path / "jobs"), "--backend", "onnx"],
                                 capture_output=True, text=True, timeout=60)
@@ -316,18 +341,16 @@ def test_docs_load_nothing_from_elsewhere(client):
     assert client.get("/redoc").status_code == 404
 
 
-def test_in_process_fallback_when_asked(small_export, free_ports, tmp_path, track, monkeypatch):
-    monkeypatch.setenv("STEMSERVE_TRITON_URL", "127.0.0.1:1")  # --backend onnx wins over it
-    with running_web(free_ports(1)[0], tmp_path / "jobs", "--backend", "onnx",
-                     "--model", str(small_export)) as base, \
-            httpx.Client(base_url=base, timeout=60) as client:
+def test_in_process_fallback_when_asked(onnx_web, track):
+    base, _ = onnx_web
+    with httpx.Client(base_url=base, timeout=60) as client:
         assert client.get("/api/config").json()["backend"] == "onnx"
         done = wait_done(client, submit(client, track, format="mp3").json()["id"])
         assert done["state"] == "done" and [stem["name"] for stem in done["stems"]] == SOURCES
 
 
-def test_an_unreachable_triton_stops_the_start_with_a_clear_error(free_ports, tmp_path):
-    url = f"127.0.0.1:{free_ports(1)[0]}"
+def test_an_unreachable_triton_stops_the_start_with_a_clear_error(dead_port, tmp_path):
+    url = f"127.0.0.1:{dead_port}"
     result = subprocess.run([sys.executable, "-m", "stemserve", "web", "--url", url,
                              "--jobs-dir", str(tmp_path / "jobs")],
                             capture_output=True, text=True, timeout=60)

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import time
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -45,9 +44,9 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 
 
 @pytest.fixture(scope="module")
-def web(triton_server, small_export, free_ports, tmp_path_factory) -> Iterator[str]:
+def web(triton_server, small_export, tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("web-browser")
-    with running_web(free_ports(1)[0], root / "jobs", "--url", triton_server.grpc_url,
+    with running_web(0, root / "jobs", "--url", triton_server.grpc_url,
                      "--model", str(small_export), "--max-upload-mb", "1") as base:
         yield base
 
@@ -160,7 +159,15 @@ def test_upload_separate_play_and_download(page, web, tmp_path):
     height = page.execute_script("return document.documentElement.scrollHeight")
     page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": 1100, "height": height, "deviceScaleFactor": 1, "mobile": False})
-    time.sleep(0.2)  # let the waveforms repaint at the new size
+    # The resize redraws every waveform at the new size: wait until each canvas is as large
+    # as it is shown, and painted.
+    wait_for(page, lambda: page.execute_script(
+        "const ratio = window.devicePixelRatio || 1;"
+        "return [...document.querySelectorAll('#tracks canvas')].every(c => "
+        "c.width === Math.max(1, Math.round(c.clientWidth * ratio)) && "
+        "c.height === Math.round(c.clientHeight * ratio) && "
+        "c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".some((v, i) => i % 4 === 3 && v > 0));"), timeout=10)
     screenshot = tmp_path / "web.png"
     page.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
@@ -276,10 +283,9 @@ def test_docs_render_the_api_offline(browser, web):
 
 
 @pytest.fixture(scope="module")
-def web_with_token(triton_server, small_export, free_ports, tmp_path_factory,
-                   ) -> Iterator[str]:
+def web_with_token(triton_server, small_export, tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("web-token")
-    with running_web(free_ports(1)[0], root / "jobs", "--url", triton_server.grpc_url,
+    with running_web(0, root / "jobs", "--url", triton_server.grpc_url,
                      "--model", str(small_export), "--token", TOKEN) as base:
         yield base
 

@@ -24,11 +24,11 @@ from stemserve.defaults import DEFAULT_MODEL
 pytestmark = pytest.mark.server
 
 
-def isolated_env(tmp_path: Path, free_ports) -> dict[str, str]:
+def isolated_env(tmp_path: Path, dead_port: int) -> dict[str, str]:
     """Caches of the test's own, and a checkpoint mirror where nothing answers."""
     return dict(os.environ, STEMSERVE_CACHE=str(tmp_path / "cache"),
                 TORCH_HOME=str(tmp_path / "torch"),
-                STEMSERVE_CHECKPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}/")
+                STEMSERVE_CHECKPOINT_URL=f"http://127.0.0.1:{dead_port}/")
 
 
 def run_web(*args: str, env: dict[str, str] | None = None,
@@ -48,20 +48,27 @@ def run_web(*args: str, env: dict[str, str] | None = None,
 # One server per jobs folder
 
 def test_a_second_server_on_the_same_jobs_folder_stops_and_leaves_the_first_ones_jobs(
-        triton_server, small_export, free_ports, tmp_path):
+        triton_server, small_export, tmp_path):
     """Before the lock, the second server's start deleted the first one's queued jobs (no
-    job.json yet), which then failed reading their vanished uploads."""
+    job.json yet), which then failed reading their vanished uploads.
+
+    The first server is stopped (SIGSTOP) while the second one starts, so its jobs are
+    still queued then however long that start takes: they need not be long to outlast it."""
     jobs = tmp_path / "jobs"
     track = make_track(tmp_path / "song.wav", seconds=10.0)
-    with web_process(free_ports(1)[0], jobs, "--url", triton_server.grpc_url, "--model",
+    with web_process(0, jobs, "--url", triton_server.grpc_url, "--model",
                      str(small_export)) as (first, base), \
             httpx.Client(base_url=base, timeout=60) as client:
-        ids = [submit(client, track, shifts="10").json()["id"] for _ in range(3)]
-        second = run_web("--port", str(free_ports(1)[0]), "--jobs-dir", str(jobs),
-                         "--url", triton_server.grpc_url, "--model", str(small_export),
-                         timeout=60)
+        ids = [submit(client, track, shifts="2").json()["id"] for _ in range(3)]
         states = [client.get(f"/api/jobs/{job_id}").json()["state"] for job_id in ids]
         assert "queued" in states or "running" in states  # the case that went wrong
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = run_web("--port", "0", "--jobs-dir", str(jobs),
+                             "--url", triton_server.grpc_url, "--model", str(small_export),
+                             timeout=60)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 1, second.stderr
         assert second.stderr.strip().endswith(
             f"stemserve: error: the jobs folder {jobs} is in use by another stemserve web "
@@ -72,10 +79,9 @@ def test_a_second_server_on_the_same_jobs_folder_stops_and_leaves_the_first_ones
 # ---------------------------------------------------------------------------------------------
 # The default model is opened at the start
 
-def test_a_default_model_that_cannot_be_downloaded_stops_the_start(free_ports, tmp_path):
-    env = isolated_env(tmp_path, free_ports)
-    port = free_ports(1)[0]
-    result = run_web("--backend", "onnx", "--port", str(port), "--jobs-dir",
+def test_a_default_model_that_cannot_be_downloaded_stops_the_start(dead_port, tmp_path):
+    env = isolated_env(tmp_path, dead_port)
+    result = run_web("--backend", "onnx", "--port", "0", "--jobs-dir",
                      str(tmp_path / "jobs"), env=env)
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
@@ -84,7 +90,7 @@ def test_a_default_model_that_cannot_be_downloaded_stops_the_start(free_ports, t
     assert "Uvicorn running" not in result.stderr
 
 
-def test_a_plain_state_dict_is_served_with_its_config(free_ports, tmp_path):
+def test_a_plain_state_dict_is_served_with_its_config(dead_port, tmp_path):
     """``-n mine.th`` alone is built as ``demucs`` (64 channels) and does not fit; with
     ``--config demucs_unittest`` (4 channels) it is exported, served and separates."""
     import torch
@@ -94,14 +100,14 @@ def test_a_plain_state_dict_is_served_with_its_config(free_ports, tmp_path):
     torch.manual_seed(5)
     checkpoint = tmp_path / "mine.th"
     torch.save(Demucs(SOURCES, channels=4).state_dict(), checkpoint)
-    env = isolated_env(tmp_path, free_ports)
+    env = isolated_env(tmp_path, dead_port)
 
-    refused = run_web("--backend", "onnx", "-n", str(checkpoint), "--port",
-                      str(free_ports(1)[0]), "--jobs-dir", str(tmp_path / "jobs"), env=env)
+    refused = run_web("--backend", "onnx", "-n", str(checkpoint), "--port", "0",
+                      "--jobs-dir", str(tmp_path / "jobs"), env=env)
     assert refused.returncode == 1 and "does not fit the 'demucs' configuration" in \
         refused.stderr, refused.stderr
 
-    with web_process(free_ports(1)[0], tmp_path / "jobs", "--backend", "onnx", "-n",
+    with web_process(0, tmp_path / "jobs", "--backend", "onnx", "-n",
                      str(checkpoint), "--config", "demucs_unittest", env=env) as (_, base), \
             httpx.Client(base_url=base, timeout=60) as client:
         assert client.get("/api/config").json()["models"][0] == "mine"
@@ -111,17 +117,17 @@ def test_a_plain_state_dict_is_served_with_its_config(free_ports, tmp_path):
             for path in (tmp_path / "cache" / "export").glob("*/model.onnx")] == ["mine"]
 
 
-def test_job_errors_never_show_the_servers_paths(small_export, free_ports, tmp_path):
+def test_job_errors_never_show_the_servers_paths(small_export, dead_port, tmp_path):
     """A cached checkpoint that fails its check is offered, and its job fails: the error,
     which the page shows, names the file but not the server's cache folder."""
     from stemserve.checkpoints import checkpoint_url
 
-    env = isolated_env(tmp_path, free_ports)
+    env = isolated_env(tmp_path, dead_port)
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     name = checkpoint_url("demucs").rsplit("/", 1)[-1]
     (cache / name).write_bytes(b"not the checkpoint")
-    with web_process(free_ports(1)[0], tmp_path / "jobs", "--backend", "onnx", "-n",
+    with web_process(0, tmp_path / "jobs", "--backend", "onnx", "-n",
                      str(small_export), env=env) as (_, base), \
             httpx.Client(base_url=base, timeout=60) as client:
         assert "demucs" in client.get("/api/config").json()["models"]
@@ -163,12 +169,12 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_sigterm_and_sighup_shut_down_as_cleanly_as_ctrl_c(triton_server, small_export,
-                                                           free_ports, tmp_path, signum):
+                                                           tmp_path, signum):
     """The queue and backends are closed, nothing is left running, and a job that was
     running does not hold the shutdown up for long."""
     jobs = tmp_path / "jobs"
     track = make_track(tmp_path / "song.wav", seconds=4.0)
-    with web_process(free_ports(1)[0], jobs, "--url", triton_server.grpc_url, "--model",
+    with web_process(0, jobs, "--url", triton_server.grpc_url, "--model",
                      str(small_export)) as (process, base):
         with httpx.Client(base_url=base, timeout=60) as client:
             submit(client, track, shifts="4").raise_for_status()

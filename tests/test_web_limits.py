@@ -31,10 +31,10 @@ SLACK = 4.0
 
 
 @pytest.fixture(scope="module")
-def strict(triton_server, small_export, free_ports, tmp_path_factory) -> Iterator[str]:
+def strict(triton_server, small_export, tmp_path_factory) -> Iterator[str]:
     """A server with 1 s deadlines for headers and body pauses, and 1 MB uploads."""
     root = tmp_path_factory.mktemp("web-strict")
-    with running_web(free_ports(1)[0], root / "jobs", "--url", triton_server.grpc_url,
+    with running_web(0, root / "jobs", "--url", triton_server.grpc_url,
                      "--model", str(small_export), "--header-timeout", "1",
                      "--body-timeout", "1", "--max-upload-mb", "1") as base:
         yield base
@@ -67,10 +67,13 @@ def multipart(content: bytes, name: str = "notes.bin") -> bytes:
             ).encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def upload_head(base: str, length: int, path: str = "/api/jobs") -> bytes:
+def upload_head(base: str, length: int, path: str = "/api/jobs", close: bool = False) -> bytes:
+    """``close``: ask the server to close the connection once it answered, so that
+    :func:`read_answer` ends then, not after uvicorn's 5 s keep-alive."""
     return (f"POST {path} HTTP/1.1\r\nHost: {urlsplit(base).netloc}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+            + ("Connection: close\r\n" if close else "")
+            + f"Content-Length: {length}\r\n\r\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,16 +182,17 @@ def open_files(pid: int) -> list[str]:
 
 
 def test_uploads_in_flight_count_in_the_budget_and_spool_in_the_jobs_folder(
-        triton_server, small_export, free_ports, tmp_path):
+        triton_server, small_export, tmp_path):
     """A 1.5 MB upload halfway in holds its size: a 1.8 MB one no longer fits the 3 MB
     budget and is refused before its body is sent; once the first ends, it fits. The
     half-arrived upload's spool file lies in the jobs folder, never in /tmp."""
     jobs = tmp_path / "jobs"
-    with running_web(free_ports(1)[0], jobs, "--url", triton_server.grpc_url, "--model",
+    with running_web(0, jobs, "--url", triton_server.grpc_url, "--model",
                      str(small_export), "--max-upload-mb", "2", "--max-disk-mb", "3") as base, \
             connect(base) as first:
         first_body = multipart(bytes(int(1.5 * MB)))
-        first.sendall(upload_head(base, len(first_body)) + first_body[:int(1.2 * MB)])
+        first.sendall(upload_head(base, len(first_body), close=True)
+                      + first_body[:int(1.2 * MB)])
         spool = str(jobs / ".uploads") + "/"
         deadline = time.monotonic() + 10
         while not any(link.startswith(spool) for link in open_files(server_pid(jobs))) \
