@@ -82,8 +82,10 @@ def _refused_skips() -> list[tuple[str, str]]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """Every skip, with its reason and whether CI accepts it (:data:`ALLOWED_SKIPS`)."""
+    """Every skip, with its reason and whether CI accepts it (:data:`ALLOWED_SKIPS`); a run
+    without any says so, so that CI's output always answers what did not run."""
     if not _skips:
+        terminalreporter.write_line("skipped: none")
         return
     write = terminalreporter.write_line
     terminalreporter.section(f"skipped: {len(_skips)}", sep="=")

@@ -84,6 +84,7 @@ def test_ci_fails_on_a_skip_off_the_allow_list_and_passes_an_allowed_one(tmp_pat
                                             "test_refused.py": REFUSED,
                                             "test_module_skip.py": MODULE_SKIP})
     allowed = _start(tmp_path / "allowed", {"test_allowed.py": ALLOWED})
+    none = _start(tmp_path / "none", {"test_passes.py": "def test_passes():\n    pass\n"})
     out, _ = refused.communicate(timeout=120)
     assert refused.returncode == 1, out
     assert "1 passed, 4 skipped, 1 xfailed" in out  # every test passed: only the skips fail
@@ -102,3 +103,7 @@ def test_ci_fails_on_a_skip_off_the_allow_list_and_passes_an_allowed_one(tmp_pat
     summary = out[out.index("= skipped: 2 ="):]
     assert "NOT ALLOWED" not in summary and "allowed because hardware:" in summary
     assert "1 passed, 2 skipped, 1 xfailed" in out
+
+    out, _ = none.communicate(timeout=120)
+    assert none.returncode == 0, out
+    assert "skipped: none" in out  # CI's output says so when nothing skipped
