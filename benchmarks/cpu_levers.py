@@ -9,7 +9,7 @@ memory is its own), on the same random weights, one after another:
 - ``batch``: seconds per segment at each batch size, fp32 and int8 (``stemserve export
   --int8``; ``--precisions`` may add bf16, OpenVINO), with the sessions the server and the
   in-process backend use
-  (:mod:`stemserve.client.backends.ort_session`); this picks the CPU repository's
+  (:mod:`stemserve.runtime.ort_session`); this picks the CPU repository's
   ``max_batch_size``.
 - ``arena``: the same sequence of runs as a track gives the server (full batches, a lone
   full segment, a shorter tail, full batches again) with ONNX Runtime's default arena
@@ -63,14 +63,14 @@ def _session(export: Path, precision: str, arena: str = "power_of_two", threads:
     """A session as stemserve makes them, or with another arena (the ``arena`` lever)."""
     import onnxruntime as ort
 
-    from stemserve.client.backends.ort_session import cpu_session, cpu_session_options
+    from stemserve.runtime.ort_session import cpu_session, cpu_session_options
     from stemserve.spec import load_export_spec
 
     spec = load_export_spec(export, precision)
     model_file = export / spec.onnx_file
     if arena == "power_of_two":  # bf16: OpenVINO (the arena lever is ONNX Runtime's)
         return cpu_session(model_file, threads, precision,
-                           (spec.audio_channels, spec.opt_request_length))
+                           (spec.audio_channels, spec.padded_length))
     options = cpu_session_options(threads)
     if arena == "none":
         options.enable_cpu_mem_arena = False

@@ -156,7 +156,7 @@ def _reference_path(job: dict) -> dict:
     from demucs.model import Demucs as OfficialDemucs
     from demucs.utils import apply_model
 
-    from stemserve.model import SOURCES
+    from stemserve.defaults import SOURCES
 
     began = time.perf_counter()
     package = torch.load(job["weights"], map_location="cpu")

@@ -34,6 +34,8 @@ from .timing import Stats
 SCRIPT = "gpu_torch"
 TITLE = "PyTorch backend on a GPU: precision and batch (issue 14)"
 PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCAST = {"fp32": None, "fp16": "fp16", "bf16": "bf16"}
+"""The TorchBackend ``autocast`` of each precision measured (fp32: none)."""
 SEED = 0
 
 
@@ -42,7 +44,8 @@ def _models(quick: bool) -> dict:
     import torch
 
     from stemserve.checkpoints import CheckpointInfo
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+    from stemserve.model import Demucs
     from stemserve.models import HTDemucs
     from stemserve.models.configs import HTDEMUCS
 
@@ -67,7 +70,7 @@ def _forward_rows(models: dict, batches: list[int], repeats: int) -> list[dict]:
     rows = []
     for name, (model, info) in models.items():
         for precision in PRECISIONS:
-            backend = TorchBackend(model, info, device="cuda", precision=precision,
+            backend = TorchBackend(model, info, device="cuda", autocast=AUTOCAST[precision],
                                    max_batch=max(batches))
             spec = backend.spec
             backend.close()  # only its spec and run function are used here
@@ -118,7 +121,7 @@ def _end_to_end_rows(models: dict, seconds: float) -> list[dict]:
         reference = None
         for precision in PRECISIONS:
             torch.cuda.reset_peak_memory_stats()
-            with TorchBackend(model, info, device="cuda", precision=precision,
+            with TorchBackend(model, info, device="cuda", autocast=AUTOCAST[precision],
                               max_batch=8) as backend:
                 start = time.perf_counter()
                 stems = separate_array(mix, rate, backend=backend, in_flight=16)

@@ -9,9 +9,9 @@ same random-weight htdemucs (the released configuration, 42 M parameters) and th
 input, one training segment (343,980 samples, 7.8 s) per item:
 
 (a) ``graph-stft``: STFT and iSTFT inside the graph as real matrix products, one
-    Cooley-Tukey step per frame (:class:`stemserve.models.exportable.HybridGraphSTFT`):
+    Cooley-Tukey step per frame (:class:`stemserve.export.exportable.HybridGraphSTFT`):
     mix in, stems out.
-(b) ``core``: the STFT outside the graph (:class:`~stemserve.models.exportable.
+(b) ``core``: the STFT outside the graph (:class:`~stemserve.export.exportable.
     HTDemucsCore`): mix and spectrogram in, both branches out; the client does the STFT,
     the iSTFT and the sum with torch (timed separately as ``client``).
 
@@ -74,7 +74,7 @@ def probe(threads: int, repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     import onnx
     import onnxruntime as ort
 
-    from stemserve.models.exportable import (HybridGraphSTFT, HTDemucsCore,
+    from stemserve.export.exportable import (HybridGraphSTFT, HTDemucsCore,
                                              htdemucs_from_core, htdemucs_spec)
 
     torch.set_num_threads(threads)

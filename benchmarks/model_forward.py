@@ -147,7 +147,9 @@ def _inputs(batch: int, channels: int, length: int):
 def _build_model(config: dict):
     import torch
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     torch.manual_seed(SEED)
     return Demucs(SOURCES, **config).eval()
@@ -491,7 +493,9 @@ def main(argv: list[str] | None = None) -> Path:
     model_config = dict(CONFIGS[args.config])
     import torch
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     torch.set_num_threads(args.threads)
     with torch.device("meta"):

@@ -19,7 +19,8 @@ def random_model(config: str | dict, seed: int):
     import torch
 
     from stemserve.checkpoints import CheckpointInfo
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+    from stemserve.model import Demucs
 
     name, args = (config, CONFIGS[config]) if isinstance(config, str) else ("custom", config)
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import signal
 
-from stemserve.model import SOURCES
+from stemserve.defaults import SOURCES
 
 from .machine import describe, machine_name, now, usable_cpus
 from .results import add_output_arguments, new_section, save_section
@@ -453,7 +453,8 @@ def open_path(name: str, model, info, export_dir: Path, threads: int):
 
     way = PATHS[name]
     if way.backend == "torch":
-        return TorchBackend(model, info, precision=way.precision)
+        return TorchBackend(model, info,
+                            autocast=None if way.precision == "fp32" else way.precision)
     if way.precision == "int8":
         quantize_int8(export_dir, reduce_range=way.reduce_range)
     if way.precision == "bf16":
@@ -486,7 +487,7 @@ def onednn_bf16_conv_error() -> dict:
     to 32, 40 to 128), which the measured models' channel counts avoid."""
     import torch
 
-    from stemserve.client.backends.openvino_session import cpu_has_bf16
+    from stemserve.runtime.openvino_session import cpu_has_bf16
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 8000, generator=generator)

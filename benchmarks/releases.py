@@ -99,7 +99,7 @@ REQUEST_TIMEOUT = 3600.0
 """Per-request client timeout on the Triton path: a request may queue behind a batch of
 full-size segments on a CPU server; the benchmark must not retry those."""
 EXPORT_SOURCES = ("export/to_onnx.py", "stemserve/models/htdemucs.py",
-                  "stemserve/models/transformer.py", "stemserve/models/exportable.py",
+                  "stemserve/models/transformer.py", "export/exportable.py",
                   "stemserve/models/stft.py", "stemserve/models/blocks.py", "stemserve/spec.py")
 """Files whose change makes a cached htdemucs export stale."""
 
@@ -210,7 +210,9 @@ def _export_htdemucs_child(job: dict) -> dict:
 def _export_v2_child(job: dict) -> dict:
     import torch
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     from .models import CONFIGS, export_random
 
@@ -258,7 +260,7 @@ def _forward_child(job: dict) -> dict:
                                            providers=["CPUExecutionProvider"])
             info["providers"] = session.get_providers()
         else:
-            from stemserve.client.backends.ort_session import cpu_session
+            from stemserve.runtime.ort_session import cpu_session
 
             session = cpu_session(folder / spec["onnx_file"], job["threads"], "bf16")
             info["openvino"] = session.version
@@ -311,11 +313,12 @@ def _forward_child(job: dict) -> dict:
 def _stemserve_child(job: dict) -> dict:
     """``Separator.separate_file`` ``repeats`` times through Triton or in-process ORT."""
     from stemserve.client import Separator, open_backend
+    from stemserve.connection import ConnectionOptions
 
     began = time.perf_counter()
     precision = path_precision(job["kind"])
-    backend = (open_backend("triton", url=job["url"], timeout=REQUEST_TIMEOUT,
-                            precision=precision)
+    backend = (open_backend("triton", precision=precision,
+                            connection=ConnectionOptions(job["url"], timeout=REQUEST_TIMEOUT))
                if job["kind"].startswith("triton")
                else open_backend("onnx", model=job["export"], precision=precision))
     load_s = time.perf_counter() - began
@@ -449,7 +452,7 @@ def oracle_skip(oracle: Path) -> str | None:
 
 def bf16_skip() -> str | None:
     """Why the bf16 fast path cannot run here, or None."""
-    from stemserve.client.backends.openvino_session import cpu_has_bf16
+    from stemserve.runtime.openvino_session import cpu_has_bf16
 
     if cpu_has_bf16():
         return None

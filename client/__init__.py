@@ -3,8 +3,10 @@
 - :class:`Separator` (with :class:`SeparationOptions` and :class:`OutputOptions`) and the
   one-call :func:`separate_array`, :func:`separate_file`, :func:`separate_files`;
 - :func:`open_backend` for a Triton server, a fleet of them, or in-process ONNX Runtime or
-  PyTorch (:mod:`stemserve.client.backends`);
-- the ``stemserve`` command line (:mod:`stemserve.client.cli`), a thin layer over them.
+  PyTorch (:mod:`stemserve.client.backends`).
+
+The ``stemserve`` command line over them (and over export, serving and the web page) is
+:mod:`stemserve.cli`.
 """
 from stemserve.audio import OutputFormat
 from stemserve.client.backends import open_backend

@@ -24,11 +24,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from stemserve.defaults import export_root
 from stemserve.errors import CheckpointError, ModelError, StemserveError
 from stemserve.files import atomic_write, file_sha256, temporary_name
+from stemserve.precision import Precision, check_precision, row
 from stemserve.releases import (KNOWN_MODELS, UNSUPPORTED, is_bag_yaml, is_release_name,
                                 local_member, read_bag_yaml, release, release_files)
 from stemserve.spec import has_precision, is_export, load_export
@@ -172,42 +173,58 @@ def find_export(source: ModelSource) -> Path | None:
 
 def export_dir_for(model: str | Path, config: str | None = None,
                    precision: str = "fp32") -> Path:
-    """An ONNX export of ``model``: the folder itself, its export under the export root, or
-    a new one made there (once, with PyTorch).
+    """An ONNX export of ``model`` with its ``precision`` variant: the folder itself, its
+    export under the export root, or a new one made there (once, with PyTorch).
 
     ``config`` is the release whose configuration a plain state-dict file has. A bag of
-    models exports every model. ``precision`` ``int8`` also quantizes the export once (ONNX
-    Runtime only, no PyTorch); ``bf16`` adds its sidecar (the fp32 graph, run by OpenVINO).
+    models exports every model. A variant made from the fp32 export (int8, bf16) is added
+    to it once (:func:`add_variant`).
     """
     folder, source = _resolve(model, config)
     if folder is None:
         folder = export_model(model, config, source=source)[0]
-    if precision == "int8" and not has_precision(folder, "int8"):
+    add_variant(folder, precision)
+    return folder
+
+
+def add_variant(export_dir: Path, precision: str) -> None:
+    """Add the ``precision`` variant to an export, once, where it is made from the fp32
+    export (:data:`~stemserve.precision.PRECISIONS`' ``make``): ``quantize`` runs ONNX
+    Runtime's quantizer (no PyTorch), ``sidecar`` writes the sidecar that sends the fp32
+    graph to another runtime. One the export itself writes (fp16) is only checked for."""
+    make = row(precision).make
+    if has_precision(export_dir, precision) or make == "export":
+        return
+    if make == "quantize":
         from stemserve.export.quantize import quantize_export
 
-        logger.info("quantizing %s to int8 (once)", folder)
-        quantize_export(folder)
-    if precision == "bf16" and not has_precision(folder, "bf16"):
+        logger.info("quantizing %s to %s (once)", export_dir, precision)
+        quantize_export(export_dir)
+    elif make == "sidecar":
         from stemserve.export.bf16 import bf16_export
 
-        bf16_export(folder)
-    return folder
+        bf16_export(export_dir)
+    else:
+        raise ModelError(f"no way to make the {precision} variant ({make!r})")
 
 
 MemberCallback = Callable[[int, int, "CheckpointInfo"], None]
 
 
 def export_model(model: str | Path, config: str | None = None, *,
-                 segment: float | None = None, out: Path | None = None, fp16: bool = False,
-                 source: ModelSource | None = None,
+                 segment: float | None = None, out: Path | None = None,
+                 precisions: Iterable[str] = (), source: ModelSource | None = None,
                  on_member: MemberCallback | None = None) -> tuple[Path, Bag]:
-    """Export ``model`` (every model of a bag) to ONNX: into ``out``, or into its keyed
-    folder under the export root; the folder and the loaded :class:`Bag`.
+    """Export ``model`` (every model of a bag) to ONNX with its ``precisions`` variants
+    besides fp32: into ``out``, or into its keyed folder under the export root; the folder
+    and the loaded :class:`Bag`. The one export orchestration, for the command line and
+    :func:`export_dir_for`.
 
     The keyed folder is written under a temporary name and renamed when complete, so a
     reader never finds half an export and two runs never write into one folder.
     ``segment`` is in seconds (None: the model's own).
     """
+    wanted = {check_precision(name) for name in precisions}
     source = source or model_source(model, config, segment)
     bag = load_models(model, config)
     from stemserve.export.to_onnx import export_bag  # torch is there: the load needed it
@@ -220,8 +237,10 @@ def export_model(model: str | Path, config: str | None = None, *,
     segment_length = None if segment is None else round(segment * bag.samplerate)
     writing = target if out is not None else _fresh_folder(target)
     try:
-        export_bag(bag, writing, segment_length=segment_length, fp16=fp16,
-                   on_member=on_member)
+        export_bag(bag, writing, segment_length=segment_length,
+                   fp16=Precision.FP16 in wanted, on_member=on_member)
+        for precision in sorted(wanted - {Precision.FP32, Precision.FP16}):
+            add_variant(writing, precision)
         with atomic_write(writing / SOURCE_FILE, "w") as file:
             file.write(source.to_json())
         if out is None:

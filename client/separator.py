@@ -11,7 +11,7 @@ Example::
 
     from stemserve.client import Separator, open_backend
 
-    with open_backend("triton", url="127.0.0.1:8001") as backend:
+    with open_backend("triton", connection="127.0.0.1:8001") as backend:
         separator = Separator(backend, shifts=2, seed=0)
         stems = separator.separate_array(mix, 44100)            # {"vocals": [2, n], ...}
         paths = separator.separate_file("song.flac", "separated")
@@ -301,7 +301,7 @@ def _separator(backend: Backend | None, url: str, downmix: bool,
         return
     from stemserve.client.backends import open_backend
 
-    with open_backend("triton", url=url) as owned:
+    with open_backend("triton", connection=url) as owned:
         yield Separator(owned, downmix=downmix, **options)
 
 

@@ -14,6 +14,8 @@ COPY stemserve stemserve
 COPY client client
 COPY export export
 COPY model_repository model_repository
-# Only stemserve.spec is imported by model.py: no need for the client's dependencies.
+# model.py imports only stemserve.spec and stemserve.runtime (numpy and onnxruntime, installed
+# above; OpenVINO only for a bf16 repository, which this image does not serve): no need for
+# the client's dependencies.
 RUN pip install --no-deps . && rm -rf /src
 WORKDIR /opt/tritonserver

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 from stemserve.cpu import cpu_has_vnni
 from stemserve.errors import ModelError
 from stemserve.files import atomic_path
-from stemserve.spec import PRECISION_SIDECARS, ModelSpec, load_export, load_export_spec
+from stemserve.spec import ModelSpec, load_export, load_export_spec, sidecar_name
 
 if TYPE_CHECKING:
     import onnx
@@ -106,8 +106,8 @@ def quantize_int8(export_dir: Path, *, reduce_range: bool | None = None) -> Mode
                     + "; ".join(_weight_sources(model.graph, name) for name in left),
                     where=str(source))
     int8 = dataclasses.replace(spec, precision="int8", onnx_file=INT8_FILE)
-    with write_errors(export_dir, PRECISION_SIDECARS["int8"]):
-        int8.save(export_dir / PRECISION_SIDECARS["int8"])
+    with write_errors(export_dir, sidecar_name("int8")):
+        int8.save(export_dir / sidecar_name("int8"))
     logger.info("int8 graph: %d LSTM quantized (%d given their own copy of weights they "
                 "shared), reduce_range=%s", len(lstms), untied, reduce_range)
     return int8

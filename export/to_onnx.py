@@ -10,7 +10,7 @@ The batch axis is always dynamic. The time axis depends on the family (the sidec
   ``apply_model``. v2 returns fewer samples; the caller center-trims, as ``apply_model``.
 - Hybrid Demucs takes any length (the last segment of a track is as short as the track's
   end): its STFT, iSTFT and every length computation are inside the graph
-  (:class:`~stemserve.models.exportable.HybridGraphSTFT`).
+  (:class:`~stemserve.export.exportable.HybridGraphSTFT`).
 - HT Demucs takes exactly its training segment (343,980 samples for the releases): the
   time axis is fixed, so every request batches with every other.
 
@@ -38,10 +38,10 @@ from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.export.quantize import write_errors
 from stemserve.files import atomic_path
-from stemserve.models.exportable import HybridGraphSTFT
+from stemserve.export.exportable import HybridGraphSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
-from stemserve.spec import (BAG_FILE, MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, PRECISION_SIDECARS,
-                            SIDECAR_FILE, BagSpec, ModelSpec)
+from stemserve.spec import (BAG_FILE, MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, PRECISION_NAMES,
+                            SIDECAR_FILE, BagSpec, ModelSpec, sidecar_name)
 from stemserve.untrusted import safe_name
 
 if TYPE_CHECKING:
@@ -102,15 +102,16 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
         raise ModelError("no fp16 graph of HT Demucs: its transformer adds float32 positional "
                          "embeddings to half-precision tokens, which does not trace; export "
                          "it in fp32 (fp16 on a GPU: the PyTorch backend's autocast, "
-                         "TorchBackend(precision='fp16'))")
+                         "TorchBackend(autocast='fp16'))")
     model = model.eval()
     segment_length = int(segment_length or segment_samples(model))
     check_segment(model, info, segment_length)
     out_dir = Path(out_dir)
     with write_errors(out_dir, "the export folder"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        for precision, sidecar in PRECISION_SIDECARS.items():
+        for precision in PRECISION_NAMES:
             if precision != "fp32":
+                sidecar = sidecar_name(precision)
                 (out_dir / sidecar).unlink(missing_ok=True)
                 (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
     spec = build_spec(model, info, segment_length, model_name=model_name)

@@ -32,12 +32,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from stemserve.errors import RepositoryError
 from stemserve.export.tensorrt import PLAN_FILE
 from stemserve.files import atomic_write, file_sha256
-from stemserve.spec import (BAG_PARAMETER, SPEC_PARAMETER, BagSpec, ExportLayout, ModelSpec,
-                            load_export, sidecar_name)
+from stemserve.precision import check_precision
+from stemserve.spec import (BAG_PARAMETER, SIDECAR_FILE, SPEC_PARAMETER, BagSpec, ExportLayout,
+                            ModelSpec, load_export, sidecar_name)
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
-SIDECAR = "model.json"
 FILL_RECORD = "fill.json"
 # Initializers up to this size may be shape constants that shape inference must read.
 SHAPE_CONSTANT_BYTES = 1024
@@ -98,7 +98,7 @@ def render_config(spec: ModelSpec, variant: str = "cpu", *, tensorrt: bool = Tru
         (template_input,) = warmup.inputs.values()
         warmup.inputs.clear()
         warmup.inputs[spec.input_name].CopyFrom(template_input)
-        warmup.inputs[spec.input_name].dims[:] = [spec.audio_channels, spec.opt_request_length]
+        warmup.inputs[spec.input_name].dims[:] = [spec.audio_channels, spec.padded_length]
 
     if not dynamic_batching:
         config.ClearField("dynamic_batching")
@@ -164,13 +164,8 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
     :func:`check_repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    if precision in ("int8", "bf16") and variant != "cpu":
-        raise RepositoryError(f"the {precision} variant runs on "
-                              f"{'ONNX Runtime' if precision == 'int8' else 'OpenVINO'}'s CPU "
-                              "kernels: fill the cpu variant with it")
-    if variant == "gpu-trt" and precision != "fp32":
-        raise RepositoryError("gpu-trt serves the engine `stemserve export --tensorrt` built "
-                              "(its precision is chosen there): leave precision out")
+    _template_dir(variant)  # an unknown variant is refused before its precision is checked
+    precision = check_precision(precision, variant=variant, error=RepositoryError).value
     layout = load_export(export_dir, precision)
     bag = layout.bag if len(layout.members) > 1 else None
     # One Triton model per model of the bag, however often the bag lists it.
@@ -222,7 +217,7 @@ def _fill_model(export_dir: Path, spec: ModelSpec, config: mc.ModelConfig, repo_
         for item in template_version.glob("*.py"):
             shutil.copy2(item, version_dir / item.name)
     _link_or_copy(model_file, version_dir / model_file.name)
-    shutil.copy2(sidecar, version_dir / SIDECAR)
+    shutil.copy2(sidecar, version_dir / SIDECAR_FILE)
     record = {"variant": variant, "model_file": model_file.name,
               "model_sha256": file_sha256(model_file), "sidecar_sha256": file_sha256(sidecar),
               "checkpoint_sha256": spec.checkpoint_sha256, "export_dir": str(export_dir)}
@@ -246,7 +241,7 @@ def _check_config(config: mc.ModelConfig, spec: ModelSpec, where: Path) -> None:
         "name": spec.model_name,
         "input": [(spec.input_name, mc.TYPE_FP32, tensor_dims(spec)[0])],
         "output": [(spec.output_name, mc.TYPE_FP32, tensor_dims(spec)[1])],
-        "warm-up dims": [[spec.audio_channels, spec.opt_request_length]]
+        "warm-up dims": [[spec.audio_channels, spec.padded_length]]
         * len(config.model_warmup),
     }
     found = {
@@ -345,7 +340,7 @@ def _check_model(model_dir: Path, config: mc.ModelConfig) -> ModelSpec:
     if not versions:
         raise RepositoryError(f"{model_dir}: no version folder (1/, 2/, ...)")
     for version_dir in versions:
-        sidecar = version_dir / SIDECAR
+        sidecar = version_dir / SIDECAR_FILE
         spec = ModelSpec.load(sidecar)
         if spec.model_name != model_dir.name:
             raise RepositoryError(f"{sidecar} describes model {spec.model_name!r}, but it "

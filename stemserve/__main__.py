@@ -1,6 +1,6 @@
 """``python -m stemserve`` is the ``stemserve`` command."""
 import sys
 
-from stemserve.client.cli import main
+from stemserve.cli import main
 
 sys.exit(main())

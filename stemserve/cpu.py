@@ -3,7 +3,7 @@ the standard library.
 
 Which int8 quantization pays (VNNI) and whether bf16 runs on AMX tiles or only on
 AVX512_BF16 dot products depend on the CPU's flags; the bf16 self-check's cached result
-(:mod:`stemserve.client.backends.openvino_session`) is kept per CPU model and flags. Where
+(:mod:`stemserve.runtime.openvino_session`) is kept per CPU model and flags. Where
 there is no ``/proc/cpuinfo`` the CPU has no name and no flags, and each path takes its
 cautious choice.
 """

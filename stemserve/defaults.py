@@ -62,6 +62,12 @@ REQUEST_TIMEOUT = 600.0
 about half real time, so a 40-second segment queued behind a batch of four waits minutes; a
 shorter limit would re-send healthy requests and only add load. A dead server is reported
 by gRPC at once, and a frozen one by the client's health probes, not by this limit."""
+RETRIES = 3
+"""Further attempts of a request after a transient gRPC error (on another server when
+there are several), before its segment fails."""
+BACKOFF = 0.5
+"""Seconds before the first retry of a request (doubling after each), and the first pause
+between probes of a server taken out of a fleet."""
 
 TRITON_URL_ENV = "STEMSERVE_TRITON_URL"
 """Triton gRPC address(es) for `separate` and `web`: ``host:port``, several comma-separated,

@@ -12,9 +12,7 @@ import julius
 import torch
 from torch import nn
 
-from .spec import valid_length
-
-SOURCES = ("drums", "bass", "other", "vocals")
+from stemserve.spec import valid_length
 
 
 def center_trim(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 
 from stemserve.errors import SpecError
 from stemserve.files import atomic_write
+from stemserve.precision import PRECISIONS, Precision, asked_as
 from stemserve.untrusted import brief, is_safe_name
 
 SPEC_VERSION = 1
@@ -142,9 +143,9 @@ class ModelSpec:
                     and _TENSOR_NAME.fullmatch(getattr(self, field))):
                 raise SpecError(f"{field} {brief(getattr(self, field))} is not a tensor name "
                                 "(letters, digits and _)")
-        if not (isinstance(self.precision, str) and self.precision in PRECISION_SIDECARS):
+        if not (isinstance(self.precision, str) and self.precision in PRECISION_NAMES):
             raise SpecError(f"precision {brief(self.precision)} is not one of "
-                            f"{', '.join(PRECISION_SIDECARS)}")
+                            f"{', '.join(PRECISION_NAMES)}")
         if not (isinstance(self.checkpoint_sha256, str) and _HEX.fullmatch(self.checkpoint_sha256)):
             raise SpecError(f"checkpoint_sha256 {brief(self.checkpoint_sha256)} is not a "
                             "sha256 in hex")
@@ -229,11 +230,6 @@ class ModelSpec:
         return self.valid_length(1)
 
     @property
-    def opt_request_length(self) -> int:
-        """The length of every full segment: what batches, and what engines are tuned for."""
-        return self.padded_length
-
-    @property
     def max_request_length(self) -> int:
         """The longest request a client sends: a full segment, with a shift's context where
         demucs shifts inside each segment (v2)."""
@@ -247,7 +243,7 @@ class ModelSpec:
         request at ``max_batch``. The GPU config and the trtexec script both use it."""
         channels = self.audio_channels
         return {"min": f"1x{channels}x{self.min_request_length}",
-                "opt": f"{opt_batch or max_batch}x{channels}x{self.opt_request_length}",
+                "opt": f"{opt_batch or max_batch}x{channels}x{self.padded_length}",
                 "max": f"{max_batch}x{channels}x{self.max_request_length}"}
 
     @property
@@ -296,16 +292,11 @@ class ModelSpec:
             raise err.about(where) from None
 
 
-SIDECAR_FILE = "model.json"
-PRECISION_SIDECARS = {"fp32": SIDECAR_FILE, "fp16": "model.fp16.json",
-                      "int8": "model.int8.json", "bf16": "model.bf16.json"}
-"""An export's graphs by precision, each named by its sidecar: the fp32 graph, the fp16 one
-(``stemserve export --fp16``, for GPUs), the dynamically quantized int8 one
-(``stemserve export --int8``, the CPU fast path) and bf16 (``stemserve export --bf16``: the
-fp32 graph itself, run by OpenVINO in bf16 on CPUs with AMX or AVX512_BF16). Every variant
-has the same tensors."""
-PRECISION_FLAGS = {"fp16": "--fp16", "int8": "--int8", "bf16": "--bf16"}
-"""The command-line flag that asks for each variant (``export``, ``serve``, ``separate``)."""
+SIDECAR_FILE = PRECISIONS[Precision.FP32].sidecar
+"""The fp32 graph's sidecar, ``model.json``: the one every export has (the other
+precisions' are in :data:`~stemserve.precision.PRECISIONS`). Every variant has the same
+tensors."""
+PRECISION_NAMES = tuple(name.value for name in Precision)
 MAX_BAG_MEMBERS = 16
 """The most models a bag sidecar may list (the releases list 1 or 4), as bag YAMLs are
 bounded."""
@@ -413,11 +404,11 @@ def is_export(folder: Path) -> bool:
 
 
 def sidecar_name(precision: str) -> str:
-    """The sidecar file of an export's ``precision`` variant (:data:`PRECISION_SIDECARS`)."""
-    if precision not in PRECISION_SIDECARS:
-        raise SpecError(f"precision must be one of {', '.join(PRECISION_SIDECARS)}, "
+    """The sidecar file of an export's ``precision`` variant."""
+    if precision not in PRECISION_NAMES:
+        raise SpecError(f"precision must be one of {', '.join(PRECISION_NAMES)}, "
                         f"not {precision!r}")
-    return PRECISION_SIDECARS[precision]
+    return PRECISIONS[Precision(precision)].sidecar
 
 
 def has_precision(export_dir: Path, precision: str) -> bool:
@@ -434,8 +425,7 @@ def load_export(export_dir: Path, precision: str = "fp32") -> ExportLayout:
     if precision != "fp32" and is_export(export_dir) and not has_precision(export_dir,
                                                                             precision):
         raise SpecError(f"no {precision} graph in this export: `stemserve export "
-                        f"{PRECISION_FLAGS[precision]}` "
-                        "makes one", where=str(export_dir))
+                        f"{asked_as(precision)}` makes one", where=str(export_dir))
     try:
         if (export_dir / BAG_FILE).is_file():
             bag = BagSpec.from_json((export_dir / BAG_FILE).read_text(),

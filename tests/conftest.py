@@ -18,7 +18,7 @@ SERVER_FIXTURES = {"triton_server"}
 
 
 def _cpu_has_bf16() -> bool:
-    from stemserve.client.backends.openvino_session import cpu_has_bf16
+    from stemserve.runtime.openvino_session import cpu_has_bf16
 
     return cpu_has_bf16()
 
@@ -164,7 +164,8 @@ def small_model():
     import torch
 
     from stemserve.checkpoints import CheckpointInfo
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+    from stemserve.model import Demucs
 
     torch.manual_seed(1234)
     model = Demucs(SOURCES, **SMALL_CONFIG).eval()

@@ -118,7 +118,9 @@ def test_flop_count_matches_torch_counter_where_it_counts():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     for config in (dict(channels=4), dict(channels=4, resample=False, glu=False, depth=4,
                                           lstm_layers=1)):
@@ -135,7 +137,9 @@ def test_flop_count_matches_torch_counter_where_it_counts():
 def test_flop_count_of_the_official_model_on_8_seconds():
     import torch
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     with torch.device("meta"):
         model = Demucs(SOURCES)
@@ -287,7 +291,7 @@ def test_quick_run_writes_an_end_to_end_section(bench_quick_run):
 
 def _bf16_refused(row: dict) -> bool:
     """A bf16 row on a CPU without bf16 arithmetic: failed, saying so (not measurable)."""
-    from stemserve.client.backends.openvino_session import cpu_has_bf16
+    from stemserve.runtime.openvino_session import cpu_has_bf16
 
     if cpu_has_bf16():
         return False

@@ -22,7 +22,7 @@ import torch
 
 from conftest import needs_bf16
 from stemserve.errors import ModelError, RepositoryError, SpecError
-from stemserve.spec import PRECISION_SIDECARS, has_precision, load_export, load_export_spec
+from stemserve.spec import has_precision, load_export, load_export_spec, sidecar_name
 from test_int8 import _mix, _relative_error, export_with_variant
 
 BF16_CLOSE = 0.05
@@ -59,7 +59,7 @@ def _conv_graph(path: Path, seed: int = 0) -> Path:
 def bf16_log(caplog, monkeypatch):
     """The bf16 session's log records, DEBUG and up (a CLI test before this one stops them at
     the "stemserve" logger)."""
-    from stemserve.client.backends import openvino_session
+    from stemserve.runtime import openvino_session
 
     monkeypatch.setattr(logging.getLogger("stemserve"), "propagate", True)
     caplog.set_level(logging.DEBUG, logger=openvino_session.__name__)
@@ -69,7 +69,7 @@ def bf16_log(caplog, monkeypatch):
 @pytest.fixture
 def checks_run(tmp_path, monkeypatch) -> list:
     """An empty stemserve cache, and the input shape of every self-check run from now on."""
-    from stemserve.client.backends.openvino_session import Bf16Session
+    from stemserve.runtime.openvino_session import Bf16Session
 
     monkeypatch.setenv("STEMSERVE_CACHE", str(tmp_path / "cache"))
     runs = []
@@ -104,7 +104,7 @@ def test_the_bf16_variant_is_a_sidecar_naming_the_fp32_graph(small_export, bf16_
     spec = load_export_spec(bf16_export, "bf16")
     fp32 = load_export_spec(small_export)
     assert (spec.precision, spec.onnx_file) == ("bf16", fp32.onnx_file)
-    assert json.loads((bf16_export / PRECISION_SIDECARS["bf16"]).read_text())["precision"] \
+    assert json.loads((bf16_export / sidecar_name("bf16")).read_text())["precision"] \
         == "bf16"
     assert has_precision(bf16_export, "bf16") and not has_precision(small_export, "bf16")
     assert sorted(path.name for path in bf16_export.glob("*.onnx")) == ["model.onnx"]
@@ -121,8 +121,8 @@ def test_each_input_length_gets_its_own_compiled_model(small_export):
     """OpenVINO 2026.4's bf16 transposed convolutions on a dynamic time axis returned 2,048
     samples too few (and failed on short inputs): every length the session meets is
     compiled on its own, and every length gives ONNX Runtime's output shape."""
-    from stemserve.client.backends.openvino_session import SHAPES_KEPT, Bf16Session
-    from stemserve.client.backends.ort_session import cpu_session
+    from stemserve.runtime.openvino_session import SHAPES_KEPT, Bf16Session
+    from stemserve.runtime.ort_session import cpu_session
 
     spec = load_export_spec(small_export)
     graph = small_export / spec.onnx_file
@@ -175,7 +175,7 @@ def test_every_v4_family_runs_in_bf16(family, tmp_path):
 
 def test_a_cpu_without_bf16_is_refused(bf16_export, monkeypatch):
     """OpenVINO would quietly run fp32 there, under a bf16 label: refused, with the way out."""
-    from stemserve.client.backends import openvino_session
+    from stemserve.runtime import openvino_session
     from stemserve.client.backends.onnx import OnnxBackend
 
     monkeypatch.setattr(openvino_session, "cpu_has_bf16", lambda: False)
@@ -191,8 +191,8 @@ def test_a_graph_bf16_gets_wrong_is_refused_at_load(tmp_path, monkeypatch):
     segment. Within tolerance it passes and says how far off it was; beyond it the graph is
     refused, naming the file and the way out (the tolerance is part of the cached result's
     key: a stricter one checks again)."""
-    from stemserve.client.backends import openvino_session
-    from stemserve.client.backends.openvino_session import BF16_TOLERANCE, Bf16Session
+    from stemserve.runtime import openvino_session
+    from stemserve.runtime.openvino_session import BF16_TOLERANCE, Bf16Session
 
     path = _conv_graph(tmp_path / "conv.onnx")
     session = Bf16Session(path, check_shape=(12, 4000))
@@ -212,8 +212,8 @@ def test_the_check_runs_once_per_graph_cpu_and_openvino(tmp_path, checks_run, bf
     check's input, and announced before it runs; the compiles are announced too."""
     import openvino
 
-    from stemserve.client.backends import openvino_session
-    from stemserve.client.backends.openvino_session import CHECKS_FOLDER, Bf16Session
+    from stemserve.runtime import openvino_session
+    from stemserve.runtime.openvino_session import CHECKS_FOLDER, Bf16Session
 
     graph = _conv_graph(tmp_path / "conv.onnx")
     first = Bf16Session(graph, check_shape=(12, 4000))
@@ -262,8 +262,8 @@ def test_the_check_runs_once_per_graph_cpu_and_openvino(tmp_path, checks_run, bf
 def test_a_refused_graph_is_refused_again_at_once(tmp_path, checks_run, monkeypatch):
     """A refusal is kept too: the next session refuses with the same message, without
     compiling anything."""
-    from stemserve.client.backends import openvino_session
-    from stemserve.client.backends.openvino_session import Bf16Session
+    from stemserve.runtime import openvino_session
+    from stemserve.runtime.openvino_session import Bf16Session
 
     graph = _conv_graph(tmp_path / "conv.onnx")
     monkeypatch.setattr(openvino_session, "BF16_TOLERANCE", 1e-9)
@@ -283,8 +283,8 @@ def test_a_corrupt_or_foreign_check_file_is_no_result(tmp_path, checks_run, bf16
     """A damaged or planted result file means "not checked": the check runs again and the
     file is rewritten; never a crash, a hang (a FIFO), or a pass it does not describe. A
     file that cannot be written only costs the next session the check."""
-    from stemserve.client.backends import openvino_session
-    from stemserve.client.backends.openvino_session import CHECKS_FOLDER, Bf16Session
+    from stemserve.runtime import openvino_session
+    from stemserve.runtime.openvino_session import CHECKS_FOLDER, Bf16Session
 
     graph = _conv_graph(tmp_path / "conv.onnx")
     error = Bf16Session(graph, check_shape=(12, 4000)).checked_error
@@ -334,8 +334,8 @@ def test_bf16_measured_slower_on_this_kind_of_cpu_says_so(bf16_export, tmp_path,
     (Demucs v2 without AMX), a session says so once per process, by the family of the
     sidecar beside the graph (an export's, or a repository version folder's model.json);
     where it was measured faster, or the family is unknown, it says nothing."""
-    from stemserve.client.backends import openvino_session
-    from stemserve.client.backends.openvino_session import Bf16Session
+    from stemserve.runtime import openvino_session
+    from stemserve.runtime.openvino_session import Bf16Session
 
     monkeypatch.setattr(openvino_session, "cpu_has_bf16", lambda: True)  # only reads it
     monkeypatch.setattr(openvino_session, "_warned", set())
@@ -371,7 +371,7 @@ def test_bf16_measured_slower_on_this_kind_of_cpu_says_so(bf16_export, tmp_path,
 
 def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, monkeypatch):
     from stemserve.client.backends.onnx import OnnxBackend
-    from stemserve.client.cli import main
+    from stemserve.cli import main
     from stemserve.model_repository.writer import fill_repository
 
     with pytest.raises(SpecError, match="stemserve export --bf16") as caught:
@@ -387,8 +387,8 @@ def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, 
     assert "not allowed with argument" in capsys.readouterr().err
     track = tmp_path / "song.wav"
     assert main(["separate", "--bf16", "--backend", "torch", str(track)]) == 1
-    assert "--bf16 runs the graph on OpenVINO: it takes --backend onnx or triton" \
-        in capsys.readouterr().err
+    assert "the bf16 graph runs on OpenVINO: --bf16 takes --backend onnx or triton, not " \
+           "torch" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
     with pytest.raises(ModelError, match=r"pip install 'stemserve\[openvino\]'"):
         OnnxBackend(bf16_export, precision="bf16")
@@ -415,11 +415,11 @@ def test_a_served_bf16_repository_answers_with_its_precision(bf16_export, tmp_pa
         folder = next(tmp_path.glob("serve-*/repository/demucs/1"))
         assert json.loads((folder / "fill.json").read_text())["model_file"] == "model.onnx"
         assert json.loads((folder / "model.json").read_text())["precision"] == "bf16"
-        with open_backend("triton", url=server.grpc_url, precision="bf16") as served:
+        with open_backend("triton", connection=server.grpc_url, precision="bf16") as served:
             assert served.spec.precision == "bf16"
             got = separate_array(mix, spec.sample_rate, backend=served)
         with pytest.raises(ModelError, match="serves the bf16 graph.*stemserve serve`"):
-            open_backend("triton", url=server.grpc_url, precision="fp32")
+            open_backend("triton", connection=server.grpc_url, precision="fp32")
     log = "".join(path.read_text() for path in tmp_path.glob("**/*.log"))
     assert "on OpenVINO" in log and "(bf16)" in log
     assert max(np.abs(got[name] - expected[name]).max() for name in got) < 1e-6

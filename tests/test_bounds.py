@@ -26,8 +26,9 @@ import pytest
 import soundfile as sf
 from test_web_service import Catalog, Runner
 
-from stemserve import checkpoints
 from stemserve.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, MIN_SECONDS, check_sample_rate, probe
+from stemserve.checkpoints import bounds, unpickle
+from stemserve.checkpoints import diffq as quantized
 from stemserve.errors import (CheckpointError, InputError, ModelError, SpecError, StemserveError,
                               StoreFull, TooLarge)
 from stemserve.releases import read_bag_yaml
@@ -476,14 +477,14 @@ def test_parameter_count_limit(monkeypatch, count, accepted):
     the meta device, before anything is allocated)."""
     from stemserve.defaults import SOURCES
 
-    used = checkpoints._configuration((list(SOURCES),), {"channels": 4}, "x.th")
-    monkeypatch.setattr(checkpoints, "_parameter_count", lambda model: count)
+    used = bounds._configuration((list(SOURCES),), {"channels": 4}, "x.th")
+    monkeypatch.setattr(bounds, "_parameter_count", lambda model: count)
     if accepted:
-        checkpoints._skeleton("demucs", used, "x.th")
+        bounds._skeleton("demucs", used, "x.th")
         return
     with pytest.raises(CheckpointError, match=r"^x\.th: .* parameters; stemserve loads at "
                                               r"most 700 M"):
-        checkpoints._skeleton("demucs", used, "x.th")
+        bounds._skeleton("demucs", used, "x.th")
 
 
 @pytest.mark.parametrize("sources, accepted", [
@@ -493,10 +494,10 @@ def test_parameter_count_limit(monkeypatch, count, accepted):
 def test_checkpoint_sources(sources, accepted):
     """1 to MAX_SOURCES distinct names of 1 to 32 characters."""
     if accepted:
-        assert checkpoints._sources(sources, "x.th") == sources
+        assert bounds._sources(sources, "x.th") == sources
         return
     with pytest.raises(CheckpointError, match=r"is not a list of 1 to 8 distinct names"):
-        checkpoints._sources(sources, "x.th")
+        bounds._sources(sources, "x.th")
 
 
 V2_LIMITS = {  # name: (low, high, integers only)
@@ -517,7 +518,7 @@ def edges(low: float, high: float, integer: bool) -> list[tuple[float, bool]]:
 
 
 def test_every_v2_argument_bound_is_tested():
-    assert set(checkpoints._LIMITS) == set(V2_LIMITS)
+    assert set(bounds._LIMITS) == set(V2_LIMITS)
 
 
 @pytest.mark.parametrize("name", sorted(V2_LIMITS))
@@ -530,12 +531,12 @@ def test_v2_argument_bounds(name):
     for value, accepted in edges(low, high, integer):
         kwargs = {"segment_length": RATE, name: value}
         if accepted:
-            assert checkpoints._configuration((list(SOURCES),), kwargs, "x.th")[name] == value
+            assert bounds._configuration((list(SOURCES),), kwargs, "x.th")[name] == value
             continue
         with pytest.raises(CheckpointError, match=rf"^x\.th: {name}=\S+ is out of bounds: "
                                                   rf"stemserve loads (integers|numbers) from "
                                                   rf"{low} to {high} "):
-            checkpoints._configuration((list(SOURCES),), kwargs, "x.th")
+            bounds._configuration((list(SOURCES),), kwargs, "x.th")
 
 
 @pytest.mark.parametrize("segment, accepted", [(1, True), (0, False), (120 * RATE, True),
@@ -546,10 +547,10 @@ def test_v2_segment_length_bounds(segment, accepted):
 
     kwargs = {"segment_length": segment}
     if accepted:
-        checkpoints._configuration((list(SOURCES),), kwargs, "x.th")
+        bounds._configuration((list(SOURCES),), kwargs, "x.th")
         return
     with pytest.raises(CheckpointError, match=r"segment_length=\d+ is out of bounds"):
-        checkpoints._configuration((list(SOURCES),), kwargs, "x.th")
+        bounds._configuration((list(SOURCES),), kwargs, "x.th")
 
 
 @pytest.mark.parametrize("padded, accepted", [(LONGEST - 1, True), (LONGEST, True),
@@ -557,10 +558,10 @@ def test_v2_segment_length_bounds(segment, accepted):
 def test_network_input_is_at_most_twice_the_longest_segment(padded, accepted):
     used = {"samplerate": RATE, "stride": 4, "depth": 6}
     if accepted:
-        checkpoints._check_padded(padded, 40, used, "x.th")
+        bounds._check_padded(padded, 40, used, "x.th")
         return
     with pytest.raises(CheckpointError, match="stemserve loads at most 240 s"):
-        checkpoints._check_padded(padded, 40, used, "x.th")
+        bounds._check_padded(padded, 40, used, "x.th")
 
 
 @pytest.mark.parametrize("extra, accepted", [(-1, True), (0, True), (1, False)])
@@ -572,10 +573,10 @@ def test_quantized_state_inflates_to_at_most_twice_the_float32_weights(extra, ac
     limit = 2 * 4 * 1000 + (1 << 20)
     state = {"compressed": zlib.compress(bytes(limit + extra))}
     if accepted:
-        assert len(checkpoints._inflate(state, 1000, "x.th")) == limit + extra
+        assert len(quantized._inflate(state, 1000, "x.th")) == limit + extra
         return
     with pytest.raises(CheckpointError, match="inflates to more than 1 MiB"):
-        checkpoints._inflate(state, 1000, "x.th")
+        quantized._inflate(state, 1000, "x.th")
 
 
 @pytest.mark.parametrize("bits, accepted", [(-1, False), (0, True), (16, True), (17, False)])
@@ -585,11 +586,11 @@ def test_quantization_aware_training_bits(bits, accepted):
 
     training = argparse.Namespace(diffq=0, qat=bits)
     if accepted:
-        checkpoints._package_quantizer(training, "x.th")
+        quantized._package_quantizer(training, "x.th")
         return
     with pytest.raises(CheckpointError, match=r"training_args.qat=-?\d+ is not a bit width in "
                                               r"0..16"):
-        checkpoints._package_quantizer(training, "x.th")
+        quantized._package_quantizer(training, "x.th")
 
 
 @pytest.mark.parametrize("args, accepted", [
@@ -601,10 +602,10 @@ def test_quantization_aware_training_bits(bits, accepted):
 def test_a_pickled_fraction_is_a_ratio_of_small_integers(args, accepted):
     """htdemucs' 39/5 s segment as pickled: numbers of up to 30 digits (below 10**30)."""
     if accepted:
-        assert checkpoints._fraction(*args) == Fraction(*args)
+        assert unpickle._fraction(*args) == Fraction(*args)
         return
-    with pytest.raises(checkpoints._Refused, match="not a ratio of two small integers"):
-        checkpoints._fraction(*args)
+    with pytest.raises(unpickle._Refused, match="not a ratio of two small integers"):
+        unpickle._fraction(*args)
 
 
 # The demucs 4 classes' ranged arguments (the others are flags, choices, the mask type and the
@@ -640,10 +641,10 @@ QUANTIZER_RANGES = {
 
 
 def test_every_ranged_v4_argument_is_tested():
-    ranged = {name for name, rule in checkpoints._V4_RULES.items()
+    ranged = {name for name, rule in bounds._V4_RULES.items()
               if " from " in rule.accepted and name != "segment"}
     assert ranged == set(V4_RANGES) | set(V4_LISTS) | {"nfft"}
-    quantizer = {name for rules in checkpoints._QUANTIZER_RULES.values()
+    quantizer = {name for rules in bounds._QUANTIZER_RULES.values()
                  for name, rule in rules.items() if " from " in rule.accepted}
     assert quantizer == set(QUANTIZER_RANGES)
 
@@ -659,7 +660,7 @@ def _rule_edges(rule, low, high, integer):
 @pytest.mark.parametrize("name", sorted(V4_RANGES))
 def test_v4_argument_bounds(name):
     """Each ranged argument at, inside and past both ends, and its words say the same."""
-    rule = checkpoints._V4_RULES[name]
+    rule = bounds._V4_RULES[name]
     _rule_edges(rule, *V4_RANGES[name])
     if rule.accepted.startswith("None or "):
         assert rule.accepts(None)
@@ -667,7 +668,7 @@ def test_v4_argument_bounds(name):
 
 @pytest.mark.parametrize("name", sorted(QUANTIZER_RANGES))
 def test_quantizer_argument_bounds(name):
-    for rules in checkpoints._QUANTIZER_RULES.values():
+    for rules in bounds._QUANTIZER_RULES.values():
         if name in rules:
             _rule_edges(rules[name], *QUANTIZER_RANGES[name])
 
@@ -675,7 +676,7 @@ def test_quantizer_argument_bounds(name):
 @pytest.mark.parametrize("name", sorted(V4_LISTS))
 def test_v4_number_list_bounds(name):
     shortest, longest, low, high = V4_LISTS[name]
-    accepts = checkpoints._V4_RULES[name].accepts
+    accepts = bounds._V4_RULES[name].accepts
     assert accepts([low] * longest) and accepts([high] * shortest or [high] * longest)
     assert not accepts([low] * (longest + 1))
     if shortest:
@@ -685,7 +686,7 @@ def test_v4_number_list_bounds(name):
 
 
 def test_v4_nfft_is_a_power_of_two_from_256_to_16384():
-    accepts = checkpoints._V4_RULES["nfft"].accepts
+    accepts = bounds._V4_RULES["nfft"].accepts
     assert [n for n in (128, 255, 256, 257, 4096, 16384, 16385, 32768) if accepts(n)] == \
         [256, 4096, 16384]
 
@@ -694,7 +695,7 @@ def test_v4_nfft_is_a_power_of_two_from_256_to_16384():
                                                      (1, 257, False)])
 def test_quantizer_exclude_patterns(count, length, accepted):
     """diffq's exclude: up to 64 names of up to 256 characters."""
-    assert checkpoints._PATTERNS.accepts(["p" * length] * count) is accepted
+    assert bounds._PATTERNS.accepts(["p" * length] * count) is accepted
 
 
 # =============================================================================================
@@ -836,7 +837,7 @@ def test_model_source_files(changes, accepted):
 
 @pytest.mark.parametrize("padding, read", [(-1, True), (0, True), (1, False)])
 def test_bf16_self_check_record_is_read_up_to_4096_bytes(tmp_path, monkeypatch, padding, read):
-    from stemserve.client.backends import openvino_session
+    from stemserve.runtime import openvino_session
 
     monkeypatch.setenv("STEMSERVE_CACHE", str(tmp_path))
     key = {"graph": "ab" * 32}
@@ -855,7 +856,7 @@ def test_seconds_flags_are_above_zero(text, accepted):
     of its own (the export's 1 s: test_export_hardening.py); 0 and less are refused."""
     import argparse
 
-    from stemserve.client.cli import _seconds
+    from stemserve.cli.flags import seconds as _seconds
 
     if accepted:
         assert _seconds(text) == float(text)

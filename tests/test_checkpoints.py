@@ -34,7 +34,8 @@ from stemserve import checkpoints
 from stemserve.checkpoints import (KNOWN_MODELS, ROOT_URL, CheckpointError, CheckpointInfo,
                                    Release, checkpoint_cache_dir, checkpoint_url,
                                    download_checkpoint, load_model)
-from stemserve.model import SOURCES, Demucs
+from stemserve.defaults import SOURCES
+from stemserve.model import Demucs
 from oracle_v2 import demucs2
 
 OFFICIAL_URLS = {

@@ -29,6 +29,7 @@ import torch
 
 from oracle_v4 import require_oracle, run_oracle
 from stemserve import checkpoints, releases
+from stemserve.checkpoints import bounds, build, unpickle
 from stemserve.checkpoints import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MODELS,
                                    MODEL_CLASSES, Bag, CheckpointError, checkpoint_files,
                                    checkpoint_url, download_checkpoint, load_bag, load_model)
@@ -230,7 +231,7 @@ def test_every_argument_of_the_demucs_4_classes_has_a_bound():
     names = set()
     for klass in (HTDemucs, HDemucs, DemucsV3):
         names |= set(inspect.signature(klass).parameters) - {"sources"}
-    assert names == set(checkpoints._V4_RULES)
+    assert names == set(bounds._V4_RULES)
     assert set(MODEL_CLASSES) == {"demucs", "demucs_v3", "hdemucs", "htdemucs"}
 
 
@@ -265,9 +266,9 @@ def test_omegaconf_training_args_read_back(official):
     """A package that pickled the DictConfig itself (and a ListConfig argument): its
     placeholders hold exactly what OmegaConf.to_container gives, quant included."""
     path = official["folder"] / official["files"]["omegaconf"]
-    loaded = checkpoints._torch_load(path, str(path))
+    loaded = unpickle._torch_load(path, str(path))
     assert type(loaded["training_args"]).__name__ == "_OmegaConfDict"
-    training = checkpoints._plain(loaded["training_args"], str(path))
+    training = unpickle._plain(loaded["training_args"], str(path))
     assert training == official["training"]
     assert training["quant"] == {"diffq": None, "qat": None, "min_size": 0.01, "group_size": 8}
     assert training["interpolated"] == "${seed}"  # kept, not resolved
@@ -648,7 +649,7 @@ def test_numpy_scalars_other_than_numbers_are_refused(tmp_path, v4_classes):
         load_model(path)
     path.write_bytes(_saved(_v4_package(v4_classes["HTDemucs"], metrics=[
         np.float32(0.5), np.int64(-3), np.bool_(True), np.float16(2.0)])))
-    assert checkpoints._torch_load(path, "x")["metrics"] == [0.5, -3, True, 2.0]
+    assert unpickle._torch_load(path, "x")["metrics"] == [0.5, -3, True, 2.0]
 
 
 def _quantized_package(model_class: type, meta: dict, kwargs: dict | None = None,
@@ -700,7 +701,7 @@ def test_quantizer_settings_out_of_bounds_are_refused(tmp_path, v4_classes, case
 def test_plain_state_dict_with_a_demucs_4_release_configuration(tmp_path, monkeypatch):
     """--config htdemucs builds the htdemucs arguments (shrunk here, so that the test does
     not build a 42 M-parameter model); a bag of several is no configuration."""
-    monkeypatch.setitem(checkpoints._STATE_CONFIGS, "htdemucs",
+    monkeypatch.setitem(build._STATE_CONFIGS, "htdemucs",
                         ("htdemucs", dict(SMALL_HT, sources=SOURCES)))
     path = tmp_path / "weights.th"
     torch.save(_small_ht_state(3), path)

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 
 from stemserve.checkpoints import load_model
-from stemserve.client.cli import DEMO_MODELS, main
+from stemserve.cli import main
+from stemserve.cli.demo import DEMO_MODELS
 from stemserve.models.demo import CONFIGS
 
 

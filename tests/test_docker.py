@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stemserve.client.cli import build_parser
+from stemserve.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))

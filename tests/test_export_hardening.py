@@ -199,7 +199,7 @@ if command[0] == "quantize":  # what `export --int8` runs after the export
         print_error(err)
         sys.exit(1)
 else:
-    from stemserve.client.cli import main
+    from stemserve.cli import main
     sys.exit(main(command))
 """
 LIMIT = 4096
@@ -343,7 +343,7 @@ def test_the_export_command_refuses_a_segment_out_of_range(segment, small_model,
                                                             capsys):
     """`export --segment 1e6` used to export (a graph tritonserver then crashes on); the
     command's own parser refuses -1 and 0 (a number of seconds above 0)."""
-    from stemserve.client.cli import main
+    from stemserve.cli import main
 
     model, _ = small_model
     checkpoint = tmp_path / "mine.th"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stemserve.client.cli import main
+from stemserve.cli import main
 from stemserve.client.models import (SOURCE_FILE, ModelSource, export_dir_for, keyed_exports,
                                      local_export, model_source)
 from stemserve.errors import ModelError

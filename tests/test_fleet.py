@@ -27,7 +27,7 @@ from stemserve.client import (Separator, open_backend, separate_array, separate_
 from stemserve.client.backends.fleet import FleetBackend, check_agreement, parse_endpoints
 from stemserve.client.backends.onnx import OnnxBackend
 from stemserve.client.backends.triton import TritonBackend
-from stemserve.client.cli import main
+from stemserve.cli import main
 from stemserve.client.tracks import expand_tracks
 from stemserve.defaults import TRITON_MODEL, TRITON_URL_ENV
 from stemserve.errors import StemserveError
@@ -205,7 +205,7 @@ def test_separate_files_overlaps_tracks_and_sums_progress(tmp_path, small_export
 def test_segments_spread_over_three_servers_with_single_server_output(fleet_servers,
                                                                       reference):
     before = [inferences(server) for server in fleet_servers]
-    with open_backend("triton", url=",".join(urls(fleet_servers))) as backend:
+    with open_backend("triton", connection=",".join(urls(fleet_servers))) as backend:
         assert isinstance(backend, FleetBackend)
         got = separate_array(MIX, RATE, backend=backend)
         status = backend.status()

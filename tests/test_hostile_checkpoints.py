@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stemserve import checkpoints, releases
-from stemserve.checkpoints import CheckpointError, load_bag, load_model
+from stemserve import releases
+from stemserve.checkpoints import CheckpointError, load_bag, load_model, unpickle
 from stemserve.client.backends.bag import BagBackend
 from stemserve.client.backends.pytorch import TorchBackend
 from stemserve.errors import StemserveError
@@ -78,7 +78,7 @@ def _laughs(levels: int = 28) -> list:
 
 def _omegaconf_laughs(monkeypatch, levels: int = 28) -> object:
     """The same bomb made of omegaconf DictConfig nodes, each holding ``{'a': x, 'b': x}``:
-    what :func:`checkpoints._plain` unwraps, and :func:`~stemserve.untrusted.check_size`
+    what :func:`unpickle._plain` unwraps, and :func:`~stemserve.untrusted.check_size`
     alone would not look into."""
     node_class = _fake_class(monkeypatch, "omegaconf.dictconfig", "DictConfig")
     value: object = {}
@@ -121,7 +121,7 @@ def test_pickle_billion_laughs_is_refused_in_bounded_time_and_memory(tmp_path, v
                                     outcomes):
         assert outcome["error"] == "CheckpointError", (path.name, outcome)
         assert outcome["message"] == (
-            f"{path}: its {field!r} holds more than {checkpoints._MAX_CONFIG_ITEMS} items "
+            f"{path}: its {field!r} holds more than {unpickle._MAX_CONFIG_ITEMS} items "
             f"(shared references counted each time they are reached); demucs stores a few "
             f"hundred"), outcome
         assert outcome["seconds"] < 5, outcome
@@ -131,20 +131,20 @@ def test_pickle_billion_laughs_is_refused_in_bounded_time_and_memory(tmp_path, v
 def test_package_fields_are_bounded_at_exactly_the_item_limit():
     """10 000 items counted as a tree pass, one more is refused: ``{'k': [0] * n}`` counts
     the dict, its key, the list and n zeros. demucs 4's training_args count about 500."""
-    assert checkpoints._MAX_CONFIG_ITEMS == 10_000
+    assert unpickle._MAX_CONFIG_ITEMS == 10_000
     package = {"training_args": {"k": [0] * 9_997}}
-    assert checkpoints._package_field(package, "training_args", "x.th") == \
+    assert unpickle._package_field(package, "training_args", "x.th") == \
         package["training_args"]
     package["training_args"]["k"].append(0)
     with pytest.raises(CheckpointError, match=r"^x\.th: its 'training_args' holds more than "
                                               r"10000 items"):
-        checkpoints._package_field(package, "training_args", "x.th")
+        unpickle._package_field(package, "training_args", "x.th")
 
 
 def test_shared_references_are_converted_once_per_depth():
     """The conversion of omegaconf placeholders shares what the pickle shares: 2**20 leaves
     as a tree take 20 lists (what makes the size check after it cheap)."""
-    plain = checkpoints._plain({"deep": _laughs(20)}, "x.th")
+    plain = unpickle._plain({"deep": _laughs(20)}, "x.th")
     value, levels = plain["deep"], 0
     while value:
         assert value[0] is value[1]
@@ -333,7 +333,7 @@ def test_package_segment_bounds(tmp_path, v4_classes, segment, accepted):
 # --------------------------------------------------------------------------- 4: nesting
 
 NESTING = 32
-"""What the nesting tests are built for: :data:`checkpoints._MAX_NESTING`."""
+"""What the nesting tests are built for: :data:`unpickle._MAX_NESTING`."""
 
 
 def _nested(depth: int) -> dict:
@@ -347,11 +347,11 @@ def _nested(depth: int) -> dict:
 def test_nesting_is_bounded_at_exactly_the_limit(tmp_path, v4_classes):
     """training_args nested to the limit load; one level more is refused, by the unpickled
     package's conversion and by load_model alike."""
-    assert checkpoints._MAX_NESTING == NESTING
-    assert checkpoints._plain(_nested(NESTING), "x.th") == _nested(NESTING)
+    assert unpickle._MAX_NESTING == NESTING
+    assert unpickle._plain(_nested(NESTING), "x.th") == _nested(NESTING)
     with pytest.raises(CheckpointError, match=r"^x\.th: its configuration nests deeper than "
                                               r"32 levels$"):
-        checkpoints._plain(_nested(NESTING + 1), "x.th")
+        unpickle._plain(_nested(NESTING + 1), "x.th")
     path = tmp_path / "nested.th"
     path.write_bytes(_saved(_v4_package(v4_classes["HTDemucs"],
                                         training_args=_nested(NESTING))))

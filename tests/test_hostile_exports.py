@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stemserve.client.cli import main
+from stemserve.cli import main
 from stemserve.errors import SpecError
 from stemserve.spec import BagSpec, ModelSpec
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import needs_bf16
 from stemserve.errors import ModelError, RepositoryError, SpecError
-from stemserve.spec import PRECISION_SIDECARS, has_precision, load_export, load_export_spec
+from stemserve.spec import has_precision, load_export, load_export_spec, sidecar_name
 
 
 def export_with_variant(small_export: Path, tmp_path_factory, precision: str) -> Path:
@@ -82,7 +82,7 @@ def test_an_lstm_whose_weights_are_computed_is_refused(small_export, tmp_path):
         quantize_int8(folder)
     assert str(folder / "model.onnx") in str(caught.value)
     assert not (folder / "model.int8.onnx").exists()
-    assert not (folder / PRECISION_SIDECARS["int8"]).exists()
+    assert not (folder / sidecar_name("int8")).exists()
 
 
 def test_int8_stems_stay_close_to_fp32(small_export, int8_export):
@@ -100,7 +100,7 @@ def test_int8_stems_stay_close_to_fp32(small_export, int8_export):
 
 @pytest.mark.parametrize("precision,made", [
     ("int8", "model.int8.onnx"),
-    pytest.param("bf16", PRECISION_SIDECARS["bf16"], marks=needs_bf16),
+    pytest.param("bf16", sidecar_name("bf16"), marks=needs_bf16),
 ])
 def test_open_backend_makes_a_fast_path_variant_once(small_model, stemserve_cache, precision,
                                                      made):
@@ -126,7 +126,7 @@ def test_open_backend_makes_a_fast_path_variant_once(small_model, stemserve_cach
 
 def test_refusals_name_the_way_out(small_export, tmp_path, capsys):
     from stemserve.client.backends import open_backend
-    from stemserve.client.cli import main
+    from stemserve.cli import main
     from stemserve.model_repository.writer import fill_repository
 
     with pytest.raises(SpecError, match="stemserve export --int8") as caught:
@@ -154,7 +154,7 @@ def test_a_served_int8_repository_answers_with_its_precision(small_export, int8_
     for none is told which it gets, its stems in a folder of their own."""
     import soundfile as sf
 
-    from stemserve.client.cli import main
+    from stemserve.cli import main
     from stemserve.client import separate_array
     from stemserve.client.backends import open_backend
     from stemserve.client.backends.onnx import OnnxBackend
@@ -168,11 +168,11 @@ def test_a_served_int8_repository_answers_with_its_precision(small_export, int8_
         record = json.loads((tmp_path.glob("serve-*/repository/demucs/1/fill.json")
                              .__next__()).read_text())
         assert record["model_file"] == "model.int8.onnx"
-        with open_backend("triton", url=server.grpc_url, precision="int8") as served:
+        with open_backend("triton", connection=server.grpc_url, precision="int8") as served:
             assert served.spec.precision == "int8"
             got = separate_array(mix, spec.sample_rate, backend=served)
         with pytest.raises(ModelError, match="serves the int8 graph"):
-            open_backend("triton", url=server.grpc_url, precision="fp32")
+            open_backend("triton", connection=server.grpc_url, precision="fp32")
         sf.write(str(tmp_path / "song.wav"), mix.T, spec.sample_rate)
         capsys.readouterr()
         assert main(["separate", str(tmp_path / "song.wav"), "--url", server.grpc_url,

@@ -291,7 +291,7 @@ def test_trt_cache_mount_is_the_path_of_the_gpu_config(docs):
 
 
 def test_stemserve_cli_accepts_the_commands_the_pods_run(docs):
-    from stemserve.client.cli import build_parser
+    from stemserve.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["export", "-n", "demucs_quantized", "-o", "/cache/export/x"])

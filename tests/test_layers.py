@@ -2,7 +2,10 @@
 
 Every import in the package, at module level or inside a function, is checked against the
 layer table of ``../shared/notes/architecture.md`` (and the README's "How the code is laid
-out"): a module may import its own layer and the ones below, never one above.
+out"): a module may import its own layer and the ones below, never one above. The Triton
+repository's python model templates (``model_repository/cpu/demucs/1/model.py``), loaded by
+Triton by path rather than imported as modules, are checked too: they run in the server, so
+they import the serving layer and below, and nothing of the client.
 """
 from __future__ import annotations
 
@@ -18,18 +21,18 @@ FOLDERS = {"stemserve.client": ROOT / "client", "stemserve.export": ROOT / "expo
 LAYERS = [  # bottom to top; a module is in the first layer one of whose prefixes it has
     ("defaults", ["stemserve.defaults"]),
     ("core", ["stemserve.errors", "stemserve.untrusted", "stemserve.files", "stemserve.releases",
-              "stemserve.cpu", "stemserve.spec",
+              "stemserve.cpu", "stemserve.precision", "stemserve.connection", "stemserve.spec",
               "stemserve.audio", "stemserve.pipeline"]),
     ("models", ["stemserve.model", "stemserve.models", "stemserve.checkpoints",
-                "stemserve.export"]),
+                "stemserve.export", "stemserve.runtime"]),
     ("backends", ["stemserve.client.backends", "stemserve.client.models"]),
     ("serving", ["stemserve.model_repository"]),
-    ("front ends", ["stemserve.client", "stemserve.web", "stemserve.__main__"]),
+    ("front ends", ["stemserve.client", "stemserve.cli", "stemserve.web", "stemserve.__main__"]),
 ]
 
 
 def layer_of(module: str) -> int:
-    if module == "stemserve":  # the package's own __init__: a docstring
+    if module == "stemserve":  # the package's own __init__: a docstring and __version__
         return 0
     for index, (_, prefixes) in enumerate(LAYERS):
         if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
@@ -37,18 +40,34 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"{module} is in no layer: add it to the table")
 
 
-def modules() -> dict[str, Path]:
-    """Every stemserve module by import name, from the source tree."""
+def _sources() -> tuple[dict[str, Path], dict[str, Path]]:
+    """Every stemserve module by import name, and every file of the source tree that is no
+    module (a path part is not an identifier: a repository template such as
+    ``cpu/demucs/1/model.py``) by a dotted name under its package."""
     found: dict[str, Path] = {}
+    data: dict[str, Path] = {}
     for package, folder in FOLDERS.items():
         for path in folder.rglob("*.py"):
             relative = path.relative_to(folder).with_suffix("")
             parts = [part for part in relative.parts if part != "__init__"]
-            if any(not part.isidentifier() for part in parts):
-                continue  # a repository template (cpu/demucs/1/model.py) is data
             name = ".".join([package, *parts])
-            found.setdefault(name, path)
-    return found
+            if any(not part.isidentifier() for part in parts):
+                data.setdefault(name, path)  # a repository template is data, not a module
+            else:
+                found.setdefault(name, path)
+    return found, data
+
+
+def modules() -> dict[str, Path]:
+    """Every stemserve module by import name, from the source tree."""
+    return _sources()[0]
+
+
+def templates() -> dict[str, Path]:
+    """The Triton repository's python model templates (``model.py`` files Triton's python
+    backend loads by path), by a dotted name under ``stemserve.model_repository``."""
+    return {name: path for name, path in _sources()[1].items()
+            if name.startswith("stemserve.model_repository.")}
 
 
 def imports(path: Path, module: str) -> set[str]:
@@ -69,6 +88,8 @@ def imports(path: Path, module: str) -> set[str]:
 
 
 ALL = modules()
+TEMPLATES = templates()
+SERVING = [name for name, _ in LAYERS].index("serving")
 
 
 @pytest.mark.parametrize("module", sorted(ALL))
@@ -82,3 +103,20 @@ def test_imports_only_run_downward(module):
 def test_the_table_covers_every_module():
     for module in ALL:
         layer_of(module)
+
+
+def test_the_repository_templates_are_found():
+    # A template moved or renamed must not leave the check below with nothing to check.
+    assert "stemserve.model_repository.cpu.demucs.1.model" in TEMPLATES
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_repository_templates_import_only_serving_and_below(template):
+    """A python model runs inside tritonserver: the serving layer and below, no client."""
+    names = imports(TEMPLATES[template], template)
+    upward = {name: LAYERS[layer_of(name)][0] for name in names
+              if name != "stemserve" and layer_of(name) > SERVING}
+    assert not upward, f"{template} (serving) imports from above: {upward}"
+    client = sorted(name for name in names
+                    if name == "stemserve.client" or name.startswith("stemserve.client."))
+    assert not client, f"{template} imports the client: {client}"

@@ -12,7 +12,9 @@ import inspect
 import pytest
 import torch
 
-from stemserve.model import SOURCES, Demucs
+from stemserve.defaults import SOURCES
+
+from stemserve.model import Demucs
 from oracle_v2 import demucs2
 from test_models_v4 import require_full_models
 from tolerance import assert_matches

@@ -13,6 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from test_layers import FOLDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,12 @@ def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
                  "stemserve/web/static/index.html"):
         assert data in names, data
     assert not any(name.startswith(("client/", "export/", "tests/")) for name in names)
+    # Every module of the source tree is in it (pyproject lists packages one by one).
+    for package, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                shipped = "/".join([*package.split("."), *path.relative_to(folder).parts])
+                assert shipped in names, f"{path.relative_to(ROOT)} is not in the wheel"
 
 
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"

@@ -28,7 +28,7 @@ from stemserve.client import separate_array  # noqa: E402
 from stemserve.client.backends.onnx import OnnxBackend  # noqa: E402
 from stemserve.client.backends.pytorch import TorchBackend  # noqa: E402
 from stemserve.client.backends.triton import TritonBackend  # noqa: E402
-from stemserve.model import SOURCES  # noqa: E402
+from stemserve.defaults import SOURCES  # noqa: E402
 from stemserve.spec import load_export_spec  # noqa: E402
 from test_pipeline_core import LENGTH, RATE, make_mix  # noqa: E402
 from tolerance import assert_differs, assert_matches  # noqa: E402

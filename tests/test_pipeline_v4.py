@@ -195,7 +195,7 @@ def test_triton_matches_demucs_4(name, official, exports, tmp_path):
     """A real tritonserver filled from the export (a bag: one served model per member,
     found by the client on the server) with dynamic batching."""
     with local_server(exports(name), root=tmp_path) as server, \
-            open_backend("triton", url=server.grpc_url) as backend:
+            open_backend("triton", connection=server.grpc_url) as backend:
         assert backend.spec.checkpoint == name
         check_stems(name, backend, official, "triton")
 

@@ -106,12 +106,12 @@ KWARGS = st.dictionaries(
 @EXAMPLES
 @given(kwargs=KWARGS, family=st.sampled_from(["htdemucs", "hdemucs", "demucs_v3"]))
 def test_a_package_configuration_is_bounded_or_refused(kwargs, family):
-    from stemserve import checkpoints
+    from stemserve.checkpoints import bounds
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "dropping unknown parameter" is the expected note
         try:
-            used = checkpoints._configuration_v4(
+            used = bounds._configuration_v4(
                 family, (), {"sources": ["drums", "bass", "other", "vocals"], **kwargs},
                 "hypothesis")
         except StemserveError:

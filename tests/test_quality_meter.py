@@ -22,7 +22,7 @@ from benchmarks import results  # noqa: E402
 from benchmarks.quality import (MIXTURE, NO_MODEL, PATHS, REFERENCE, SOURCES,  # noqa: E402
                                 TEST_SEED_OFFSET, WORK_DIR, sdr_db, song)
 from conftest import BENCH_MACHINE  # noqa: E402
-from stemserve.client.backends.openvino_session import cpu_has_bf16  # noqa: E402
+from stemserve.runtime.openvino_session import cpu_has_bf16  # noqa: E402
 
 
 def _finite(value) -> bool:

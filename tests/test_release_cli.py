@@ -21,7 +21,7 @@ import torch
 from oracle_v4 import run_oracle
 from stemserve import checkpoints
 from stemserve.checkpoints import BAGS, DEMUCS4_FILES
-from stemserve.client.cli import main
+from stemserve.cli import main
 from stemserve.defaults import export_root
 from test_models_v4 import SMALL_HT
 from tolerance import assert_matches

@@ -419,7 +419,7 @@ def test_a_model_a_bag_lists_twice_is_exported_and_served_once(tmp_path):
         assert len(backend.members) == 4 and len({id(m) for m in backend.members}) == 2
         local = separate_array(mix, 44100, backend=backend)
     with local_server(export, root=tmp_path / "served") as server, \
-            open_backend("triton", url=server.grpc_url) as backend:
+            open_backend("triton", connection=server.grpc_url) as backend:
         served = separate_array(mix, 44100, backend=backend)
     # The same bag in PyTorch, every listing its own network run.
     from stemserve.client.backends.bag import BagBackend

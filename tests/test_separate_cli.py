@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from stemserve.audio import OutputFormat, to_pcm
-from stemserve.client.cli import build_parser, main
+from stemserve.cli import build_parser, main
 from stemserve.client import separate_array, separate_file
 from stemserve.client.backends.onnx import OnnxBackend
 from stemserve.spec import load_export_spec

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from stemserve.checkpoints import CheckpointInfo
-from stemserve.client.cli import main
+from stemserve.cli import main
 from stemserve.export.to_onnx import export_onnx
 from stemserve.models import HTDemucs
 from stemserve.models.configs import HTDEMUCS_6S, SOURCES_6

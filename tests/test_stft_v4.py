@@ -9,7 +9,7 @@ import torch
 
 from stemserve.models import HTDemucs
 from stemserve.models.configs import HTDEMUCS
-from stemserve.models.exportable import (HybridGraphSTFT, HTDemucsCore, htdemucs_from_core,
+from stemserve.export.exportable import (HybridGraphSTFT, HTDemucsCore, htdemucs_from_core,
                                          htdemucs_spec)
 from stemserve.models.stft import DftISTFT, DftSTFT, hybrid_ispec, hybrid_spec, ispectro, spectro
 

@@ -500,7 +500,8 @@ class HeldRunner:
     def __init__(self):
         self.release = threading.Event()
         self.started = threading.Semaphore(0)
-        self.error = "{upload}: cannot decode audio (test)"
+        self.error = "cannot decode audio (test)"
+        self.about_upload = True  # the error's ``where`` is the upload, as audio.py's are
 
     def __call__(self, job: Job, on_progress) -> dict[str, Path]:
         stems = job.folder / "stems"
@@ -510,7 +511,8 @@ class HeldRunner:
         self.started.release()
         self.release.wait(10)
         if "fail" in job.name:
-            raise StemserveError(self.error.format(upload=job.upload_path))
+            raise StemserveError(self.error, where=str(job.upload_path) if self.about_upload
+                                 else None)
         return {"vocals": stems / "vocals.wav"}
 
 
@@ -667,6 +669,7 @@ def test_job_errors_show_no_server_paths(held, tmp_path):
     raised it (here a checkpoint cache, as a failed download names it)."""
     queue, runner = held
     cache = tmp_path / "torch" / "hub" / "checkpoints"
+    runner.about_upload = False
     runner.error = (f"could not download http://127.0.0.1:1/demucs-e07c671f.th (refused) and "
                     f"{cache} holds no valid demucs-e07c671f.th; copy that file there")
     runner.release.set()

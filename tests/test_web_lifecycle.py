@@ -95,7 +95,9 @@ def test_a_plain_state_dict_is_served_with_its_config(dead_port, tmp_path):
     ``--config demucs_unittest`` (4 channels) it is exported, served and separates."""
     import torch
 
-    from stemserve.model import SOURCES, Demucs
+    from stemserve.defaults import SOURCES
+
+    from stemserve.model import Demucs
 
     torch.manual_seed(5)
     checkpoint = tmp_path / "mine.th"

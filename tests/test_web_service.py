@@ -71,7 +71,7 @@ class Runner:
         self.release.wait(10)
         job.model_info = SMALL
         if "fail" in job.name:
-            raise StemserveError(f"{job.upload_path}: cannot decode audio (test)")
+            raise StemserveError("cannot decode audio (test)", where=str(job.upload_path))
         stems = job.folder / "stems"
         stems.mkdir()
         (stems / "vocals.flac").write_bytes(b"fLaC")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stemserve.client import cli
+from stemserve import cli
+from stemserve.connection import ConnectionOptions
 from stemserve.web.settings import Settings, default_jobs_dir
 
 
@@ -45,25 +46,35 @@ def test_every_setting_has_a_flag(served, tmp_path):
                   config="demucs_unittest", max_upload_mb=2.5, max_duration=60.0, workers=2,
                   queue_size=3, job_ttl=10.0, jobs_dir=tmp_path / "jobs", max_disk_mb=50.0,
                   token="secret", allow_origins=("https://a.example", "https://b.example"),
-                  header_timeout=1.0, body_timeout=2.0, int8=True, bf16=False)
+                  header_timeout=1.0, body_timeout=2.0, precision="int8",
+                  connection=ConnectionOptions(server_window=3, shared_memory=False,
+                                               timeout=5.0, retries=1, backoff=0.25))
     assert set(values) == {field.name for field in dataclasses.fields(Settings)}
     argv = ["--allow-origin", values["allow_origins"][0],
-            "--allow-origin", values["allow_origins"][1], "--int8"]
+            "--allow-origin", values["allow_origins"][1], "--server-window", "3",
+            "--no-shared-memory", "--timeout", "5", "--retries", "1", "--backoff", "0.25"]
     for name, value in values.items():
-        if name not in ("allow_origins", "int8", "bf16"):
+        if name not in ("allow_origins", "connection"):
             argv += ["--url" if name == "triton_url" else "--" + name.replace("_", "-"),
                      str(value)]
     assert web(*argv) == 0
     assert served == [Settings(**values)]
 
 
-def test_int8_and_bf16_are_one_fast_path_or_the_other(served):
+def test_one_precision_by_name_or_alias(served, capsys):
+    """``--precision NAME``, or its aliases ``--int8`` and ``--bf16``: one of them."""
     from stemserve.errors import StemserveError
 
     assert web("--bf16") == 0 and web("--int8") == 0 and web() == 0
-    assert [settings.precision for settings in served] == ["bf16", "int8", None]
-    with pytest.raises(StemserveError, match="two fast paths: choose one"):
-        web("--int8", "--bf16")
+    assert web("--precision", "fp16") == 0
+    assert [settings.precision for settings in served] == ["bf16", "int8", None, "fp16"]
+    for argv in (("--int8", "--bf16"), ("--precision", "int8", "--bf16")):
+        with pytest.raises(SystemExit):
+            web(*argv)
+        assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(StemserveError, match="precision must be one of fp32, fp16, int8, "
+                                             "bf16, not 'fp8'"):
+        Settings(precision="fp8")
 
 
 def test_the_environment_names_triton_and_the_token(served, monkeypatch):

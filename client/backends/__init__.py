@@ -7,18 +7,18 @@ server (:mod:`.triton`), several of them (:mod:`.fleet`), ONNX Runtime in-proces
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Literal
 
 from stemserve.client.backends.bag import BagBackend
-import logging
-
 from stemserve.client.models import export_dir_for, load_models, local_export, served_mismatch
-from stemserve.defaults import (DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_URL, REQUEST_TIMEOUT,
-                                TRITON_MODEL)
+from stemserve.connection import ConnectionOptions
+from stemserve.defaults import DEFAULT_MODEL, TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend, bag_of
-from stemserve.spec import PRECISION_FLAGS, BagSpec, has_precision, load_export
+from stemserve.precision import asked_as, check_precision
+from stemserve.spec import BagSpec, has_precision, load_export
 from stemserve.untrusted import safe_name
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ BACKEND_KINDS: tuple[str, ...] = ("triton", "onnx", "torch")
 
 def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
                  config: str | None = None, precision: str | None = None,
-                 url: str = DEFAULT_URL, server_window: int = DEFAULT_IN_FLIGHT,
-                 shared_memory: bool | None = None, timeout: float = REQUEST_TIMEOUT,
-                 retries: int = 3) -> Backend:
+                 autocast: str | None = None,
+                 connection: ConnectionOptions | str | None = None) -> Backend:
     """A backend of ``kind``; close it when done (it is a context manager).
 
     ``model`` is a release name, a checkpoint file, a bag YAML or an export folder;
@@ -41,29 +40,38 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     models (``htdemucs_ft``, ``mdx``, ...) is a :class:`~.bag.BagBackend` over one backend
     per member: on Triton, one served model per member, found on the server.
 
-    ``precision``: ``int8`` runs the dynamically quantized graph (quantized once if need
-    be; a CPU fast path), ``bf16`` the fp32 graph on OpenVINO with bf16 arithmetic (the
-    other), ``fp16`` the half-precision graph; for Triton, what the server must serve (None:
-    whatever it serves); for PyTorch, ``fp16``/``bf16`` autocast.
+    ``precision`` names a graph of the export (:mod:`stemserve.precision`): ``int8`` runs
+    the dynamically quantized graph (quantized once if need be; a CPU fast path), ``bf16``
+    the fp32 graph on OpenVINO with bf16 arithmetic (the other), ``fp16`` the
+    half-precision graph; for Triton, what the server must serve (None: whatever it
+    serves). PyTorch runs the module, not a graph: fp32 only, and ``autocast`` (``fp16`` or
+    ``bf16``) runs it under ``torch.autocast`` instead.
 
-    Triton: ``url`` may name several servers (``host:port,host:port`` or ``@file``, see
+    Triton: ``connection`` (:class:`~stemserve.connection.ConnectionOptions`, or just its
+    URL; None: the defaults) says where and how. Its URL may name several servers
+    (``host:port,host:port`` or ``@file``, see
     :func:`~stemserve.client.backends.fleet.parse_endpoints`): each member is then a
     :class:`~stemserve.client.backends.fleet.FleetBackend` spreading segments over all of
     them. ``server_window`` requests go to each server at once (and as many shared-memory
     regions are made per server and member); ``shared_memory`` None means when the server
-    is on this host; ``timeout`` and ``retries`` apply to each request.
+    is on this host; ``timeout``, ``retries`` and ``backoff`` apply to each request.
     """
+    if precision is not None:
+        precision = check_precision(precision, backend=kind, error=ModelError).value
+    if autocast is not None and kind != "torch":
+        raise ModelError(f"autocast is PyTorch's: it takes the torch backend, not {kind}")
     if kind == "triton":
+        if not isinstance(connection, ConnectionOptions):
+            connection = ConnectionOptions(**({} if connection is None else {"url": connection}))
+        url = connection.url
         local = local_export(model, config)
-        backend = _triton_backend(local, url, precision or "fp32", server_window=server_window,
-                                  shared_memory=shared_memory, timeout=timeout,
-                                  retries=retries)
+        backend = _triton_backend(local, precision or "fp32", connection)
         served = backend.spec
         problem = None if model is None else served_mismatch(local or model, config, served)
         if problem is None and precision is not None and served.precision != precision:
-            flag = PRECISION_FLAGS.get(precision)
             problem = (f"serves the {served.precision} graph of '{served.checkpoint}', not "
-                       f"{precision}: start it with `stemserve serve{' ' + flag if flag else ''}`")
+                       f"{precision}: start it with `stemserve serve"
+                       f"{'' if precision == 'fp32' else ' ' + asked_as(precision)}`")
         if problem:
             backend.close()
             raise ModelError(f"Triton at {url} {problem}")
@@ -72,7 +80,7 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
                            "its stems differ slightly from demucs' (%s asks for it; leave it "
                            "out of `stemserve serve` for the exact path)", url,
                            served.precision, served.checkpoint,
-                           PRECISION_FLAGS.get(served.precision, served.precision))
+                           asked_as(served.precision))
         return backend
     if kind == "onnx":
         from stemserve.client.backends.onnx import OnnxBackend
@@ -86,16 +94,12 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
     if kind == "torch":
         from stemserve.client.backends.pytorch import TorchBackend
 
-        if precision == "int8":
-            raise ModelError("the int8 graph runs on ONNX Runtime: --int8 takes --backend "
-                             "onnx or triton, not torch")
-
         bag = load_models(model or DEFAULT_MODEL, config)
         return _bag_or_single(
             BagSpec(safe_name(bag.name), tuple(safe_name(info.name) for info in bag.infos),
                     tuple(tuple(row) for row in bag.weights), bag.segment),
             [lambda net=net, info=info: TorchBackend(net, info, segment=bag.segment,
-                                                     precision=precision or "fp32")
+                                                     autocast=autocast)
              for net, info in zip(bag.models, bag.infos)])
     raise ModelError(f"unknown backend {kind!r}: use {', '.join(BACKEND_KINDS)}")
 
@@ -123,9 +127,11 @@ def output_folder_name(spec) -> str:
     return spec.checkpoint if spec.precision == "fp32" else f"{spec.checkpoint}-{spec.precision}"
 
 
-def _triton_backend(local: Path | None, url: str, precision: str, **options) -> Backend:
-    """The Triton (or fleet) backend of what the servers at ``url`` serve, checked against
-    the ``local`` export of the model asked for (its ``precision`` graph), if any."""
+def _triton_backend(local: Path | None, precision: str,
+                    connection: ConnectionOptions) -> Backend:
+    """The Triton (or fleet) backend of what the servers at the ``connection``'s URL serve,
+    checked against the ``local`` export of the model asked for (its ``precision`` graph),
+    if any."""
     from stemserve.client.backends.fleet import FleetBackend, parse_endpoints
     from stemserve.client.backends.triton import ServerUnreachable, TritonBackend, served_bag
 
@@ -134,7 +140,7 @@ def _triton_backend(local: Path | None, url: str, precision: str, **options) -> 
         layout = load_export(local, precision)
     elif local is not None:
         layout = load_export(local)
-    urls = parse_endpoints(url)
+    urls = parse_endpoints(connection.url)
     if layout is not None:
         bag = layout.bag if len(layout.members) > 1 else None
     else:
@@ -148,14 +154,15 @@ def _triton_backend(local: Path | None, url: str, precision: str, **options) -> 
         else:
             raise unreachable
     specs = dict((spec.model_name, spec) for _, spec in layout.members) if layout else {}
-    server_window = options.pop("server_window")
+    options = dict(shared_memory=connection.shared_memory, timeout=connection.timeout,
+                   retries=connection.retries, backoff=connection.backoff)
 
     def member(name: str):
         def connect():
             if len(urls) == 1:
-                return TritonBackend(urls[0], name, shm_slots=server_window,
+                return TritonBackend(urls[0], name, shm_slots=connection.server_window,
                                      spec=specs.get(name), **options)
-            return FleetBackend(urls, name, server_window=server_window,
+            return FleetBackend(urls, name, server_window=connection.server_window,
                                 spec=specs.get(name), **options)
         return connect
 

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from stemserve.client.backends.triton import TritonBackend, unreachable_message
-from stemserve.defaults import DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, TRITON_MODEL
+from stemserve.defaults import BACKOFF, DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, RETRIES, TRITON_MODEL
 from stemserve.errors import ServerUnreachable, StemserveError, TransientError
 from stemserve.files import read_list
 from stemserve.spec import ModelSpec
@@ -162,8 +162,8 @@ class FleetBackend:
 
     def __init__(self, urls: Sequence[str], model: str = TRITON_MODEL, *,
                  server_window: int = DEFAULT_IN_FLIGHT, timeout: float = REQUEST_TIMEOUT,
-                 retries: int = 3, backoff: float = 0.5, shared_memory: bool | None = None,
-                 spec: ModelSpec | None = None):
+                 retries: int = RETRIES, backoff: float = BACKOFF,
+                 shared_memory: bool | None = None, spec: ModelSpec | None = None):
         if not urls:
             raise StemserveError("a fleet needs at least one Triton endpoint")
         if server_window < 1:

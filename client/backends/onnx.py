@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from stemserve.client.backends.local import LocalBackend
-from stemserve.client.backends.ort_session import cpu_session
 from stemserve.errors import ModelError
+from stemserve.runtime.ort_session import cpu_session
 from stemserve.spec import load_export_spec
 
 DEFAULT_MAX_BATCH = 2
@@ -23,10 +23,11 @@ class OnnxBackend(LocalBackend):
 
     ``export_dir`` holds ``model.json`` and the graph it names (what ``stemserve export``
     writes); ``precision`` ``int8`` (or ``fp16``) takes that variant's sidecar and graph
-    instead, and ``bf16`` runs the fp32 graph on OpenVINO (:mod:`.openvino_session`,
-    self-checked against fp32 here, before the first segment). ``threads`` sets the
-    runtime's intra-op threads (0: one per core). Without ``providers``, the session is the
-    CPU server's (:mod:`.ort_session`).
+    instead, and ``bf16`` runs the fp32 graph on OpenVINO
+    (:mod:`stemserve.runtime.openvino_session`, self-checked against fp32 here, before the
+    first segment). ``threads`` sets the runtime's intra-op threads (0: one per core).
+    Without ``providers``, the session is the CPU server's
+    (:mod:`stemserve.runtime.ort_session`).
     """
 
     def __init__(self, export_dir: Path, *, precision: str = "fp32",
@@ -43,7 +44,7 @@ class OnnxBackend(LocalBackend):
         try:
             if providers is None:
                 session = cpu_session(model_file, threads, spec.precision,
-                                      (spec.audio_channels, spec.opt_request_length))
+                                      (spec.audio_channels, spec.padded_length))
             else:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads

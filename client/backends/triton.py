@@ -31,7 +31,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as shm
 
-from stemserve.defaults import DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, TRITON_MODEL
+from stemserve.defaults import BACKOFF, DEFAULT_IN_FLIGHT, REQUEST_TIMEOUT, RETRIES, TRITON_MODEL
 from stemserve.errors import (ServerError, ServerUnreachable, StemserveError,
                               TransientError)
 from stemserve.files import pid_alive
@@ -326,7 +326,7 @@ class TritonBackend:
     """
 
     def __init__(self, url: str, model: str = TRITON_MODEL, *,
-                 timeout: float = REQUEST_TIMEOUT, retries: int = 3, backoff: float = 0.5,
+                 timeout: float = REQUEST_TIMEOUT, retries: int = RETRIES, backoff: float = BACKOFF,
                  shared_memory: bool | None = None, shm_slots: int = DEFAULT_IN_FLIGHT,
                  spec: ModelSpec | None = None):
         self.url = url

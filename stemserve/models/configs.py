@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-SOURCES_4 = ["drums", "bass", "other", "vocals"]
-SOURCES_6 = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+from stemserve.defaults import SOURCES, STEM_NAMES
+
+SOURCES_4 = list(SOURCES)
+SOURCES_6 = list(STEM_NAMES)  # htdemucs_6s' order
 
 # htdemucs (955717e8); htdemucs_ft's members (f7e0c4bc, d12395a8, 92cfc3b6, 04573f0d) are
 # it, fine-tuned. The 7.8 s segment is 343,980 samples.

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from stemserve.files import atomic_write
-from stemserve.model import SOURCES, Demucs
+from stemserve.defaults import SOURCES
+from stemserve.model import Demucs
 from stemserve.models import DemucsV3, HDemucs, HTDemucs
 from stemserve.models.configs import DEMUCS_MDX, HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
 

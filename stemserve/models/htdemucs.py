@@ -6,7 +6,7 @@ arguments are those of demucs 4.0.1, so that the official checkpoints (``htdemuc
 ``htdemucs_ft``, ``htdemucs_6s``) load with ``strict=True``.
 
 The network is split in three steps so that exports can move the STFT out of the graph
-or replace it (see :mod:`stemserve.models.exportable`): :meth:`HTDemucs._spec` and
+or replace it (see :mod:`stemserve.export.exportable`): :meth:`HTDemucs._spec` and
 :meth:`HTDemucs._magnitude` (STFT, complex as channels), :meth:`HTDemucs.separate` (the
 network proper, real tensors only), :meth:`HTDemucs._mask` and :meth:`HTDemucs._ispec`.
 """

@@ -7,6 +7,7 @@ make the server load an arbitrary file.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import threading
@@ -15,6 +16,7 @@ from typing import Literal
 
 from stemserve.client import open_backend
 from stemserve.client.models import keyed_exports, local_export
+from stemserve.connection import ConnectionOptions
 from stemserve.defaults import DEFAULT_MODEL
 from stemserve.errors import ModelError, StemserveError
 from stemserve.pipeline import Backend
@@ -33,14 +35,17 @@ class ModelCatalog:
     any other exported or cached model. ``config`` is the release whose configuration a
     plain state-dict ``model`` has; ``precision`` ``int8`` runs the int8 graphs, ``bf16``
     the fp32 ones on OpenVINO in bf16 (see
-    :func:`~stemserve.client.backends.open_backend`).
+    :func:`~stemserve.client.backends.open_backend`); ``connection`` how requests go to
+    Triton (its URL is ``triton_url``).
 
     Nothing opens until :meth:`open`, so that the caller decides what must succeed first.
     """
 
     def __init__(self, triton_url: str | None = None, model: str | None = None,
-                 config: str | None = None, precision: str | None = None):
+                 config: str | None = None, precision: str | None = None,
+                 connection: ConnectionOptions | None = None):
         self.triton_url = triton_url
+        self._connection = connection or ConnectionOptions()
         self._default = model or DEFAULT_MODEL
         self._given = model
         self._config = config
@@ -54,8 +59,9 @@ class ModelCatalog:
         """Open the default model's backend: a server that does not answer, or a model that
         cannot be downloaded, exported or loaded, raises its error now, not on every job."""
         if self.triton_url:
-            backend = open_backend("triton", url=self.triton_url, model=self._given,
-                                   config=self._config, precision=self._precision)
+            backend = open_backend("triton", model=self._given, config=self._config,
+                                   precision=self._precision, connection=dataclasses.replace(
+                                       self._connection, url=self.triton_url))
             self._served = backend.spec.checkpoint
             self._backends[self._served] = backend
             logger.info("separating on the Triton server at %s (model %s)", self.triton_url,

@@ -33,7 +33,7 @@ from typing import IO, Any, Callable, Literal
 from stemserve.errors import QueueFull, StemserveError, StoreFull
 from stemserve.files import atomic_path, atomic_write
 from stemserve.spec import ModelSpec
-from stemserve.web.names import public_message
+from stemserve.web.names import public_error
 
 logger = logging.getLogger(__name__)
 
@@ -385,8 +385,7 @@ class JobQueue:
     def _failure(job: Job, err: Exception) -> str:
         """The error as the user sees it; removes the upload and whatever stems were begun."""
         if isinstance(err, StemserveError):
-            message = public_message(str(err), {str(job.upload_path): job.name,
-                                                str(job.folder): "job"})
+            message = public_error(err, {job.upload_path: job.name, job.folder: "job"})
             logger.warning("job %s failed: %s", job.id, err)
         else:
             message = f"internal error ({type(err).__name__}); the server log has the details"

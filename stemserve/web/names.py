@@ -2,12 +2,15 @@
 
 An uploaded file name (or the legacy API's ``file_name``) may be ``../../etc/passwd``: it
 becomes a label, shown on the page and used for download names, never a path. The other
-way round, messages shown to users lose the server's own paths.
+way round, errors shown to users name the upload by its label and lose the server's own
+paths.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from stemserve.errors import StemserveError
 
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg",
                ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
@@ -42,18 +45,21 @@ def media_type(path: Path) -> str:
     return AUDIO_TYPES.get(path.suffix, "application/octet-stream")
 
 
-def public_message(message: str, labels: dict[str, str]) -> str:
-    """``message`` without the server's paths, for a user who should not learn them.
+def public_error(err: StemserveError, labels: dict[Path, str]) -> str:
+    """``err`` as a user who should not learn the server's paths sees it.
 
-    Each path in ``labels`` becomes its label (the upload its file name); any other absolute
-    path (a cache, an export folder) is cut to ``…/<last part>``, which still says what it is.
+    The file it is about (its ``where``) is shown by its label when it is one of ``labels``
+    (the upload: its file name; the job's folder: "job"); any other absolute path, there or
+    in the message, is cut to ``…/<last part>``, which still says what it is.
     """
-    for path, label in labels.items():
-        message = message.replace(path, label)
+    where = err.where
+    if where is not None:
+        where = next((label for path, label in labels.items() if Path(where) == path), where)
+    text = f"{where}: {err.message}" if where else err.message
 
     def shorten(match: re.Match[str]) -> str:
         path = match.group()
         core = path.rstrip(TRAILING)
         return "…/" + (Path(core).name or "") + path[len(core):]
 
-    return ABSOLUTE_PATH.sub(shorten, message)
+    return ABSOLUTE_PATH.sub(shorten, text)

@@ -24,7 +24,7 @@ from stemserve.errors import (InputError, JobFailed, JobNotDone, ModelError, Ste
 from stemserve.web.catalog import ModelCatalog
 from stemserve.web.jobs import (ACTIVE, STAGE_TEXT, Job, JobQueue, JobState, ModelInfo,
                                 Reservation, Stage, estimate_bytes)
-from stemserve.web.names import (display_name, download_stem, media_type, public_message,
+from stemserve.web.names import (display_name, download_stem, media_type, public_error,
                                  upload_name)
 from stemserve.web.options import DEFAULT_FORMAT, FORMATS, MAX_SHIFTS, JobOptions
 from stemserve.web.runner import run_job
@@ -114,7 +114,7 @@ class JobService:
         answer or a model that cannot load stops the start instead of failing every upload.
         """
         catalog = ModelCatalog(settings.triton_url, settings.model, settings.config,
-                               precision=settings.precision)
+                               precision=settings.precision, connection=settings.connection)
         queue = JobQueue(settings.jobs_dir, functools.partial(run_job, catalog),
                          workers=settings.workers, queue_size=settings.queue_size,
                          ttl=settings.job_ttl, max_disk_bytes=settings.max_disk_bytes)
@@ -198,7 +198,7 @@ class JobService:
             try:
                 info = probe(path)
             except StemserveError as err:
-                raise InputError(public_message(str(err), {str(path): label})) from None
+                raise InputError(public_error(err, {path: label})) from None
             if info.seconds > self.settings.max_duration:
                 raise TooLarge(f"{label} is {_minutes(info.seconds)} long: tracks up to "
                                f"{_minutes(self.settings.max_duration)} are accepted.")

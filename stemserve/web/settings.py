@@ -3,17 +3,18 @@
 Each field with a ``help`` in its metadata is also its ``stemserve web`` flag
 (:func:`stemserve.client.options.add_options`), so a setting is declared once, here. The
 fields without one have flags the command line writes itself (noted on each). Only the
-standard library, :mod:`stemserve.defaults` and :mod:`stemserve.errors` are imported: the
-bare client's command line builds its parser from this module without the ``web`` extra
-installed.
+standard library and stemserve's torch-free core (defaults, precision, connection) are
+imported: the bare client's command line builds its parser from this module without the
+``web`` extra installed.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+from stemserve.connection import ConnectionOptions
 from stemserve.defaults import WEB_TOKEN_ENV, cache_root
-from stemserve.errors import StemserveError
+from stemserve.precision import precision_of
 
 MB = 1 << 20
 
@@ -34,18 +35,21 @@ class Settings:
     triton_url: str | None = None
     """Triton gRPC address(es); None separates in-process with ONNX Runtime. Flags: ``--url``,
     or ``--backend onnx`` to ignore ``$STEMSERVE_TRITON_URL``."""
+    connection: ConnectionOptions = dataclasses.field(default_factory=ConnectionOptions)
+    """How requests go to Triton (all but its URL, which is ``triton_url``). Flags: those of
+    :class:`~stemserve.connection.ConnectionOptions`."""
     model: str | None = None
     """The default model: a release name, checkpoint file or export folder; with Triton it may
     name the served model's export folder, whose sidecar the client then uses. Flag:
     ``-n/--model``."""
     config: str | None = None
     """The release whose configuration a plain state-dict ``model`` has. Flag: ``--config``."""
-    int8: bool = dataclasses.field(default=False, metadata={
-        "help": "separate in-process with the int8 graphs (a CPU fast path); with Triton, "
-                "check that the server serves one"})
-    bf16: bool = dataclasses.field(default=False, metadata={
-        "help": "separate in-process in bf16 on OpenVINO (the other CPU fast path); with "
-                "Triton, check that the server serves it"})
+    precision: str | None = dataclasses.field(default=None, metadata={
+        "help": "the graph to separate with (fp32, fp16, int8 or bf16; int8 and bf16 are the "
+                "CPU fast paths); with Triton, check that the server serves it (default: fp32 "
+                "in-process, whatever Triton serves)"})
+    """A :class:`~stemserve.precision.Precision` name. Flags: ``--precision``, or its aliases
+    ``--int8`` and ``--bf16``."""
     max_upload_mb: float = dataclasses.field(default=100.0, metadata={
         "help": "largest upload in MB", "metavar": "MB"})
     max_duration: float = dataclasses.field(default=900.0, metadata={
@@ -77,16 +81,10 @@ class Settings:
         "help": "longest pause in an upload, in seconds", "metavar": "SECONDS"})
 
     def __post_init__(self) -> None:
-        if self.int8 and self.bf16:
-            raise StemserveError("--int8 and --bf16 are two fast paths: choose one")
+        if self.precision is not None:
+            precision_of(self.precision)
         if self.jobs_dir is None:
             object.__setattr__(self, "jobs_dir", default_jobs_dir())
-
-    @property
-    def precision(self) -> str | None:
-        """The export variant asked for (``int8``, ``bf16``), or None: fp32 in-process,
-        whatever a Triton server serves."""
-        return "int8" if self.int8 else "bf16" if self.bf16 else None
 
     @property
     def max_upload_bytes(self) -> int:

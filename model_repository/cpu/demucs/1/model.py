@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stemserve.client.backends.openvino_session import Bf16Session
-from stemserve.client.backends.ort_session import cpu_session
-from stemserve.spec import ModelSpec
+from stemserve.runtime.openvino_session import Bf16Session
+from stemserve.runtime.ort_session import cpu_session
+from stemserve.spec import SIDECAR_FILE, ModelSpec
 
 
 class _TritonLog(logging.Handler):
@@ -44,7 +44,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.spec = ModelSpec.load(version_dir / "model.json")
+        self.spec = ModelSpec.load(version_dir / SIDECAR_FILE)
         # The shape contract: a track's last segment may be one sample long; a shifted full
         # segment is the longest request, and anything longer only costs memory.
         self.min_length = self.spec.min_request_length
@@ -61,7 +61,7 @@ class TritonPythonModel:
                                  f"{self.spec.precision}); a warm-up request follows")
         self.session = cpu_session(graph, threads,
                                    self.spec.precision,
-                                   (self.spec.audio_channels, self.spec.opt_request_length))
+                                   (self.spec.audio_channels, self.spec.padded_length))
         pb_utils.Logger.log_info(f"demucs: {self.spec.checkpoint} ({self.spec.precision}) on "
                                  f"{_runtime(self.session)}")
 

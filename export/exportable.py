@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import pad1d
-from .hdemucs import HDemucs, _openunmix_atan2
-from .htdemucs import HTDemucs
-from .stft import DftISTFT, DftSTFT
+from stemserve.models.blocks import pad1d
+from stemserve.models.hdemucs import HDemucs, _openunmix_atan2
+from stemserve.models.htdemucs import HTDemucs
+from stemserve.models.stft import DftISTFT, DftSTFT
 
 
 def _check(model: HTDemucs) -> None:

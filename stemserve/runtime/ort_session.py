@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stemserve.errors import ModelError
+from stemserve.precision import row
+
 
 def cpu_session_options(threads: int = 0) -> Any:
     """``SessionOptions`` for a CPU session: ``threads`` intra-op threads (0: one per core
@@ -37,14 +40,18 @@ def cpu_session_options(threads: int = 0) -> Any:
 
 def cpu_session(model_file: Path, threads: int = 0, precision: str = "fp32",
                 check_shape: tuple[int, ...] | None = None) -> Any:
-    """A CPU session of ``model_file`` for an export's ``precision`` variant: ONNX Runtime's
-    ``InferenceSession`` with :func:`cpu_session_options`, or for ``bf16`` OpenVINO's
+    """A CPU session of ``model_file`` for an export's ``precision`` variant, on the runtime
+    its row names (:data:`~stemserve.precision.PRECISIONS`): ONNX Runtime's
+    ``InferenceSession`` with :func:`cpu_session_options`, or OpenVINO's
     :class:`~.openvino_session.Bf16Session` (same ``run``), self-checked against fp32 at
     ``check_shape`` (the hot path's input shape, batch left out) before it returns."""
-    if precision == "bf16":
-        from stemserve.client.backends.openvino_session import Bf16Session
+    runtime = row(precision).runtime
+    if runtime == "OpenVINO":
+        from stemserve.runtime.openvino_session import Bf16Session
 
         return Bf16Session(model_file, threads, check_shape)
+    if runtime != "ONNX Runtime":
+        raise ModelError(f"no CPU session for the {precision} graph's runtime, {runtime}")
     import onnxruntime as ort
 
     return ort.InferenceSession(str(model_file), cpu_session_options(threads),

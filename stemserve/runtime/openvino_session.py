@@ -12,7 +12,7 @@ trained HT Demucs, -0.005 dB for a v2).
 
 The session mirrors ONNX Runtime's ``run(output_names, feeds)``, so the in-process backend
 and the CPU server's python model use either one the same way
-(:func:`stemserve.client.backends.ort_session.cpu_session`).
+(:func:`stemserve.runtime.ort_session.cpu_session`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from stemserve.cpu import bf16_flags, bf16_kind, cpu_model
 from stemserve.defaults import cache_root
 from stemserve.errors import ModelError, SpecError
 from stemserve.files import atomic_write, file_sha256
-from stemserve.spec import FAMILIES, PRECISION_SIDECARS, SIDECAR_FILE, ModelSpec
+from stemserve.spec import FAMILIES, SIDECAR_FILE, ModelSpec, sidecar_name
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def cpu_has_bf16() -> bool:
 def graph_family(model_file: Path) -> str | None:
     """The model family the sidecar beside ``model_file`` names (an export's bf16 or fp32
     sidecar, or a repository version folder's ``model.json``); None without one."""
-    for name in (PRECISION_SIDECARS["bf16"], SIDECAR_FILE):
+    for name in (sidecar_name("bf16"), SIDECAR_FILE):
         try:
             spec = ModelSpec.load(model_file.parent / name)
         except SpecError:
