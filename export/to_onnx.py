@@ -25,7 +25,6 @@ import logging
 import shutil
 import time
 import warnings
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -40,8 +39,9 @@ from stemserve.export.quantize import write_errors
 from stemserve.files import atomic_path
 from stemserve.export.exportable import HybridGraphSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
+from stemserve.models.registry import of_model
 from stemserve.spec import (BAG_FILE, MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, PRECISION_NAMES,
-                            SIDECAR_FILE, BagSpec, ModelSpec, sidecar_name)
+                            SIDECAR_FILE, BagSpec, ModelSpec, family_rule, sidecar_name)
 from stemserve.untrusted import safe_name
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def graph_module(model: nn.Module) -> nn.Module:
     """What is traced for ``model``: the network itself, or for the hybrid models the
     network with its STFTs as real matrix products (the complex ``torch.stft`` does not
     export)."""
-    if family_of(model) in ("hdemucs", "htdemucs"):
+    if of_model(model).hybrid_stft:
         return HybridGraphSTFT(model).eval()
     return model
 
@@ -98,11 +98,10 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
     bag's override has already set). Returns the fp32 spec. The other precisions' graphs of
     an earlier export in ``out_dir`` are removed: they belong to the model exported before.
     """
-    if fp16 and family_of(model) == "htdemucs":
-        raise ModelError("no fp16 graph of HT Demucs: its transformer adds float32 positional "
-                         "embeddings to half-precision tokens, which does not trace; export "
-                         "it in fp32 (fp16 on a GPU: the PyTorch backend's autocast, "
-                         "TorchBackend(autocast='fp16'))")
+    registration = of_model(model)
+    if fp16 and "fp16" in registration.unsupported:
+        raise ModelError(f"no fp16 graph of {family_rule(registration.name).title}: "
+                         f"{registration.unsupported['fp16']}")
     model = model.eval()
     segment_length = int(segment_length or segment_samples(model))
     check_segment(model, info, segment_length)
@@ -132,9 +131,10 @@ def check_segment(model: nn.Module, info: CheckpointInfo, segment_length: int) -
     rate = int(model.samplerate)
     shortest, longest = MIN_SEGMENT_SECONDS * rate, MAX_SEGMENT_SECONDS * rate
     limit = f"{MAX_SEGMENT_SECONDS} s"
-    if family_of(model) == "htdemucs" and segment_samples(model) < longest:
+    family = family_rule(family_of(model))
+    if family.lengths == "fixed" and segment_samples(model) < longest:
         longest = segment_samples(model)
-        limit = f"HT Demucs' training segment, {float(Fraction(model.segment)):g} s"
+        limit = f"{family.title}' training segment, {segment_samples(model) / rate:g} s"
     if not shortest <= segment_length <= longest:
         raise ModelError(f"a segment of {segment_length} samples ({segment_length / rate:g} s) "
                          f"is out of range: {shortest} to {longest} samples "

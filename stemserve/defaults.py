@@ -78,6 +78,17 @@ CHECKPOINT_URL_ENV = "STEMSERVE_CHECKPOINT_URL"
 """Replaces the official download root: an http(s) or file:// URL, or a folder (mirrors)."""
 WEB_TOKEN_ENV = "STEMSERVE_WEB_TOKEN"
 """The bearer token `stemserve web` requires, when set (kept out of the process list)."""
+FAMILY_MODULES_ENV = "STEMSERVE_FAMILY_MODULES"
+"""Python modules (comma-separated names or ``.py`` paths) that register model families of
+their own: every
+process that meets one of their models (the exporter, a client, a Triton server's python
+model) imports them, so that a family is one registration on every machine."""
+
+
+def family_modules() -> tuple[str, ...]:
+    """The modules named by :data:`FAMILY_MODULES_ENV`."""
+    return tuple(name.strip() for name in os.environ.get(FAMILY_MODULES_ENV, "").split(",")
+                 if name.strip())
 
 
 def triton_url_from_env() -> str | None:

@@ -12,6 +12,7 @@ import julius
 import torch
 from torch import nn
 
+from stemserve.models.registry import FamilyRegistration, register
 from stemserve.spec import valid_length
 
 
@@ -190,3 +191,11 @@ class Demucs(nn.Module):
             x = julius.resample_frac(x, 2, 1)
         x = x * std + mean
         return x.view(x.size(0), len(self.sources), self.audio_channels, x.size(-1))
+
+
+REGISTRATION = register(FamilyRegistration(
+    name="demucs", model_class=Demucs, label="Demucs", generation=2,
+    pickled=("demucs.model.Demucs", "stemserve.model.Demucs"),
+    rules=None,  # demucs 2.0.3's formats: checkpoints.bounds checks their arguments itself
+    segment=lambda model: int(model.segment_length)))
+"""Demucs v2 (demucs 2.0.3): trained on segments of ``segment_length`` samples."""

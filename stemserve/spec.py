@@ -17,12 +17,16 @@ shifts: inside each segment (demucs 2.0.3) or around the whole split (demucs 4).
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
+from stemserve.defaults import FAMILY_MODULES_ENV, family_modules
 from stemserve.errors import SpecError
 from stemserve.files import atomic_write
 from stemserve.precision import PRECISIONS, Precision, asked_as
@@ -83,7 +87,49 @@ FAMILIES = {
 }
 """Demucs v2 (demucs 2.0.3), and demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3)
 and Hybrid Transformer Demucs (v4). The v3 waveform model's formula is v2's without the
-context term (``context=1`` in ``valid_length_params``)."""
+context term (``context=1`` in ``valid_length_params``). A family of one's own adds its row
+with :func:`register_length_rule`, from a module named in ``$STEMSERVE_FAMILY_MODULES``
+(each family's torch side is its registration, :mod:`stemserve.models.registry`)."""
+_imported_family_modules: set[str] = set()
+
+
+def register_length_rule(name: str, family: Family) -> Family:
+    """Add family ``name``'s length rule (a name is registered once: again only with the
+    same rule)."""
+    if FAMILIES.get(name, family) != family:
+        raise SpecError(f"a model family named {name!r} is already registered")
+    FAMILIES[name] = family
+    return family
+
+
+def import_family_modules() -> None:
+    """Import the modules ``$STEMSERVE_FAMILY_MODULES`` names, once each: they register
+    families of their own (this process may serve or read one of their models). An entry
+    is a module name, or a ``.py`` file's path (a Triton server's python model runs with a
+    ``sys.path`` of its own), imported under its file's name."""
+    for module in family_modules():
+        if module in _imported_family_modules:
+            continue
+        _imported_family_modules.add(module)
+        if not module.endswith(".py"):
+            importlib.import_module(module)
+            continue
+        name = Path(module).stem
+        if name not in sys.modules:
+            found = importlib.util.spec_from_file_location(name, module)
+            if found is None or found.loader is None:
+                raise SpecError(f"{module}: not a Python module to import "
+                                f"(${FAMILY_MODULES_ENV})")
+            sys.modules[name] = importlib.util.module_from_spec(found)
+            found.loader.exec_module(sys.modules[name])
+
+
+def family_rule(name: str) -> Family:
+    """The length rule of family ``name``, stemserve's own or one a family module registers;
+    a KeyError for any other."""
+    if name not in FAMILIES:
+        import_family_modules()
+    return FAMILIES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +170,8 @@ class ModelSpec:
         """A sidecar comes from a file or a server: every field is checked here, where it
         is read, because names become paths (stems, repository folders, the graph's file)
         and lengths size every buffer a client allocates."""
+        if isinstance(self.family, str) and self.family not in FAMILIES:
+            import_family_modules()
         if not (isinstance(self.family, str) and self.family in FAMILIES):
             raise SpecError(f"unknown model family {brief(self.family)}; known: "
                             f"{', '.join(FAMILIES)}")
@@ -155,7 +203,7 @@ class ModelSpec:
         for field in ("segment_length", "padded_length", "output_length"):
             _check_integer(getattr(self, field), field, 1, longest)
         _check_integer(self.forward_randrange, "forward_randrange", 0, 1 << 16)
-        formula = FAMILIES[self.family].lengths == "valid"
+        formula = family_rule(self.family).lengths == "valid"
         if formula != (self.valid_length_params is not None):
             raise SpecError(f"family {self.family!r} "
                             f"{'needs' if formula else 'takes no'} valid_length_params")
@@ -178,7 +226,7 @@ class ModelSpec:
         """The spec of ``model`` (a network with ``samplerate``, ``audio_channels``,
         ``sources``, and ``valid_length_params`` in a family that has them) served with
         segments of ``segment_length`` samples."""
-        params = model.valid_length_params if FAMILIES[family].lengths == "valid" else None
+        params = model.valid_length_params if family_rule(family).lengths == "valid" else None
         spec = cls(model_name=model_name, checkpoint=checkpoint,
                    checkpoint_sha256=checkpoint_sha256, sample_rate=int(model.samplerate),
                    audio_channels=int(model.audio_channels), sources=tuple(model.sources),
@@ -193,7 +241,7 @@ class ModelSpec:
 
     @property
     def rules(self) -> Family:
-        return FAMILIES[self.family]
+        return family_rule(self.family)
 
     @property
     def fixed_length(self) -> int | None:

@@ -32,6 +32,7 @@ from stemserve.checkpoints import diffq as quantized
 from stemserve.errors import (CheckpointError, InputError, ModelError, SpecError, StemserveError,
                               StoreFull, TooLarge)
 from stemserve.releases import read_bag_yaml
+from stemserve.models.arguments import DEMUCS4_RULES
 from stemserve.spec import MAX_BAG_MEMBERS, MAX_SIDECAR_CHARS, MAX_SOURCES, BagSpec, ModelSpec
 from stemserve.untrusted import brief
 
@@ -641,7 +642,7 @@ QUANTIZER_RANGES = {
 
 
 def test_every_ranged_v4_argument_is_tested():
-    ranged = {name for name, rule in bounds._V4_RULES.items()
+    ranged = {name for name, rule in DEMUCS4_RULES.items()
               if " from " in rule.accepted and name != "segment"}
     assert ranged == set(V4_RANGES) | set(V4_LISTS) | {"nfft"}
     quantizer = {name for rules in bounds._QUANTIZER_RULES.values()
@@ -660,7 +661,7 @@ def _rule_edges(rule, low, high, integer):
 @pytest.mark.parametrize("name", sorted(V4_RANGES))
 def test_v4_argument_bounds(name):
     """Each ranged argument at, inside and past both ends, and its words say the same."""
-    rule = bounds._V4_RULES[name]
+    rule = DEMUCS4_RULES[name]
     _rule_edges(rule, *V4_RANGES[name])
     if rule.accepted.startswith("None or "):
         assert rule.accepts(None)
@@ -676,7 +677,7 @@ def test_quantizer_argument_bounds(name):
 @pytest.mark.parametrize("name", sorted(V4_LISTS))
 def test_v4_number_list_bounds(name):
     shortest, longest, low, high = V4_LISTS[name]
-    accepts = bounds._V4_RULES[name].accepts
+    accepts = DEMUCS4_RULES[name].accepts
     assert accepts([low] * longest) and accepts([high] * shortest or [high] * longest)
     assert not accepts([low] * (longest + 1))
     if shortest:
@@ -686,7 +687,7 @@ def test_v4_number_list_bounds(name):
 
 
 def test_v4_nfft_is_a_power_of_two_from_256_to_16384():
-    accepts = bounds._V4_RULES["nfft"].accepts
+    accepts = DEMUCS4_RULES["nfft"].accepts
     assert [n for n in (128, 255, 256, 257, 4096, 16384, 16385, 32768) if accepts(n)] == \
         [256, 4096, 16384]
 

@@ -29,10 +29,12 @@ import torch
 
 from oracle_v4 import require_oracle, run_oracle
 from stemserve import checkpoints, releases
-from stemserve.checkpoints import bounds, build, unpickle
+from stemserve.checkpoints import build, unpickle
 from stemserve.checkpoints import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MODELS,
-                                   MODEL_CLASSES, Bag, CheckpointError, checkpoint_files,
+                                   Bag, CheckpointError, checkpoint_files,
                                    checkpoint_url, download_checkpoint, load_bag, load_model)
+from stemserve.models.arguments import DEMUCS4_RULES
+from stemserve.models.registry import by_name, registrations
 from stemserve.models import DemucsV3, HDemucs, HTDemucs
 from test_checkpoints import _LIMITED, LoopbackServer, _dead_url
 
@@ -231,8 +233,9 @@ def test_every_argument_of_the_demucs_4_classes_has_a_bound():
     names = set()
     for klass in (HTDemucs, HDemucs, DemucsV3):
         names |= set(inspect.signature(klass).parameters) - {"sources"}
-    assert names == set(bounds._V4_RULES)
-    assert set(MODEL_CLASSES) == {"demucs", "demucs_v3", "hdemucs", "htdemucs"}
+    assert names == set(DEMUCS4_RULES)
+    assert {family.name for family in registrations()} == {"demucs", "demucs_v3", "hdemucs",
+                                                           "htdemucs"}
 
 
 # --------------------------------------------------------------------------- official packages
@@ -248,7 +251,7 @@ def test_official_package_loads_and_runs_the_same(official, name):
     family = {"HTDemucs": "htdemucs", "HDemucs": "hdemucs", "Demucs": "demucs_v3"}[klass]
     assert (info.family, info.name, info.path) == (family, path.stem, path)
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert isinstance(model, MODEL_CLASSES[family]) and not model.training
+    assert isinstance(model, by_name(family).model_class) and not model.training
     assert info.config["sources"] == official["sources"][name]
     for key, value in kwargs.items():
         if key != "sources":

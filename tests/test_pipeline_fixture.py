@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from stemserve.checkpoints import MODEL_CLASSES, CheckpointInfo
+from stemserve.checkpoints import CheckpointInfo
+from stemserve.models.registry import by_name
 from stemserve.client import separate_array
 from stemserve.client.backends.bag import BagBackend
 from stemserve.client.backends.pytorch import TorchBackend
@@ -51,7 +52,7 @@ def build(entry: dict, index: int, segment: Fraction | None) -> TorchBackend:
     kwargs = json.loads(entry["kwargs"])
     if entry["family"] != "demucs":
         kwargs["segment"] = Fraction(kwargs["segment"])
-    model = MODEL_CLASSES[entry["family"]](**kwargs)
+    model = by_name(entry["family"]).model_class(**kwargs)
     state, values, at = {}, entry["state"]["values"].float(), 0
     for key, shape in zip(entry["state"]["keys"], entry["state"]["shapes"]):
         size = int(np.prod(shape, dtype=np.int64))

@@ -10,10 +10,12 @@ local file is checked against the CRCs of its zip records instead, which torch d
 
 Checkpoints are pickles. They are read with torch's ``weights_only`` unpickler and a short
 allowlist: no pickled code runs. The model class a training package names unpickles to an
-inert marker, and the few other objects demucs packages hold (a ``Fraction`` segment, numpy
-numbers in their metrics, omegaconf configurations) to placeholders that only keep data.
+inert marker (each registered family's, :mod:`stemserve.models.registry`), and the few
+other objects demucs packages hold (a ``Fraction`` segment, numpy numbers in their
+metrics, omegaconf configurations) to placeholders that only keep data. A family with a
+checkpoint format of its own reads it through its registration's ``read``.
 Nothing is built until the package's configuration has been checked against bounds
-(:mod:`.bounds`: ``_LIMITS`` for v2, ``_V4_RULES`` for the demucs 4 classes,
+(:mod:`.bounds`: ``_LIMITS`` for v2, the family registration's ``rules`` for the others,
 ``_MAX_PARAMETERS``), so a small file cannot make the loader allocate gigabytes: the network
 is laid out on torch's ``meta`` device first, and a state dict's tensors are assigned to it
 rather than copied into a freshly initialised model.
@@ -23,7 +25,6 @@ The modules, each importing only those before it: ``messages``, ``unpickle``, ``
 ``build`` (formats to models) and ``bags`` (loading). The public names are here.
 """
 from stemserve.checkpoints.bags import Bag, CheckpointInfo, load_bag, load_model
-from stemserve.checkpoints.bounds import MODEL_CLASSES
 from stemserve.checkpoints.build import DEFAULT_CONFIG
 from stemserve.checkpoints.fetch import URL_ENV, checkpoint_cache_dir
 from stemserve.checkpoints.releases import checkpoint_files, checkpoint_url, download_checkpoint
@@ -35,7 +36,7 @@ from stemserve.releases import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MOD
                                 is_bag_yaml, is_release_name, release_files, v2_file, v4_file)
 
 __all__ = [
-    "BAGS", "DEFAULT_CONFIG", "DEMUCS4_FILES", "DEMUCS4_ROOT_URL", "KNOWN_MODELS", "MODEL_CLASSES",
+    "BAGS", "DEFAULT_CONFIG", "DEMUCS4_FILES", "DEMUCS4_ROOT_URL", "KNOWN_MODELS",
     "RELEASES", "ROOT_URL", "UNSUPPORTED", "URL_ENV", "Bag", "BagRelease", "CheckpointError",
     "CheckpointInfo", "Release", "RemoteFile", "checkpoint_cache_dir", "checkpoint_files",
     "checkpoint_url", "download_checkpoint", "is_bag_yaml", "is_release_name", "load_bag",

@@ -9,15 +9,17 @@ from typing import Any
 
 import torch
 
+from stemserve.checkpoints.bounds import V2
 from stemserve.checkpoints.build import DEFAULT_CONFIG, _from_loaded, _Loaded
 from stemserve.checkpoints.fetch import _check_zip_crcs, _fetch, _sha256
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.models.families import segment_samples
+from stemserve.models.registry import by_name
 from stemserve.releases import BAGS, BagRelease, is_bag_yaml, is_release_name, v2_file, v4_file
 from stemserve.releases import local_member as _local_member
 from stemserve.releases import read_bag_yaml as _read_bag_yaml
-from stemserve.spec import MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS
+from stemserve.spec import MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, family_rule
 
 
 @dataclass
@@ -26,7 +28,8 @@ class CheckpointInfo:
 
     ``name`` is the release name, a bag member's signature or the file's stem; ``sha256`` the
     full hex digest of the file; ``family`` which class the model is (a key of
-    :data:`~.bounds.MODEL_CLASSES`: ``demucs`` for v2, ``demucs_v3``, ``hdemucs``, ``htdemucs``);
+    :func:`stemserve.models.registry.by_name`: ``demucs`` for v2, ``demucs_v3``, ``hdemucs``,
+    ``htdemucs``);
     ``config`` every argument that class was built with, as the file stores it (a bag's
     segment override is on the model, not here).
     """
@@ -35,7 +38,7 @@ class CheckpointInfo:
     path: Path
     sha256: str
     config: dict[str, Any]
-    family: str = "demucs"
+    family: str = V2.name
 
 
 @dataclass
@@ -184,7 +187,7 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
                                       f"{infos[0].name} has {mine!r}, {info.name} has "
                                       f"{theirs!r}; a bag averages models of the same sources, "
                                       f"sample rate and audio channels")
-    v2 = [info.name for info in infos if info.family == "demucs"]
+    v2 = [info.name for info in infos if by_name(info.family).generation == 2]
     if v2 and len(v2) < len(infos):
         raise CheckpointError(f"{what}: it mixes demucs 2 models ({', '.join(v2)}) with demucs "
                               f"3/4 models, which shift and split tracks differently; a bag "
@@ -206,7 +209,7 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
                               f"weight of 0 in every row)")
     if spec.segment is not None:
         for model, info in members:
-            if info.family != "demucs":
+            if by_name(info.family).generation != 2:  # demucs 4's bags set it on each model
                 model.segment = spec.segment
     return Bag(name=name, models=models, infos=infos, weights=weights, segment=spec.segment)
 
@@ -220,7 +223,8 @@ def _check_segments(members: list[tuple[torch.nn.Module, CheckpointInfo]], what:
         return
     rate = members[0][0].samplerate
     listed = ", ".join(f"{name}: {length / rate:g} s" for name, length in lengths.items())
-    trained = [Fraction(model.segment) for model, info in members if info.family == "htdemucs"]
+    trained = [Fraction(model.segment) for model, info in members
+               if family_rule(info.family).lengths == "fixed"]
     # demucs' own bound for a bag holding HTDemucs models (BagOfModels.max_allowed_segment):
     # no segment longer than the one they were trained on.
     bound = (f"{float(min(trained)):g}, the shortest training segment of its HTDemucs models"

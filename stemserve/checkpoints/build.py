@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stemserve.checkpoints.bounds import (MODEL_CLASSES, _configuration, _configuration_v4,
-                                          _describe, _mapping, _skeleton)
+from stemserve.checkpoints.bounds import (V2, _configuration, _configuration_v4, _describe,
+                                          _mapping, _skeleton)
 from stemserve.checkpoints.diffq import (_package_quantizer, _restore_quantized,
                                          _restore_v4_quantized)
 from stemserve.checkpoints.messages import _first_lines, _kind, _warn
@@ -17,6 +17,7 @@ from stemserve.checkpoints.unpickle import _ClassMarker, _package_field
 from stemserve.errors import CheckpointError
 from stemserve.defaults import SOURCES
 from stemserve.models.configs import HDEMUCS_MMI, HTDEMUCS, HTDEMUCS_6S
+from stemserve.models.registry import FamilyRegistration, by_name, registrations
 from stemserve.releases import BAGS, RELEASES, UNSUPPORTED
 from stemserve.untrusted import brief
 
@@ -51,6 +52,12 @@ def _from_loaded(loaded: Any, config: str | None, what: str, *, config_given: bo
     ``config`` names the configuration of a plain state dict; None: the file must carry its
     own (a demucs 4 release's files do).
     """
+    for registration in registrations():
+        read = registration.read and registration.read(loaded, what)
+        if read:
+            if config_given:
+                _warn(f"{what} carries its own configuration; ignoring config={config!r}")
+            return _from_registered(registration, *read, what)
     if isinstance(loaded, Mapping) and ("klass" in loaded or {"config", "state"} <= loaded.keys()):
         if config_given:
             _warn(f"{what} carries its own configuration; ignoring config={config!r}")
@@ -92,9 +99,9 @@ def _from_state(state: Mapping[str, Any], config: str, what: str) -> _Loaded:
         # demucs_quantized, as demucs/pretrained.py restores it.
         return _Loaded(_restore_quantized(
             used, state, lambda diffq, m: diffq.DiffQuantizer(m, group_size=8, min_size=1),
-            what, fits), "demucs", used)
-    return _Loaded(_assign("demucs", used, _state_dict(state, what), what, fits,
-                           hint=lambda: _release_hint(state, config)), "demucs", used)
+            what, fits), V2.name, used)
+    return _Loaded(_assign(V2.name, used, _state_dict(state, what), what, fits,
+                           hint=lambda: _release_hint(state, config)), V2.name, used)
 
 
 def _from_package(package: Mapping[str, Any], what: str) -> _Loaded:
@@ -109,7 +116,7 @@ def _from_package(package: Mapping[str, Any], what: str) -> _Loaded:
                               f"{' or '.join(map(repr, missing))}")
     args = _package_field(package, "args", what, ())
     kwargs = _package_field(package, "kwargs", what)
-    if klass.family != "demucs":
+    if by_name(klass.family).rules is not None:  # a family bounded by its registration
         return _from_package_v4(package, klass.family, args, kwargs, what)
     used = _configuration(args, kwargs, what)
     fits = f"its own configuration, {_describe(used)}"
@@ -119,9 +126,9 @@ def _from_package(package: Mapping[str, Any], what: str) -> _Loaded:
         if isinstance(state, Mapping) and "compressed" in state:
             raise CheckpointError(f"{what}: its state is compressed, but its training_args "
                                   f"name no quantizer (diffq or qat) to restore it with")
-        return _Loaded(_assign("demucs", used, _state_dict(state, what), what, fits), "demucs",
+        return _Loaded(_assign(V2.name, used, _state_dict(state, what), what, fits), V2.name,
                        used)
-    return _Loaded(_restore_quantized(used, state, make_quantizer, what, fits), "demucs", used)
+    return _Loaded(_restore_quantized(used, state, make_quantizer, what, fits), V2.name, used)
 
 
 def _from_package_v4(package: Mapping[str, Any], family: str, args: Any, kwargs: Any,
@@ -142,21 +149,30 @@ def _from_package_v4(package: Mapping[str, Any], family: str, args: Any, kwargs:
 
 def _from_saved(saved: Mapping[str, Any], what: str) -> _Loaded:
     """Model of ``{'config': arguments, 'state': state dict}`` and an optional ``'family'``
-    (a key of :data:`~.bounds.MODEL_CLASSES`; Demucs v2 without one), as stemserve's benchmarks and
+    (a registered family's name; Demucs v2 without one), as stemserve's benchmarks and
     ``stemserve demo`` save it."""
-    family = saved.get("family", "demucs")
-    if not (isinstance(family, str) and family in MODEL_CLASSES):
-        raise CheckpointError(f"{what}: family={brief(family)} is not one of "
-                              f"{', '.join(MODEL_CLASSES)}")
+    family = saved.get("family", V2.name)
+    names = [registration.name for registration in registrations()]
+    if not (isinstance(family, str) and family in names):
+        raise CheckpointError(f"{what}: family={brief(family)} is not one of {', '.join(names)}")
     config = _package_field(saved, "config", what)
-    if family != "demucs":
-        used = _configuration_v4(family, (), _mapping(config, "config", what), what)
-        return _Loaded(_assign(family, used, _state_dict(saved["state"], what), what,
-                               f"its own configuration, {_describe(used, family)}"), family,
-                       used)
+    registration = by_name(family)
+    if registration.rules is not None:
+        return _from_registered(registration, _mapping(config, "config", what), saved["state"],
+                                what)
     used = _configuration((), {"sources": SOURCES, **_mapping(config, "config", what)}, what)
-    return _Loaded(_assign("demucs", used, _state_dict(saved["state"], what), what,
-                           f"its own configuration, {_describe(used)}"), "demucs", used)
+    return _Loaded(_assign(V2.name, used, _state_dict(saved["state"], what), what,
+                           f"its own configuration, {_describe(used)}"), V2.name, used)
+
+
+def _from_registered(registration: FamilyRegistration, config: Mapping[str, Any],
+                     state: Any, what: str) -> _Loaded:
+    """Model of a family bounded by its registration's rules, from its arguments by name and
+    a state dict."""
+    used = _configuration_v4(registration.name, (), config, what)
+    return _Loaded(_assign(registration.name, used, _state_dict(state, what), what,
+                           f"its own configuration, {_describe(used, registration.name)}"),
+                   registration.name, used)
 
 
 def _state_dict(state: Any, what: str) -> Mapping[str, torch.Tensor]:

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
-from stemserve.checkpoints.bounds import (MODEL_CLASSES, _QAT_BITS, _QUANTIZER_RULES, _describe,
+from stemserve.checkpoints.bounds import (V2, _QAT_BITS, _QUANTIZER_RULES, _describe,
                                           _parameter_count, _skeleton)
 from stemserve.checkpoints.messages import _first_lines, _kind
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.model import Demucs
+from stemserve.models.registry import by_name
 from stemserve.releases import is_number as _is_number
 from stemserve.untrusted import brief
 
@@ -68,7 +69,7 @@ def _restore_quantized(used: Mapping[str, Any], state: Any,
     The quantizer is detached afterwards: its hooks go, the dequantized float weights stay.
     """
     diffq = _import_diffq(what)
-    raw = _inflate(state, _parameter_count(_skeleton("demucs", used, what)), what)
+    raw = _inflate(state, _parameter_count(_skeleton(V2.name, used, what)), what)
     quantized = _torch_load(raw, f"the quantized state in {what}")
     model = Demucs(**used)
     quantizer = make_quantizer(diffq, model)
@@ -98,7 +99,7 @@ def _restore_v4_quantized(family: str, used: Mapping[str, Any], state: Mapping[s
         raise CheckpointError(f"{what}: its quantized state holds {held} bytes of tensors, less "
                               f"than a bit for each of the {parameters / 1e6:.1f} M weights of "
                               f"{_describe(used, family)}; refused before building it")
-    model = MODEL_CLASSES[family](**used)
+    model = by_name(family).model_class(**used)
     try:
         quantizer = {"diffq.diffq.DiffQuantizer": diffq.DiffQuantizer,
                      "diffq.uniform.UniformQuantizer": diffq.UniformQuantizer}[klass](

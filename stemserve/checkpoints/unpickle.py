@@ -21,6 +21,7 @@ import torch
 
 from stemserve.checkpoints.messages import _kind
 from stemserve.errors import CheckpointError
+from stemserve.models.registry import FamilyRegistration, registrations
 from stemserve.releases import is_number as _is_number
 from stemserve.untrusted import TooLarge, brief, check_size
 
@@ -45,20 +46,16 @@ class _ClassMarker:
                        f"does (it only names it); refused before building anything")
 
 
-class _DemucsClass(_ClassMarker):
-    family, label = "demucs", "Demucs"
+_MARKERS: dict[tuple[str, str], type[_ClassMarker]] = {}
 
 
-class _DemucsV3Class(_ClassMarker):
-    family, label = "demucs_v3", "Demucs (v3)"
-
-
-class _HDemucsClass(_ClassMarker):
-    family, label = "hdemucs", "HDemucs"
-
-
-class _HTDemucsClass(_ClassMarker):
-    family, label = "htdemucs", "HTDemucs"
+def _marker(registration: FamilyRegistration) -> type[_ClassMarker]:
+    """The marker a registered family's pickled class names unpickle to (one per family)."""
+    key = registration.name, registration.label
+    if key not in _MARKERS:
+        _MARKERS[key] = type(f"_{registration.name}_class", (_ClassMarker,),
+                             {"family": registration.name, "label": registration.label})
+    return _MARKERS[key]
 
 
 def _fraction(numerator: Any, denominator: Any = 1) -> Fraction:
@@ -152,11 +149,6 @@ def _omegaconf_cache(*args: Any) -> dict:
 # so it resolves to a plain string; so do the types in omegaconf's metadata. htdemucs' segment
 # is a Fraction; demucs 4's export adds test metrics, numpy floats.
 _SAFE_GLOBALS: list[Any] = [
-    (_DemucsClass, "demucs.model.Demucs"),
-    (_DemucsClass, "stemserve.model.Demucs"),
-    (_DemucsV3Class, "demucs.demucs.Demucs"),
-    (_HDemucsClass, "demucs.hdemucs.HDemucs"),
-    (_HTDemucsClass, "demucs.htdemucs.HTDemucs"),
     argparse.Namespace,
     # Pure paths: building one touches nothing; concrete Windows paths cannot exist on POSIX.
     # Python 3.13 moved the classes to pathlib._local.
@@ -194,7 +186,10 @@ def _torch_load(source: Path | bytes, what: str) -> Any:
     def opened() -> Path | io.BytesIO:
         return io.BytesIO(source) if isinstance(source, bytes) else source
 
-    with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(_SAFE_GLOBALS):
+    # Every registered family's class names, each to its marker, and the stand-ins of data.
+    allowed = [*((_marker(family), name) for family in registrations()
+                 for name in family.pickled), *_SAFE_GLOBALS]
+    with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(allowed):
         try:
             forbidden = torch.serialization.get_unsafe_globals_in_checkpoint(opened())
         except Exception:  # not a zip checkpoint: the restricted load below says why

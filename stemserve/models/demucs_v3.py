@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import typing as tp
+from fractions import Fraction
 
 import julius
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import BLSTM, DConv, center_trim, norm_factory, rescale_module
+from .arguments import DEMUCS4_RULES
+from .registry import FamilyRegistration, register
 
 
 class DemucsV3(nn.Module):
@@ -203,3 +206,12 @@ class DemucsV3(nn.Module):
                     if old in state and new not in state:
                         state[new] = state.pop(old)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+REGISTRATION = register(FamilyRegistration(
+    name="demucs_v3", model_class=DemucsV3, label="Demucs (v3)", generation=4,
+    pickled=("demucs.demucs.Demucs",), rules=DEMUCS4_RULES,
+    segment=lambda model: int(Fraction(model.segment) * model.samplerate),
+    input_needed=lambda model: model.valid_length(int(model.segment * model.samplerate))))
+"""The waveform Demucs of demucs 4.0.1: its input is its segment's valid length, which
+stride**depth can make far longer than the segment."""

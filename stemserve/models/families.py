@@ -1,4 +1,5 @@
-"""Which family a network belongs to, and what its sidecar needs to know of it.
+"""Which family a network belongs to, and what its sidecar needs to know of it, asked of the
+family's registration (:mod:`stemserve.models.registry`).
 
 The family (:data:`stemserve.spec.FAMILIES`) says how the network takes lengths and which
 demucs applies it; the segment is what ``apply_model`` splits a track by.
@@ -9,25 +10,12 @@ from fractions import Fraction
 
 from torch import nn
 
-from stemserve.model import Demucs
-from stemserve.models.demucs_v3 import DemucsV3
-from stemserve.models.hdemucs import HDemucs
-from stemserve.models.htdemucs import HTDemucs
-
-FAMILY_OF = {Demucs: "demucs", DemucsV3: "demucs_v3", HDemucs: "hdemucs",
-             HTDemucs: "htdemucs"}
+from stemserve.models.registry import of_model
 
 
 def family_of(model: nn.Module) -> str:
-    """The family of ``model``; an HTDemucs that does not run on its training segment is
-    not one stemserve serves."""
-    if isinstance(model, HTDemucs) and not model.use_train_segment:
-        raise ValueError("HTDemucs(use_train_segment=False) takes any length; stemserve "
-                         "serves it on its training segment only")
-    for cls, family in FAMILY_OF.items():
-        if type(model) is cls:
-            return family
-    raise ValueError(f"{type(model).__name__} is no Demucs model stemserve serves")
+    """The family of ``model``; a model its registration does not serve raises ValueError."""
+    return of_model(model).name
 
 
 def forward_randrange(model: nn.Module) -> int:
@@ -45,6 +33,4 @@ def segment_samples(model: nn.Module, segment: float | Fraction | None = None) -
     or the model's own segment."""
     if segment is not None:
         return int(Fraction(segment) * model.samplerate)
-    if isinstance(model, Demucs):
-        return int(model.segment_length)
-    return int(Fraction(model.segment) * model.samplerate)
+    return of_model(model).segment(model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import typing as tp
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from torch.nn import functional as F
 
 from .blocks import DConv, ScaledEmbedding, norm_factory, rescale_module
 from .stft import hybrid_ispec, hybrid_spec
+from .arguments import DEMUCS4_RULES
+from .registry import FamilyRegistration, register
 
 
 def _run_dconv(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
@@ -569,3 +572,10 @@ class HDemucs(_HybridSpectrogram, nn.Module):
             xt = xt.view(batch, sources, -1, length)
             xt = xt * stdt[:, None] + meant[:, None]
         return x, xt
+
+
+REGISTRATION = register(FamilyRegistration(
+    name="hdemucs", model_class=HDemucs, label="HDemucs", generation=4,
+    pickled=("demucs.hdemucs.HDemucs",), rules=DEMUCS4_RULES, hybrid_stft=True,
+    segment=lambda model: int(Fraction(model.segment) * model.samplerate)))
+"""Hybrid Demucs (v3): takes any length, its STFTs exported as matrix products."""

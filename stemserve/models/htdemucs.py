@@ -22,6 +22,8 @@ from torch.nn import functional as F
 from .blocks import ScaledEmbedding, rescale_module
 from .hdemucs import HDecLayer, HEncLayer, MultiWrap, _HybridSpectrogram
 from .transformer import CrossTransformerEncoder
+from .arguments import DEMUCS4_RULES
+from .registry import FamilyRegistration, register
 
 
 class HTDemucs(_HybridSpectrogram, nn.Module):
@@ -350,3 +352,21 @@ class HTDemucs(_HybridSpectrogram, nn.Module):
         x, xt = self.separate(mix, self._magnitude(z).to(mix.device))
         x = self._ispec(self._mask(z, x), run_length)
         return (xt + x)[..., :length]
+
+
+def _served_on_its_segment(model: HTDemucs) -> None:
+    if not model.use_train_segment:
+        raise ValueError("HTDemucs(use_train_segment=False) takes any length; stemserve "
+                         "serves it on its training segment only")
+
+
+REGISTRATION = register(FamilyRegistration(
+    name="htdemucs", model_class=HTDemucs, label="HTDemucs", generation=4,
+    pickled=("demucs.htdemucs.HTDemucs",), rules=DEMUCS4_RULES, hybrid_stft=True,
+    segment=lambda model: int(Fraction(model.segment) * model.samplerate),
+    unsupported={"fp16": "its transformer adds float32 positional embeddings to "
+                         "half-precision tokens, which does not trace; export it in fp32 "
+                         "(fp16 on a GPU: the PyTorch backend's autocast, "
+                         "TorchBackend(autocast='fp16'))"},
+    check=_served_on_its_segment))
+"""HT Demucs (v4): runs on its training segment only (``use_train_segment``)."""

@@ -31,7 +31,7 @@ from stemserve.cpu import bf16_flags, bf16_kind, cpu_model
 from stemserve.defaults import cache_root
 from stemserve.errors import ModelError, SpecError
 from stemserve.files import atomic_write, file_sha256
-from stemserve.spec import FAMILIES, SIDECAR_FILE, ModelSpec, sidecar_name
+from stemserve.spec import SIDECAR_FILE, ModelSpec, family_rule, sidecar_name
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _note_speed(family: str | None) -> None:
     measured = BF16_MEASURED.get((family, kind))
     if measured is None:
         return
-    name = FAMILIES[family].title
+    name = family_rule(family).title
     if measured.speedup >= 1:
         logger.debug("--bf16 was measured %.2fx as fast as fp32 for %s on %s (%s)",
                      measured.speedup, name, CPU_KINDS[kind], measured.evidence)
