@@ -66,8 +66,8 @@ def test_one_precision_by_name_or_alias(served, capsys):
     from stemserve.errors import StemserveError
 
     assert web("--bf16") == 0 and web("--int8") == 0 and web() == 0
-    assert web("--precision", "fp16") == 0
-    assert [settings.precision for settings in served] == ["bf16", "int8", None, "fp16"]
+    assert web("--precision", "fp16") == 0 and web("--int8", "--no-int8") == 0
+    assert [settings.precision for settings in served] == ["bf16", "int8", None, "fp16", None]
     for argv in (("--int8", "--bf16"), ("--precision", "int8", "--bf16")):
         with pytest.raises(SystemExit):
             web(*argv)

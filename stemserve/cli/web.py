@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_options(parser, Settings, skip=("precision",))
     add_precision(parser, default=None, what="to separate with (default: fp32 in-process, "
                   "whatever Triton serves; with Triton, checks that the server serves it)")
+    for alias in ("--no-int8", "--no-bf16"):  # web's flags before --precision: kept working
+        parser.add_argument(alias, dest="precision", action="store_const", const=None,
+                            help="the default precision (as no flag)")
     add_options(parser.add_argument_group("Triton"), ConnectionOptions)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
