@@ -58,7 +58,7 @@ PRECISIONS: dict[Precision, PrecisionRow] = {
     Precision.FP32: PrecisionRow(
         "model.json", "ONNX Runtime", "any", ("cpu", "gpu", "gpu-trt"),
         ("onnx", "triton", "torch"), "export", None, True,
-        "the exact graph (default)"),
+        "the exact graph, demucs' own stems"),
     Precision.FP16: PrecisionRow(
         "model.fp16.json", "ONNX Runtime", "gpu", ("cpu", "gpu"), ("onnx", "triton"),
         "export", "--fp16", False, "the half-precision graph, for GPUs (ONNX Runtime's CPU "

@@ -7,15 +7,14 @@ import math
 from stemserve.precision import PRECISIONS, Precision
 
 
-FAST_PATH_NOTE = ("opt-in: the stems differ slightly from demucs', by the SDR the README's "
-                  "Benchmarks section gives")
+INEXACT = "its stems differ slightly from demucs' (the README's Benchmarks give the SDR)"
 
 
 def _precision_help(name: Precision) -> str:
     info = PRECISIONS[name]
-    extra = {Precision.BF16: " (the 'openvino' extra; slower than fp32 for Demucs v2 on CPUs "
-                             "without AMX)"}.get(name, "")
-    return info.help + extra + ("" if info.exact else "; " + FAST_PATH_NOTE)
+    extra = {Precision.BF16: ", the 'openvino' extra, slower than fp32 for Demucs v2 on CPUs "
+                             "without AMX"}.get(name, "")
+    return info.help + extra + ("" if info.exact else ", " + INEXACT)
 
 
 def add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
@@ -23,10 +22,10 @@ def add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
                   aliases: tuple[Precision, ...] = (Precision.INT8, Precision.BF16)) -> None:
     """``--precision NAME`` and its documented aliases (``--int8``, ``--bf16``, ...), one of
     them: which graph of the export ``what`` (help text) uses."""
-    choices = ", ".join(f"{name.value}: {_precision_help(name)}" for name in Precision)
+    choices = "; ".join(f"{name.value}: {_precision_help(name)}" for name in Precision)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--precision", choices=[name.value for name in Precision],
-                       default=default, help=f"the graph {what} ({choices})")
+                       default=default, help=f"the graph {what}. {choices}")
     for name in aliases:
         group.add_argument(PRECISIONS[name].flag, dest="precision", action="store_const",
                            const=name.value, help=f"--precision {name.value}")
