@@ -17,7 +17,7 @@ from stemserve.connection import ConnectionOptions
 from stemserve.defaults import DEFAULT_MODEL, TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.pipeline import Backend, bag_of
-from stemserve.precision import asked_as, check_precision
+from stemserve.precision import asked_as, check_precision, row
 from stemserve.spec import BagSpec, has_precision, load_export
 from stemserve.untrusted import safe_name
 
@@ -75,7 +75,7 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
         if problem:
             backend.close()
             raise ModelError(f"Triton at {url} {problem}")
-        if precision is None and served.precision != "fp32":
+        if precision is None and not row(served.precision).exact:
             logger.warning("Triton at %s serves the %s graph of '%s', not the exact fp32 one: "
                            "its stems differ slightly from demucs' (%s asks for it; leave it "
                            "out of `stemserve serve` for the exact path)", url,
@@ -124,7 +124,7 @@ def describe_backend(backend: Backend, verbose: bool = False) -> str:
 def output_folder_name(spec) -> str:
     """The folder under ``-o`` a model's stems go to, as demucs names it (the model), and
     the precision too when it is not the exact fp32, so stems of two precisions never mix."""
-    return spec.checkpoint if spec.precision == "fp32" else f"{spec.checkpoint}-{spec.precision}"
+    return spec.checkpoint if row(spec.precision).exact else f"{spec.checkpoint}-{spec.precision}"
 
 
 def _triton_backend(local: Path | None, precision: str,
