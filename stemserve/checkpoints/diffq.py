@@ -72,13 +72,7 @@ def _restore_quantized(used: Mapping[str, Any], state: Any,
     raw = _inflate(state, _parameter_count(_skeleton(V2.name, used, what)), what)
     quantized = _torch_load(raw, f"the quantized state in {what}")
     model = Demucs(**used)
-    quantizer = make_quantizer(diffq, model)
-    try:
-        quantizer.restore_quantized_state(quantized)
-    except _RESTORE_ERRORS as exc:
-        raise CheckpointError(f"the quantized state in {what} does not fit {fits}:\n"
-                              f"{_first_lines(exc) or type(exc).__name__}") from exc
-    quantizer.detach()
+    _restore(make_quantizer(diffq, model), quantized, what, fits)
     return model
 
 
@@ -107,17 +101,24 @@ def _restore_v4_quantized(family: str, used: Mapping[str, Any], state: Mapping[s
     except _RESTORE_ERRORS as exc:
         raise CheckpointError(f"{what}: its quantizer settings do not fit {fits}: "
                               f"{_first_lines(exc) or type(exc).__name__}") from exc
+    for part, expected in (("float16", quantizer._float16), ("others", quantizer._others)):
+        if len(state.get(part, ())) != len(expected):  # diffq would zip them silently
+            raise CheckpointError(f"the quantized state in {what} does not fit {fits}:\n"
+                                  f"{len(state.get(part, ()))} {part} tensors where the model "
+                                  f"has {len(expected)}")
+    _restore(quantizer, state, what, fits)
+    return model
+
+
+def _restore(quantizer: Any, state: Any, what: str, fits: str) -> None:
+    """diffq's ``restore_quantized_state`` into the quantizer's model, then ``detach`` (plain
+    float weights left); diffq's own errors become a CheckpointError saying what did not fit."""
     try:
-        for part, expected in (("float16", quantizer._float16), ("others", quantizer._others)):
-            if len(state.get(part, ())) != len(expected):  # diffq would zip them silently
-                raise ValueError(f"{len(state.get(part, ()))} {part} tensors where the model "
-                                 f"has {len(expected)}")
         quantizer.restore_quantized_state(state)
     except _RESTORE_ERRORS as exc:
         raise CheckpointError(f"the quantized state in {what} does not fit {fits}:\n"
                               f"{_first_lines(exc) or type(exc).__name__}") from exc
     quantizer.detach()
-    return model
 
 
 def _storage_bytes(value: Any) -> int:
