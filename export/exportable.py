@@ -5,7 +5,7 @@
 
 - :class:`HybridGraphSTFT`: the STFT and iSTFT inside the graph, as real matrix
   products (:class:`~stemserve.models.stft.DftSTFT`/``DftISTFT``): one graph, mix in,
-  stems out. This is what ``stemserve export`` writes (the README has the figures).
+  stems out. This is what ``stemserve export`` writes (docs/export.md has the figures).
 - :class:`HTDemucsCore`: the STFT outside the graph. The graph takes the mix and its
   spectrogram (complex as channels) and returns both branches' outputs; the caller does
   the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`). Kept for the

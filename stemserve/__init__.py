@@ -1,7 +1,7 @@
 """stemserve: music source separation (Demucs v2, v3 and HT Demucs v4) served by Triton.
 
-The packages, in layers (a module imports only its own layer or below; see the README's
-"How the code is laid out"): :mod:`stemserve.defaults`; the torch-free core (:mod:`.spec`,
+The packages, in layers (a module imports only its own layer or below; see
+docs/architecture.md): :mod:`stemserve.defaults`; the torch-free core (:mod:`.spec`,
 :mod:`.precision`, :mod:`.connection`, :mod:`.pipeline`, :mod:`.audio`, ...); the models
 (:mod:`.models`, :mod:`.checkpoints`, :mod:`stemserve.export`, :mod:`.runtime`); the client's
 backends (:mod:`stemserve.client.backends`); serving (:mod:`stemserve.model_repository`);

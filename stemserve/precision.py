@@ -6,8 +6,8 @@ PyTorch backend's autocast is an argument of its own. Every command takes
 ``--precision NAME`` (``--fp16``, ``--int8`` and ``--bf16`` are aliases), and every place
 that must refuse a combination asks :func:`check_precision`. Adding a precision is a row
 in :data:`PRECISIONS`, the code that makes its variant (``make`` names it), the runtime
-that runs it, and its Triton template if it has one; see the README's "How the code is
-laid out".
+that runs it, and its Triton template if it has one; see
+docs/architecture.md, "Adding a precision".
 """
 from __future__ import annotations
 

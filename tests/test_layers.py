@@ -1,8 +1,7 @@
 """Imports only run downward: defaults, core, models, backends, serving, front ends.
 
 Every import in the package, at module level or inside a function, is checked against the
-layer table of ``../shared/notes/architecture.md`` (and the README's "How the code is laid
-out"): a module may import its own layer and the ones below, never one above. The Triton
+layer table of ``../shared/notes/architecture.md`` (and of docs/architecture.md): a module may import its own layer and the ones below, never one above. The Triton
 repository's python model templates (``model_repository/cpu/demucs/1/model.py``), loaded by
 Triton by path rather than imported as modules, are checked too: they run in the server, so
 they import the serving layer and below, and nothing of the client.

@@ -7,7 +7,7 @@ import math
 from stemserve.precision import PRECISIONS, Precision
 
 
-INEXACT = "its stems differ slightly from demucs' (the README's Benchmarks give the SDR)"
+INEXACT = "its stems differ slightly from demucs' (docs/performance.md gives the SDR)"
 
 
 def _precision_help(name: Precision) -> str:
