@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from stemserve import __version__
 from stemserve.defaults import DEFAULT_MODEL, STEM_NAMES
 from stemserve.errors import StemserveError
 from stemserve.web.guards import (TOKEN_COOKIE, AccessGuard, TokenThrottle, UploadGuard,
@@ -134,7 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
             service.close()
             logger.info("stemserve web stopped: queue and backends closed")
 
-    app = FastAPI(title="stemserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="stemserve", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, form_limits=FORM_LIMITS,
                   description=describe(service))
     throttle = TokenThrottle()
