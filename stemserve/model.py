@@ -194,7 +194,7 @@ class Demucs(nn.Module):
 
 
 REGISTRATION = register(FamilyRegistration(
-    name="demucs", model_class=Demucs, label="Demucs", generation=2,
+    name="demucs", model_class=Demucs, label="Demucs",
     pickled=("demucs.model.Demucs", "stemserve.model.Demucs"),
     rules=None,  # demucs 2.0.3's formats: checkpoints.bounds checks their arguments itself
     segment=lambda model: int(model.segment_length)))

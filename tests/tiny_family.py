@@ -60,7 +60,7 @@ def save(model: TinyNet, path) -> None:
 
 LENGTHS = Family("TinyNet", "any", output_as_input=True, shifts_around_split=True)
 REGISTRATION = FamilyRegistration(
-    name=NAME, model_class=TinyNet, label="TinyNet", pickled=(), generation=4,
+    name=NAME, model_class=TinyNet, label="TinyNet", pickled=(),
     rules={"audio_channels": integers(1, 2, "2"), "samplerate": integers(8000, 96000, "44100"),
            "segment": Rule(is_segment, SEGMENTS, "2"),
            "hidden": integers(1, 64, "8"), "kernel": integers(1, 15, "5")},

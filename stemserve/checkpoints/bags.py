@@ -15,7 +15,6 @@ from stemserve.checkpoints.fetch import _check_zip_crcs, _fetch, _sha256
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.models.families import segment_samples
-from stemserve.models.registry import by_name
 from stemserve.releases import BAGS, BagRelease, is_bag_yaml, is_release_name, v2_file, v4_file
 from stemserve.releases import local_member as _local_member
 from stemserve.releases import read_bag_yaml as _read_bag_yaml
@@ -187,7 +186,7 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
                                       f"{infos[0].name} has {mine!r}, {info.name} has "
                                       f"{theirs!r}; a bag averages models of the same sources, "
                                       f"sample rate and audio channels")
-    v2 = [info.name for info in infos if by_name(info.family).generation == 2]
+    v2 = [info.name for info in infos if not family_rule(info.family).shifts_around_split]
     if v2 and len(v2) < len(infos):
         raise CheckpointError(f"{what}: it mixes demucs 2 models ({', '.join(v2)}) with demucs "
                               f"3/4 models, which shift and split tracks differently; a bag "
@@ -209,7 +208,7 @@ def _bag(name: str, members: list[tuple[torch.nn.Module, CheckpointInfo]], spec:
                               f"weight of 0 in every row)")
     if spec.segment is not None:
         for model, info in members:
-            if by_name(info.family).generation != 2:  # demucs 4's bags set it on each model
+            if family_rule(info.family).shifts_around_split:  # demucs 4 sets it on each model
                 model.segment = spec.segment
     return Bag(name=name, models=models, infos=infos, weights=weights, segment=spec.segment)
 

@@ -209,7 +209,7 @@ class DemucsV3(nn.Module):
 
 
 REGISTRATION = register(FamilyRegistration(
-    name="demucs_v3", model_class=DemucsV3, label="Demucs (v3)", generation=4,
+    name="demucs_v3", model_class=DemucsV3, label="Demucs (v3)",
     pickled=("demucs.demucs.Demucs",), rules=DEMUCS4_RULES,
     segment=lambda model: int(Fraction(model.segment) * model.samplerate),
     input_needed=lambda model: model.valid_length(int(model.segment * model.samplerate))))

@@ -575,7 +575,7 @@ class HDemucs(_HybridSpectrogram, nn.Module):
 
 
 REGISTRATION = register(FamilyRegistration(
-    name="hdemucs", model_class=HDemucs, label="HDemucs", generation=4,
+    name="hdemucs", model_class=HDemucs, label="HDemucs",
     pickled=("demucs.hdemucs.HDemucs",), rules=DEMUCS4_RULES, hybrid_stft=True,
     segment=lambda model: int(Fraction(model.segment) * model.samplerate)))
 """Hybrid Demucs (v3): takes any length, its STFTs exported as matrix products."""

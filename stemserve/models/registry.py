@@ -34,8 +34,7 @@ class FamilyRegistration:
     messages name it; ``pickled``: the ``module.Class`` names a training package may name it
     by (each unpickles to an inert marker, never the class); ``rules``: a bound for every
     constructor argument but ``sources`` (None: the family's checkpoint code bounds them
-    itself, as Demucs v2's does); ``generation``: which demucs it follows (2 or 4: its
-    checkpoint formats, and which models may share a bag); ``segment``: what ``apply_model``
+    itself, as Demucs v2's does); ``segment``: what ``apply_model``
     splits a track by for a model, in samples; ``input_needed``: the input a model needs for
     that segment, when it is more (bounded by the loader); ``hybrid_stft``: whether the
     exporter traces it with its STFTs as matrix products (the complex ``torch.stft`` does not
@@ -50,7 +49,6 @@ class FamilyRegistration:
     label: str
     pickled: tuple[str, ...]
     rules: Mapping[str, Rule] | None
-    generation: int
     segment: Callable[[nn.Module], int]
     input_needed: Callable[[nn.Module], int] | None = None
     hybrid_stft: bool = False
