@@ -3,24 +3,24 @@
     python -m benchmarks.plots                                  # every results/*.json
     python -m benchmarks.plots benchmarks/results/amd-epyc-2c.json
 
-A plot is drawn for any section whose rows carry the fields below, whatever script wrote
-them; rows whose ``status`` is not ``"ok"`` are left out. Plots are written beside the JSON
+A scenario names the plots it wants (``Scenario.plots``); each is drawn from rows carrying
+the fields below; rows whose ``status`` is not ``"ok"`` are left out. Plots are written beside the JSON
 as ``<machine>-<section>-<plot>.png`` and the markdown is rewritten to embed them.
 
-``per_item``, ``cpu_per_item`` and ``gflops`` (model_forward)
+``per_item``, ``cpu_per_item`` and ``gflops`` (the network alone)
     rows: ``backend`` (str), ``batch`` (int), ``per_item_s`` (float), ``gflops`` (float);
     optional ``forward_min_s``/``forward_max_s`` (error bars) and ``cpu_per_item_s``.
-    ``extra.ceiling_gflops.cpu_fp32`` (float), if present, is drawn as the ceiling.
+    ``ceiling_gflops`` (float) on any row, if present, is drawn as the matmul ceiling.
 
 ``concurrency`` (the server sweep; also any transport comparison by concurrency)
     rows: ``series`` (str: e.g. ``"batching on"``, ``"batching off"``, ``"grpc"``,
     ``"shm"``), ``concurrency`` (int clients), ``audio_s_per_s`` (float: seconds of audio
     separated per wall second; ``requests_per_s`` is used where it is absent) and
-    ``latency_s`` (``{"p50", "p95", "p99"}`` seconds). Optional
-    ``extra.reference_lines``: ``[{"label": "in-process ONNX Runtime", "audio_s_per_s": x}]``
-    drawn as horizontal lines on the throughput panel.
+    ``latency_s`` (``{"p50", "p95", "p99"}`` seconds). Rows with a ``reference_line``
+    (str label, e.g. ``"in-process ONNX Runtime"``) and an ``audio_s_per_s`` are drawn as
+    horizontal lines on the throughput panel instead.
 
-``stages`` (end to end)
+``stages`` (whole tracks)
     rows: ``series`` (str: ``"triton"``, ``"onnx"``, ``"torch"``), ``track_s`` (float, the
     track's length), ``stages_s`` (``{stage name: seconds}``, in pipeline order). One
     stacked horizontal bar per row.
@@ -123,7 +123,8 @@ def plot_gflops(section: dict, path: Path) -> Path | None:
         group.sort(key=lambda row: row["batch"])
         ax.plot([row["batch"] for row in group], [row["gflops"] for row in group],
                 marker="o", label=name)
-    ceiling = get(section, "extra.ceiling_gflops.cpu_fp32")
+    ceiling = next((row["ceiling_gflops"] for row in section["rows"]
+                    if row.get("ceiling_gflops")), None)
     if ceiling:
         ax.axhline(ceiling, color="black", linestyle="--",
                    label=f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
@@ -134,6 +135,7 @@ def plot_gflops(section: dict, path: Path) -> Path | None:
 
 def plot_concurrency(section: dict, path: Path) -> Path | None:
     """Throughput and p95 latency vs concurrent clients, one line per series."""
+    lines = [row for row in section["rows"] if row.get("reference_line")]
     rows = _ok(section, "series", "concurrency", "latency_s.p95")
     rate_key = "audio_s_per_s" if all(get(r, "audio_s_per_s") is not None for r in rows) \
         else "requests_per_s"
@@ -147,9 +149,9 @@ def plot_concurrency(section: dict, path: Path) -> Path | None:
         clients = [row["concurrency"] for row in group]
         top.plot(clients, [row[rate_key] for row in group], marker="o", label=name)
         bottom.plot(clients, [row["latency_s"]["p95"] for row in group], marker="o", label=name)
-    for line in get(section, "extra.reference_lines", []) or []:
+    for line in lines:
         if line.get(rate_key) is not None:
-            top.axhline(line[rate_key], linestyle="--", color="gray", label=line["label"])
+            top.axhline(line[rate_key], linestyle="--", color="gray", label=line["reference_line"])
     top.set_ylabel("audio seconds separated per second" if rate_key == "audio_s_per_s"
                    else "requests per second")
     bottom.set_ylabel("p95 latency (s)")
@@ -197,17 +199,17 @@ PLOTS = {"per_item": plot_per_item, "cpu_per_item": plot_cpu_per_item, "gflops":
 
 def save_and_plot(section: dict, *, results_dir: Path, machine: str, plots: tuple[str, ...],
                   log: Callable[[str], None]) -> Path:
-    """Save a script's section, then redraw only its own ``plots`` and the markdown.
+    """Save a scenario's section, then redraw only its own ``plots`` and the markdown.
 
-    The other sections' PNGs stay as their scripts left them. Without matplotlib (the bench
+    The other sections' PNGs stay as their scenarios left them. Without matplotlib (the bench
     extras) the numbers are saved and the plots skipped.
     """
     path = save_section(section, results_dir=results_dir, machine=machine)
     log(f"wrote {path}")
     try:
         for plot in plots:
-            target = path.parent / plot_name(machine, section["script"], plot)
-            if PLOTS[plot](load(path)["sections"][section["script"]], target):
+            target = path.parent / plot_name(machine, section["scenario"], plot)
+            if PLOTS[plot](load(path)["sections"][section["scenario"]], target):
                 log(f"wrote {target}")
     except ImportError as err:
         log(f"plots skipped: {err}")
@@ -241,10 +243,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         try:
             written += plot_results(path)
         except ResultsError as err:
-            if args.files:
-                raise
-            # The folder also holds other results (benchmarks/fleet.py's own format).
-            print(f"skipped {path}: {err}")
+            raise SystemExit(f"{path}: {err}") from None
     for path in written:
         print(f"wrote {path}")
     return written

@@ -1,32 +1,30 @@
-"""The results file: one JSON per machine, one section per script, and its markdown table.
+"""The results file: one JSON per machine, one section per scenario, and its markdown table.
 
-``benchmarks/results/<machine-name>.json`` (schema version 1)::
+``benchmarks/results/<machine-name>.json`` (schema version 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "machine_name": "amd-epyc-2c",
       "machine": {...},            # benchmarks.machine.describe() at the latest write
-      "updated": "2025-01-01T00:00:00+00:00",
+      "updated": "2026-01-01T00:00:00+00:00",
       "sections": {
-        "<script>": {              # e.g. "model_forward"; a rerun replaces its own section
-          "script": "model_forward",
-          "title": "Model forward pass",
-          "command": "python -m benchmarks.model_forward --segment 8",
+        "<scenario>": {            # e.g. "forward.backends"; a rerun replaces its own section
+          "scenario": "forward.backends",
+          "title": "The network alone, per backend and batch",
+          "command": "python -m benchmarks.run_all forward.backends --quick",
           "started": "...", "finished": "...", "duration_s": 1234.5,
-          "machine": {...},        # describe() when the script started (load included)
-          "config": {...},         # the script's parameters (segment, threads, ...)
-          "notes": ["..."],        # caveats a reader must see next to the numbers
+          "machine": {...},        # describe() when the scenario started (load included)
+          "config": {...},         # the scenario's config dataclass, as run
+          "notes": ["..."],        # what was measured and how, beside the numbers
           "columns": [{"key": "per_item_s", "title": "s/item", "format": ".3f"}, ...],
-          "rows": [{...}, ...],    # one flat record per measurement; keys may be dotted paths
-          "extra": {...},          # script-specific context (FLOP counts, ceilings, ...)
-          "tables": [{"title": "...", "columns": [...], "rows": [...]}]   # optional, more tables
+          "rows": [{...}, ...]     # one record per measurement; keys may be dotted paths
         }
       }
     }
 
-Each section's ``columns`` tell :func:`write_markdown` what to put in the table, so a new
-script needs no change here. The row fields that the plots read are documented in
-:mod:`benchmarks.plots`.
+Every scenario is saved through :func:`save_section` (this is the one results writer), and
+each section's ``columns`` tell :func:`write_markdown` what to put in its table. The row
+fields that the plots read are documented in :mod:`benchmarks.plots`.
 """
 from __future__ import annotations
 
@@ -42,10 +40,10 @@ from stemserve.files import atomic_write
 
 from .machine import command_line, describe, machine_name, now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTION_KEYS = ("script", "title", "command", "started", "finished", "duration_s", "machine",
-                "config", "notes", "columns", "rows", "extra")
+SECTION_KEYS = ("scenario", "title", "command", "started", "finished", "duration_s", "machine",
+                "config", "notes", "columns", "rows")
 
 
 class ResultsError(ValueError):
@@ -69,11 +67,11 @@ def plot_name(machine: str, section: str, plot: str) -> str:
     return f"{machine}-{section}-{plot}.png"
 
 
-def new_section(script: str, title: str, *, config: dict, machine: dict | None = None) -> dict:
-    """An empty section for ``script``, stamped with the command line, time and machine."""
-    return {"script": script, "title": title, "command": command_line(), "started": now(),
+def new_section(scenario: str, title: str, *, config: dict, machine: dict | None = None) -> dict:
+    """An empty section for ``scenario``, stamped with the command line, time and machine."""
+    return {"scenario": scenario, "title": title, "command": command_line(), "started": now(),
             "finished": None, "duration_s": None, "machine": machine or describe(),
-            "config": config, "notes": [], "columns": [], "rows": [], "extra": {}}
+            "config": config, "notes": [], "columns": [], "rows": []}
 
 
 def get(row: dict, key: str, default: Any = None) -> Any:
@@ -98,9 +96,6 @@ def validate_section(section: dict) -> None:
     for column in section["columns"]:
         if not isinstance(column, dict) or "key" not in column or "title" not in column:
             raise ResultsError(f"column {column!r} needs a key and a title")
-    for table in section.get("tables", []):
-        if not isinstance(table, dict) or not {"title", "columns", "rows"} <= set(table):
-            raise ResultsError("each extra table needs a title, columns and rows")
     if not isinstance(section["notes"], list) or not all(isinstance(n, str) for n in section["notes"]):
         raise ResultsError("notes must be a list of strings")
     if not isinstance(section["command"], str) or not section["command"]:
@@ -155,7 +150,7 @@ def save_section(section: dict, *, results_dir: Path = DEFAULT_RESULTS_DIR,
                  machine: str | None = None) -> Path:
     """Merge ``section`` into ``<results_dir>/<machine>.json`` and rewrite the markdown.
 
-    The section replaces any earlier one of the same script; the other sections stay.
+    The section replaces any earlier one of the same scenario; the other sections stay.
     Returns the JSON path.
     """
     section = _clean(dict(section))
@@ -172,7 +167,7 @@ def save_section(section: dict, *, results_dir: Path = DEFAULT_RESULTS_DIR,
             data = {"schema_version": SCHEMA_VERSION, "machine_name": machine, "sections": {}}
         data["machine"] = section["machine"]
         data["updated"] = now()
-        data["sections"][section["script"]] = section
+        data["sections"][section["scenario"]] = section
         validate(data)
         with atomic_write(path, "w") as file:
             file.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
@@ -245,8 +240,6 @@ def write_markdown(data: dict, path: Path) -> Path:
             out.append("")
         if section["columns"] and section["rows"]:
             out += [markdown_table(section["columns"], section["rows"]), ""]
-        for table in section.get("tables", []):
-            out += [f"### {table['title']}", "", markdown_table(table["columns"], table["rows"]), ""]
         for plot in sorted(path.parent.glob(plot_name(data["machine_name"], name, "*"))):
             out += [f"![{plot.stem}]({plot.name})", ""]
     path.write_text("\n".join(out).rstrip() + "\n")

@@ -5,11 +5,12 @@
 
 - :class:`HybridGraphSTFT`: the STFT and iSTFT inside the graph, as real matrix
   products (:class:`~stemserve.models.stft.DftSTFT`/``DftISTFT``): one graph, mix in,
-  stems out. This is what ``stemserve export`` writes (docs/export.md has the figures).
+  stems out. This is what ``stemserve export`` writes
+  (docs/decisions/0001-stft-in-the-graph.md).
 - :class:`HTDemucsCore`: the STFT outside the graph. The graph takes the mix and its
   spectrogram (complex as channels) and returns both branches' outputs; the caller does
-  the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`). Kept for the
-  export probe that measured both (``benchmarks/htdemucs_export_probe.py``).
+  the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`). Kept so the
+  comparison in that record can be made again, and tested against the whole model.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ quantized on the fly (``quantize_dynamic``): the LSTM becomes ``DynamicQuantizeL
 ONNX Runtime's ``ConvInteger`` is slower than its fp32 convolutions on CPUs. The result is
 ``model.int8.onnx`` with its sidecar ``model.int8.json`` (``precision: int8``) beside the
 fp32 graph (one per model of a bag: :func:`quantize_export`); the stems change (this path is opt-in, ``--int8``), by an amount the quality
-meter (``benchmarks/quality.py``) reports as an SDR difference.
+meter (``benchmarks/quality/``) reports as an SDR difference.
 
 ``reduce_range`` (7-bit weights) avoids the saturation of ``vpmaddubsw`` on x86 CPUs without
 VNNI; with VNNI (``avx512_vnni``/``avx_vnni`` in /proc/cpuinfo) the full 8 bits are kept.

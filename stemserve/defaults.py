@@ -51,15 +51,14 @@ DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 """Where a track's stems go under the output folder, as demucs lays them out."""
 DEFAULT_IN_FLIGHT = 4
 """Segment requests in flight per track (and per Triton server): twice the CPU server's
-max_batch_size of 2, so one batch runs while the next forms (a window of 3 left every other
-batch a single request). The client's memory follows it: each request in flight holds its
-input, a shared-memory region, its answer and a stride of the overlap-add (about 140 MB with
-40 s segments), so a 60-minute track stays within 2x of a 1-minute one only up to a window
-of about 4. A GPU server (max_batch_size 8) forms full batches with ``--in-flight 16
---server-window 16``."""
+max_batch_size of 2, so one batch runs while the next forms. The client's memory follows it:
+each request in flight holds its input, a shared-memory region, its answer and a stride of
+the overlap-add, so the window bounds how much a long track costs over a short one
+(docs/decisions/0003-in-flight-window.md). A GPU server (max_batch_size 8) forms full
+batches with ``--in-flight 16 --server-window 16``."""
 REQUEST_TIMEOUT = 600.0
-"""Seconds one segment request to a server may take. A CPU server runs the full model at
-about half real time, so a 40-second segment queued behind a batch of four waits minutes; a
+"""Seconds one segment request to a server may take. A CPU server may run the full model
+slower than real time, so a 40-second segment queued behind a batch waits minutes; a
 shorter limit would re-send healthy requests and only add load. A dead server is reported
 by gRPC at once, and a frozen one by the client's health probes, not by this limit."""
 RETRIES = 3

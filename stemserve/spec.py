@@ -73,9 +73,8 @@ class Family:
     shifts each segment."""
     cpu_batch: int = 2
     """The largest batch the CPU server forms. Batching pays where a BiLSTM reads all its
-    recurrent weights at every time step whatever the batch; HT Demucs has none, and
-    batches cost it more per segment (full htdemucs, 2-core Xeon, ``benchmarks/releases.py``:
-    2.25 s at batch 1, 2.47 s at 2, 2.43 s at 4) and memory besides."""
+    recurrent weights at every time step whatever the batch; HT Demucs has none, and a batch
+    costs it more per segment and memory besides (docs/decisions/0002-cpu-batch-per-family.md)."""
 
 
 FAMILIES = {

@@ -1,8 +1,8 @@
 """In-process ONNX Runtime: the CPU fallback when no Triton server is wanted.
 
 Same graph, same pipeline as the served path; only the transport differs. Segments queued
-while ONNX Runtime is busy are run as one batch (on a 2-core CPU, batch 2 costs about 1.5x
-less per segment than batch 1).
+while ONNX Runtime is busy are run as one batch, which costs less per segment than one at a
+time for the recurrent families (docs/decisions/0008-segment-pipelining.md).
 """
 from __future__ import annotations
 

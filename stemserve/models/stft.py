@@ -6,9 +6,8 @@ and :class:`DftISTFT` compute the same STFT (hann window, ``normalized=True``,
 ``center=True`` with reflect padding) with reshapes, slices and ``MatMul``s so that a whole
 hybrid model exports to one ONNX graph of standard operators. Each frame's DFT is one
 Cooley-Tukey step (``n_fft = n1 * n2``: DFTs of size ``n1``, twiddles, DFTs of size ``n2``),
-about 16 times fewer multiplications than one DFT kernel of ``n_fft`` taps for 4096 points: the
-4096-point transforms of a 7.8 s segment went from about 0.5 s in ONNX Runtime as DFT
-convolutions to 0.16 s. Their matrices are non-persistent buffers: they never appear in a
+about 16 times fewer multiplications than one DFT kernel of ``n_fft`` taps for 4096 points
+(docs/decisions/0001-stft-in-the-graph.md weighs the ways). Their matrices are non-persistent buffers: they never appear in a
 ``state_dict``.
 """
 from __future__ import annotations

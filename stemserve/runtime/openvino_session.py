@@ -3,12 +3,10 @@
 ONNX Runtime has no bf16 CPU kernels, but Intel CPUs with AMX or AVX512_BF16 multiply bf16
 several times faster than fp32. OpenVINO reads the exported ONNX graph as it is and, asked
 for ``INFERENCE_PRECISION_HINT=bf16``, runs its matrix products and convolutions in bf16
-(accumulating in fp32) and keeps the precision-sensitive operators in fp32. Measured on the
-released htdemucs configuration, one 7.8 s segment, 2-core Xeon with AMX
-(benchmarks/releases.py): 0.87 s against 2.16 s for ONNX Runtime fp32 and 2.27 s for
-PyTorch eager. The stems change by what bf16 rounding does (about 3e-3 relative); the
-quality meter (benchmarks/quality.py) reports it as an SDR difference (-0.002 dB for a small
-trained HT Demucs, -0.005 dB for a v2).
+(accumulating in fp32) and keeps the precision-sensitive operators in fp32. The stems change
+by what bf16 rounding does; the quality meter (``benchmarks/quality/``) reports it as an SDR
+difference. Whether it is faster depends on the CPU and the family:
+docs/decisions/0005-bf16-by-cpu-kind.md.
 
 The session mirrors ONNX Runtime's ``run(output_names, feeds)``, so the in-process backend
 and the CPU server's python model use either one the same way
@@ -59,7 +57,7 @@ _RECORD_LIMIT = 4096
 
 
 class Measured(NamedTuple):
-    """``--bf16`` timed against fp32 on the same CPU (benchmarks/results/)."""
+    """``--bf16`` timed against fp32 on the same CPU (docs/decisions/0005-bf16-by-cpu-kind.md)."""
 
     speedup: float
     """fp32's time over bf16's: below 1, bf16 was the slower."""
@@ -68,17 +66,13 @@ class Measured(NamedTuple):
 
 
 BF16_MEASURED: dict[tuple[str, str], Measured] = {
-    # Issue "Nothing silent": `stemserve separate`, 20 s of audio, 2-core AMD EPYC
-    # (AVX512_BF16, no AMX).
+    # The sources of these four rows: docs/decisions/0005-bf16-by-cpu-kind.md.
     ("demucs", "avx512_bf16"): Measured(6.7 / 13.0, "13.0 s against 6.7 s for 20 s of audio "
                                                     "on a 2-core AMD EPYC"),
-    # benchmarks/results/intel-xeon-processor-2c.md, cpu_levers: one 8 s segment, batch 1.
     ("demucs", "amx"): Measured(1.80 / 1.15, "1.15 s against 1.80 s per 8 s segment on a "
                                              "2-core Xeon"),
-    # The same file, releases_forward: one 7.8 s segment, batch 1, against ONNX Runtime.
     ("htdemucs", "amx"): Measured(2.16 / 0.87, "0.87 s against 2.16 s per 7.8 s segment on a "
                                                "2-core Xeon"),
-    # Issue "Nothing silent": a track's separation, 2-core AMD EPYC, speed against demucs 4.
     ("htdemucs", "avx512_bf16"): Measured(1.70 / 1.07, "1.70x demucs 4's speed against 1.07x "
                                                        "on a 2-core AMD EPYC"),
 }

@@ -6,12 +6,9 @@ sessions here, so the two paths run the same settings: intra-op threads on every
 ``threads``), one inter-op thread, sequential execution (the graph is one chain: more
 inter-op threads only oversubscribe the cores), and ONNX Runtime's default memory arena.
 
-The arena stays as it is. Measured (benchmarks/cpu_levers.py: full v2 model, 8 s segments,
-a track's sequence of batch shapes, 2-core Xeon, two runs): an arena growing by what is
-requested instead of by powers of two held more (2,079 vs 1,865 MiB; 1,900 vs 1,864), and
-no arena held 9 to 13 % less (1,691 and 1,624 MiB) but ran 6 % and 1 % slower, every run
-paying the page faults of fresh buffers. What
-bounds the server's memory is the batch size (``max_batch_size`` in the CPU config).
+The arena stays as it is: without one every run pays the page faults of fresh buffers, and
+what bounds the server's memory is the batch size (``max_batch_size`` in the CPU config);
+docs/decisions/0006-onnx-runtime-arena.md has the measurement.
 
 The bf16 variant of an export runs the same fp32 graph on OpenVINO instead
 (:mod:`.openvino_session`): :func:`cpu_session` picks the runtime by the sidecar's precision.
