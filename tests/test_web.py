@@ -152,7 +152,7 @@ def small_model_info(small_export: Path) -> dict:
     precision and family."""
     spec = json.loads((small_export / "model.json").read_text())
     return {"checkpoint": "small", "checkpoint_sha256": spec["checkpoint_sha256"],
-            "precision": "fp32", "family": "demucs"}
+            "precision": "fp32", "family": "demucs", "family_title": "Demucs v2"}
 
 
 def test_job_api_separates_and_serves_every_stem(client, track, small_export):

@@ -29,7 +29,7 @@ from stemserve.web.settings import MB, Settings
 
 
 SMALL = ModelInfo(checkpoint="small", checkpoint_sha256="5e1f" * 16, precision="int8",
-                  family="demucs")
+                  family="demucs", family_title="Demucs v2")
 
 
 class Catalog:

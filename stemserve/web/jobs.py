@@ -32,7 +32,7 @@ from typing import IO, Any, Callable, Literal
 
 from stemserve.errors import QueueFull, StemserveError, StoreFull
 from stemserve.files import atomic_path, atomic_write
-from stemserve.spec import ModelSpec
+from stemserve.spec import ModelSpec, family_rule
 from stemserve.web.names import public_error
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,17 @@ class ModelInfo:
     checkpoint_sha256: str
     precision: str
     family: str
+    family_title: str = ""
+    """The family's name for users (``HT Demucs``), so the page needs no list of families."""
 
     @classmethod
     def of(cls, spec: ModelSpec) -> ModelInfo:
+        try:
+            title = family_rule(spec.family).title
+        except KeyError:
+            title = spec.family
         return cls(checkpoint=spec.checkpoint, checkpoint_sha256=spec.checkpoint_sha256,
-                   precision=spec.precision, family=spec.family)
+                   precision=spec.precision, family=spec.family, family_title=title)
 
 
 @dataclasses.dataclass

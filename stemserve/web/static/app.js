@@ -66,15 +66,11 @@ const FORMAT_LABELS = {
 };
 const formatLabel = (name) => FORMAT_LABELS[name] || name;
 
-const FAMILY_LABELS = {
-  demucs: "Demucs v2", demucs_v3: "Demucs v3", hdemucs: "Hybrid Demucs", htdemucs: "HT Demucs",
-};
-
 // A model as the page names it: with the checkpoint (and its sha256) and precision that
 // separate, where known (the default model from the start, any model once its job runs).
 function modelLabel(name, info) {
   if (!info) return `model ${name}`;
-  return `model ${name} (${FAMILY_LABELS[info.family] || info.family}, ${info.precision}, ` +
+  return `model ${name} (${info.family_title || info.family}, ${info.precision}, ` +
     `checkpoint ${info.checkpoint}, sha256 ${info.checkpoint_sha256.slice(0, 12)})`;
 }
 
