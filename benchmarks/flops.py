@@ -6,29 +6,16 @@ Library counters do not do: torch's ``FlopCounterMode`` and fvcore skip the LSTM
 """
 from __future__ import annotations
 
-import math
-import time
-
-from .timing import Stats
+from .timing import measure
 
 
 def _resample_kernel(old_sr: int, new_sr: int) -> tuple[int, int]:
-    """(phases, taps) of julius' ``ResampleFrac(old_sr, new_sr)`` FIR bank.
+    """(phases, taps) of julius' ``ResampleFrac(old_sr, new_sr)`` FIR bank: 2 phases of 53
+    taps for x2, 1 phase of 104 taps (stride 2) for /2."""
+    import julius
 
-    julius builds ``new_sr`` filters of ``2 * width + old_sr`` taps with
-    ``width = ceil(zeros * old_sr / (rolloff * min(old_sr, new_sr)))`` (zeros 24, rolloff
-    0.945): 2 phases of 53 taps for x2, 1 phase of 104 taps (stride 2) for /2.
-    """
-    try:
-        import julius
-
-        kernel = julius.ResampleFrac(old_sr, new_sr).kernel
-        return int(kernel.shape[0]), int(kernel.shape[-1])
-    except ImportError:
-        gcd = math.gcd(old_sr, new_sr)
-        old_sr, new_sr = old_sr // gcd, new_sr // gcd
-        width = math.ceil(24 * old_sr / (0.945 * min(old_sr, new_sr)))
-        return new_sr, 2 * width + old_sr
+    kernel = julius.ResampleFrac(old_sr, new_sr).kernel
+    return int(kernel.shape[0]), int(kernel.shape[-1])
 
 
 def demucs_flops(model, length: int, batch: int = 1) -> dict[str, float]:
@@ -112,8 +99,8 @@ def matmul_ceiling(threads: int, *, size: int = 2048, repeats: int = 10) -> dict
 
     A large square sgemm is the most efficient kernel the BLAS has, so its rate is the
     ceiling a network made of convolutions and matmuls can approach. Runs at ``threads``
-    threads (restored afterwards); one warm-up call, then ``repeats`` timed ones.
-    Returns ``{"gflops": median, "gflops_min", "gflops_max", "size", "threads", "seconds"}``.
+    threads (restored afterwards). Returns ``{"gflops": median, "gflops_min",
+    "gflops_max", "size", "threads"}``.
     """
     import torch
 
@@ -121,18 +108,10 @@ def matmul_ceiling(threads: int, *, size: int = 2048, repeats: int = 10) -> dict
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator)
-        b = torch.randn(size, size, generator=generator)
-        torch.mm(a, b)
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            seconds.append(time.perf_counter() - start)
+        a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+        wall = measure(lambda: torch.mm(a, b), repeats=repeats).wall
     finally:
         torch.set_num_threads(previous)
-    stats = Stats.of(seconds)
-    flops = 2.0 * size ** 3
-    return {"gflops": flops / stats.median / 1e9, "gflops_min": flops / stats.max / 1e9,
-            "gflops_max": flops / stats.min / 1e9, "size": size, "threads": threads,
-            "seconds": stats.to_dict()}
+    flops = 2.0 * size ** 3 / 1e9
+    return {"gflops": flops / wall.median, "gflops_min": flops / wall.max,
+            "gflops_max": flops / wall.min, "size": size, "threads": threads}

@@ -22,22 +22,13 @@ from stemserve.cpu import cpu_info
 from .timing import loadavg
 
 #: Distributions whose versions every result records (absent ones are recorded as None).
-PACKAGES = ("stemserve", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "julius",
-            "onnxslim", "matplotlib", "tritonclient", "nvidia-pytriton")
+PACKAGES = ("stemserve", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "onnx", "numpy",
+            "julius", "onnxslim", "matplotlib", "tritonclient")
 
 #: CPU flags that decide which kernels (and which precisions) can run fast.
 INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
                      "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
                      "amx_tile", "amx_fp16")
-
-
-def _physical_cores(path: Path = Path("/proc/cpuinfo")) -> int | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    cores = set(re.findall(r"physical id\s*:\s*(\d+)[\s\S]*?core id\s*:\s*(\d+)", text))
-    return len(cores) or None
 
 
 def _memory_bytes(path: Path = Path("/proc/meminfo")) -> int | None:
@@ -107,7 +98,6 @@ def describe() -> dict:
         "cpu_flags": sorted(flags.intersection(INTERESTING_FLAGS)),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(),
-        "physical_cores": _physical_cores(),
         "memory_gib": round(memory / 2**30, 1) if memory else None,
         "gpus": gpus(),
         "os": platform.platform(),

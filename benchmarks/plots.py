@@ -1,38 +1,29 @@
-"""PNG plots from a results file, chosen by the fields its rows carry.
+"""PNG plots of a results section, drawn from the fields its rows carry.
 
-    python -m benchmarks.plots                                  # every results/*.json
-    python -m benchmarks.plots benchmarks/results/amd-epyc-2c.json
-
-A scenario names the plots it wants (``Scenario.plots``); each is drawn from rows carrying
-the fields below; rows whose ``status`` is not ``"ok"`` are left out. Plots are written beside the JSON
-as ``<machine>-<section>-<plot>.png`` and the markdown is rewritten to embed them.
+A scenario names the plots it wants (``Scenario.plots``); rows whose ``status`` is not
+``"ok"`` are left out. Plots are written beside the JSON as ``<machine>-<section>-<plot>.png``
+and the markdown embeds them.
 
 ``per_item``, ``cpu_per_item`` and ``gflops`` (the network alone)
-    rows: ``backend`` (str), ``batch`` (int), ``per_item_s`` (float), ``gflops`` (float);
-    optional ``forward_min_s``/``forward_max_s`` (error bars) and ``cpu_per_item_s``.
-    ``ceiling_gflops`` (float) on any row, if present, is drawn as the matmul ceiling.
+    rows: ``backend`` (str), ``batch`` (int), ``per_item_s``, ``cpu_per_item_s`` or
+    ``gflops`` (float); ``ceiling_gflops`` on any row is drawn as the matmul ceiling.
 
-``concurrency`` (the server sweep; also any transport comparison by concurrency)
-    rows: ``series`` (str: e.g. ``"batching on"``, ``"batching off"``, ``"grpc"``,
-    ``"shm"``), ``concurrency`` (int clients), ``audio_s_per_s`` (float: seconds of audio
-    separated per wall second; ``requests_per_s`` is used where it is absent) and
-    ``latency_s`` (``{"p50", "p95", "p99"}`` seconds). Rows with a ``reference_line``
-    (str label, e.g. ``"in-process ONNX Runtime"``) and an ``audio_s_per_s`` are drawn as
-    horizontal lines on the throughput panel instead.
+``concurrency`` (serving)
+    rows: ``series`` (str: e.g. ``"batching on"``), ``concurrency`` (int clients),
+    ``audio_s_per_s`` (seconds of audio separated per wall second; ``requests_per_s`` where it
+    is absent) and ``latency_s`` (``{"p50", "p95", "p99"}`` seconds). Rows with a
+    ``reference_line`` (a label) and a rate are drawn as horizontal lines instead.
 
 ``stages`` (whole tracks)
-    rows: ``series`` (str: ``"triton"``, ``"onnx"``, ``"torch"``), ``track_s`` (float, the
-    track's length), ``stages_s`` (``{stage name: seconds}``, in pipeline order). One
-    stacked horizontal bar per row.
+    rows: ``series`` (str), ``track_s`` (float), ``stages_s`` (``{stage: seconds}``, in
+    pipeline order). One stacked horizontal bar per row.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable
 
-from .results import (DEFAULT_RESULTS_DIR, ResultsError, get, load, plot_name, save_section,
-                      write_markdown)
+from .results import get, load, plot_name, save_section, write_markdown
 
 
 def _pyplot():
@@ -49,133 +40,90 @@ def _ok(section: dict, *fields: str) -> list[dict]:
             and all(get(row, field) is not None for field in fields)]
 
 
-def _groups(rows: list[dict], key: str) -> dict[str, list[dict]]:
+def _groups(rows: list[dict], key: str, order: str) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row[order]):
         groups.setdefault(str(row[key]), []).append(row)
     return groups
 
 
-def _title(section: dict, what: str) -> str:
+def _finish(fig, ax, section: dict, what: str, path: Path) -> Path:
+    """Title with the machine, y from 0, grid, legend; write and release the figure."""
     machine = section.get("machine", {})
-    return f"{what}\n{machine.get('cpu_model', '?')}, {machine.get('usable_cpus', '?')} CPUs"
-
-
-def _save(fig, path: Path) -> Path:
-    """Lay out, write and release a figure (pyplot keeps every open figure in memory)."""
+    ax.set_title(f"{section['title']}: {what}\n{machine.get('cpu_model', '?')}, "
+                 f"{machine.get('usable_cpus', '?')} CPUs")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
     return path
 
 
-def _batch_axes(plt, ax, rows: list[dict], xlabel: str, ylabel: str) -> None:
-    """Batch sizes on a log2 axis with plain tick labels, y from 0, legend beside the plot."""
+def _log2_axis(plt, ax, values: set, label: str) -> None:
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({row["batch"] for row in rows}))
+    ax.set_xticks(sorted(values))
     ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel(label)
 
 
-def plot_per_item(section: dict, path: Path, key: str = "per_item_s",
-                  what: str = "wall time per segment (median, bars: min-max)") -> Path | None:
-    """Seconds per item vs batch size, one line per backend (bars: fastest to slowest run)."""
-    rows = _ok(section, "backend", "batch", key)
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for name, group in _groups(rows, "backend").items():
-        group.sort(key=lambda row: row["batch"])
-        batches = [row["batch"] for row in group]
-        values = [row[key] for row in group]
-        errors = None
-        if key == "per_item_s" and all("forward_min_s" in row for row in group):
-            errors = [[value - row["forward_min_s"] / row["batch"] for value, row in zip(values, group)],
-                      [row["forward_max_s"] / row["batch"] - value for value, row in zip(values, group)]]
-        ax.errorbar(batches, values, yerr=errors, marker="o", capsize=3, label=name)
-    segment = section.get("config", {}).get("segment_s")
-    unit = "CPU seconds" if key.startswith("cpu") else "seconds"
-    _batch_axes(plt, ax, rows, "batch size (segments per forward call)",
-                f"{unit} per {segment:g} s segment" if segment else f"{unit} per item")
-    ax.set_title(_title(section, f"Model forward: {what} (lower is better)"))
-    return _save(fig, path)
-
-
-def plot_cpu_per_item(section: dict, path: Path) -> Path | None:
-    """CPU seconds per item vs batch size: the steadier view on a shared machine."""
-    return plot_per_item(section, path, key="cpu_per_item_s",
-                         what="CPU time per segment, all threads (median)")
-
-
-def plot_gflops(section: dict, path: Path) -> Path | None:
-    """Achieved GFLOP/s vs batch size per backend, with the measured matmul ceiling."""
-    rows = _ok(section, "backend", "batch", "gflops")
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for name, group in _groups(rows, "backend").items():
-        group.sort(key=lambda row: row["batch"])
-        ax.plot([row["batch"] for row in group], [row["gflops"] for row in group],
-                marker="o", label=name)
-    ceiling = next((row["ceiling_gflops"] for row in section["rows"]
-                    if row.get("ceiling_gflops")), None)
-    if ceiling:
-        ax.axhline(ceiling, color="black", linestyle="--",
-                   label=f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
-    _batch_axes(plt, ax, rows, "batch size", "GFLOP/s (counted FLOPs / wall time)")
-    ax.set_title(_title(section, "Model forward: achieved rate (higher is better)"))
-    return _save(fig, path)
+def _by_batch(key: str, ylabel: str, what: str) -> Callable[[dict, Path], Path | None]:
+    """A plot of ``key`` against batch size, one line per backend."""
+    def draw(section: dict, path: Path) -> Path | None:
+        rows = _ok(section, "backend", "batch", key)
+        if not rows:
+            return None
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for name, group in _groups(rows, "backend", "batch").items():
+            ax.plot([row["batch"] for row in group], [row[key] for row in group],
+                    marker="o", label=name)
+        ceiling = next((row["ceiling_gflops"] for row in rows if row.get("ceiling_gflops")),
+                       None)
+        if key == "gflops" and ceiling:
+            ax.axhline(ceiling, color="black", linestyle="--",
+                       label=f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
+        _log2_axis(plt, ax, {row["batch"] for row in rows}, "batch size (segments per call)")
+        ax.set_ylabel(ylabel)
+        return _finish(fig, ax, section, what, path)
+    return draw
 
 
 def plot_concurrency(section: dict, path: Path) -> Path | None:
-    """Throughput and p95 latency vs concurrent clients, one line per series."""
-    lines = [row for row in section["rows"] if row.get("reference_line")]
+    """Throughput and p95 latency against concurrent clients, one line per series."""
     rows = _ok(section, "series", "concurrency", "latency_s.p95")
-    rate_key = "audio_s_per_s" if all(get(r, "audio_s_per_s") is not None for r in rows) \
-        else "requests_per_s"
-    rows = [row for row in rows if get(row, rate_key) is not None]
+    rate = ("audio_s_per_s" if all(get(row, "audio_s_per_s") is not None for row in rows)
+            else "requests_per_s")
+    rows = [row for row in rows if get(row, rate) is not None]
     if not rows:
         return None
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    for name, group in _groups(rows, "series").items():
-        group.sort(key=lambda row: row["concurrency"])
+    for name, group in _groups(rows, "series", "concurrency").items():
         clients = [row["concurrency"] for row in group]
-        top.plot(clients, [row[rate_key] for row in group], marker="o", label=name)
+        top.plot(clients, [row[rate] for row in group], marker="o", label=name)
         bottom.plot(clients, [row["latency_s"]["p95"] for row in group], marker="o", label=name)
-    for line in lines:
-        if line.get(rate_key) is not None:
-            top.axhline(line[rate_key], linestyle="--", color="gray", label=line["reference_line"])
-    top.set_ylabel("audio seconds separated per second" if rate_key == "audio_s_per_s"
-                   else "requests per second")
+    for line in section["rows"]:
+        if line.get("reference_line") and line.get(rate) is not None:
+            top.axhline(line[rate], linestyle="--", color="gray", label=line["reference_line"])
+    top.set_ylabel(rate.replace("_", " ").replace(" s per s", " s per second"))
     bottom.set_ylabel("p95 latency (s)")
-    bottom.set_xlabel("concurrent clients")
-    bottom.set_xscale("log", base=2)
-    bottom.set_xticks(sorted({row["concurrency"] for row in rows}))
-    bottom.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    for ax in (top, bottom):
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    top.set_title(_title(section, f"{section.get('title', 'Server')}: throughput and p95 latency"))
-    return _save(fig, path)
+    _log2_axis(plt, bottom, {row["concurrency"] for row in rows}, "concurrent clients")
+    top.set_ylim(bottom=0)
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize=8)
+    return _finish(fig, bottom, section, "throughput and p95 latency", path)
 
 
 def plot_stages(section: dict, path: Path) -> Path | None:
-    """Wall time split by pipeline stage: one stacked bar per series and track length."""
+    """Wall time split by pipeline stage: one stacked bar per row."""
     rows = _ok(section, "series", "stages_s")
     if not rows:
         return None
     plt = _pyplot()
-    stages: list[str] = []
-    for row in rows:
-        stages += [stage for stage in row["stages_s"] if stage not in stages]
+    stages = list(dict.fromkeys(stage for row in sorted(rows, key=lambda r: -len(r["stages_s"]))
+                                for stage in row["stages_s"]))
     labels = [f"{row['series']}, {row['track_s']:g} s track" if row.get("track_s") is not None
               else str(row["series"]) for row in rows]
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.5 * len(rows)))
@@ -186,24 +134,22 @@ def plot_stages(section: dict, path: Path) -> Path | None:
         left = [a + b for a, b in zip(left, widths)]
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(stages), 4), loc="lower right")
-    ax.set_title(_title(section, f"{section.get('title', 'End to end')}: time per stage"))
-    return _save(fig, path)
+    return _finish(fig, ax, section, "time per stage", path)
 
 
-#: Plot name -> function(section, path) -> path or None (None: the rows lack its fields).
-PLOTS = {"per_item": plot_per_item, "cpu_per_item": plot_cpu_per_item, "gflops": plot_gflops, "concurrency": plot_concurrency,
-         "stages": plot_stages}
+PLOTS: dict[str, Callable[[dict, Path], Path | None]] = {
+    "per_item": _by_batch("per_item_s", "seconds per segment", "wall time per segment"),
+    "cpu_per_item": _by_batch("cpu_per_item_s", "CPU seconds per segment",
+                              "CPU time per segment, all threads"),
+    "gflops": _by_batch("gflops", "GFLOP/s (counted FLOPs / wall time)", "achieved rate"),
+    "concurrency": plot_concurrency, "stages": plot_stages}
+"""Plot name -> function(section, path) -> path, or None where the rows lack its fields."""
 
 
 def save_and_plot(section: dict, *, results_dir: Path, machine: str, plots: tuple[str, ...],
                   log: Callable[[str], None]) -> Path:
-    """Save a scenario's section, then redraw only its own ``plots`` and the markdown.
-
-    The other sections' PNGs stay as their scenarios left them. Without matplotlib (the bench
-    extras) the numbers are saved and the plots skipped.
-    """
+    """Save a scenario's section, then redraw its own ``plots`` and the markdown (the other
+    sections' PNGs stay). Without matplotlib (the bench extras) the plots are skipped."""
     path = save_section(section, results_dir=results_dir, machine=machine)
     log(f"wrote {path}")
     try:
@@ -219,35 +165,14 @@ def save_and_plot(section: dict, *, results_dir: Path, machine: str, plots: tupl
 
 def plot_results(json_path: Path) -> list[Path]:
     """Draw every plot the file's sections have data for; re-embed them in the markdown."""
-    json_path = Path(json_path)
     data = load(json_path)
     written = []
     for name, section in data["sections"].items():
         for plot, draw in PLOTS.items():
-            target = json_path.parent / plot_name(data["machine_name"], name, plot)
+            target = Path(json_path).parent / plot_name(data["machine_name"], name, plot)
             if draw(section, target):
                 written.append(target)
             elif target.exists():
                 target.unlink()  # stale: the section no longer has data for it
-    write_markdown(data, json_path.with_suffix(".md"))
+    write_markdown(data, Path(json_path).with_suffix(".md"))
     return written
-
-
-def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="*", type=Path,
-                        help=f"results JSON files (default: all in {DEFAULT_RESULTS_DIR})")
-    args = parser.parse_args(argv)
-    written = []
-    for path in args.files or sorted(DEFAULT_RESULTS_DIR.glob("*.json")):
-        try:
-            written += plot_results(path)
-        except ResultsError as err:
-            raise SystemExit(f"{path}: {err}") from None
-    for path in written:
-        print(f"wrote {path}")
-    return written
-
-
-if __name__ == "__main__":
-    main()

@@ -87,19 +87,19 @@ def get(row: dict, key: str, default: Any = None) -> Any:
 def validate_section(section: dict) -> None:
     """Raise :class:`ResultsError` unless ``section`` has the schema's keys and types."""
     missing = [key for key in SECTION_KEYS if key not in section]
-    if missing:
-        raise ResultsError(f"section lacks {missing}")
-    if not isinstance(section["rows"], list) or not all(isinstance(r, dict) for r in section["rows"]):
-        raise ResultsError("rows must be a list of objects")
-    if not isinstance(section["columns"], list):
-        raise ResultsError("columns must be a list")
-    for column in section["columns"]:
-        if not isinstance(column, dict) or "key" not in column or "title" not in column:
-            raise ResultsError(f"column {column!r} needs a key and a title")
-    if not isinstance(section["notes"], list) or not all(isinstance(n, str) for n in section["notes"]):
-        raise ResultsError("notes must be a list of strings")
-    if not isinstance(section["command"], str) or not section["command"]:
-        raise ResultsError("command must be the command line that produced the section")
+    problems = [f"lacks {missing}"] if missing else [
+        what for what, bad in (
+            ("rows must be a list of objects", not isinstance(section["rows"], list)
+             or not all(isinstance(row, dict) for row in section["rows"])),
+            ("each column needs a key and a title", not isinstance(section["columns"], list)
+             or not all(isinstance(c, dict) and {"key", "title"} <= set(c)
+                        for c in section["columns"])),
+            ("notes must be a list of strings", not isinstance(section["notes"], list)
+             or not all(isinstance(note, str) for note in section["notes"])),
+            ("command must be the command line that produced it",
+             not isinstance(section["command"], str) or not section["command"])) if bad]
+    if problems:
+        raise ResultsError(f"section {section.get('scenario')!r}: {'; '.join(problems)}")
 
 
 def validate(data: dict) -> None:
@@ -107,14 +107,10 @@ def validate(data: dict) -> None:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ResultsError(f"schema_version {data.get('schema_version')!r}, "
                            f"expected {SCHEMA_VERSION}")
-    for key in ("machine_name", "machine", "sections"):
-        if key not in data:
-            raise ResultsError(f"results lack {key!r}")
-    for name, section in data["sections"].items():
-        try:
-            validate_section(section)
-        except ResultsError as err:
-            raise ResultsError(f"section {name!r}: {err}") from None
+    if not {"machine_name", "machine", "sections"} <= set(data):
+        raise ResultsError("results need a machine_name, a machine and sections")
+    for section in data["sections"].values():
+        validate_section(section)
 
 
 def load(path: Path) -> dict:
@@ -136,13 +132,15 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN and infinities become None (JSON has neither)."""
+    """JSON-safe copy: NaN and infinities become None (JSON has neither), paths strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {str(key): _clean(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 

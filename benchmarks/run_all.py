@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import subprocess
 import sys
 import time
@@ -41,18 +42,16 @@ def scenario_names() -> list[str]:
 
 def load_scenario(name: str) -> Scenario:
     """The ``SCENARIO`` of ``benchmarks.<name>``; a clear error for a name that is not one."""
-    if name.split(".")[0] not in GROUPS:
-        raise SystemExit(f"unknown scenario {name!r}: scenarios are {', '.join(scenario_names())}")
-    try:
-        module = importlib.import_module(f"benchmarks.{name}")
-    except ModuleNotFoundError as err:
-        if err.name and f"benchmarks.{name}".startswith(err.name):
-            raise SystemExit(f"unknown scenario {name!r}: scenarios are "
-                             f"{', '.join(scenario_names())}") from None
-        raise
+    module = None
+    if name.split(".")[0] in GROUPS:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as err:
+            if not (err.name and f"benchmarks.{name}".startswith(err.name)):
+                raise
     scenario = getattr(module, "SCENARIO", None)
     if not isinstance(scenario, Scenario):
-        raise SystemExit(f"benchmarks.{name} defines no SCENARIO")
+        raise SystemExit(f"unknown scenario {name!r}: scenarios are {', '.join(scenario_names())}")
     return scenario
 
 
@@ -65,8 +64,17 @@ def scenario_parser(name: str) -> tuple[Scenario, argparse.ArgumentParser]:
     parser.add_argument("--quick", action="store_true",
                         help="the tiny configuration (each flag's --quick value)")
     add_output_arguments(parser)
+    parser.add_argument("--label", type=_label, default=None,
+                        help="save as section <scenario>-<label>, beside the scenario's own: "
+                             "two configurations measured on one machine (letters, digits, _)")
     add_flags(parser, scenario.config)
     return scenario, parser
+
+
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a label is 1 to 32 of a-z, 0-9, _")
+    return text
 
 
 def run_scenario(name: str, argv: list[str]) -> int:
@@ -76,7 +84,8 @@ def run_scenario(name: str, argv: list[str]) -> int:
     scenario, parser = scenario_parser(name)
     args = parser.parse_args(argv)
     config = config_from(args, scenario.config, quick=args.quick)
-    section = new_section(name, scenario.title, config=dataclasses.asdict(config))
+    key = f"{name}-{args.label}" if args.label else name
+    section = new_section(key, scenario.title, config=dataclasses.asdict(config))
     start = time.perf_counter()
     section["rows"] = scenario.run(config)
     section["duration_s"] = time.perf_counter() - start
@@ -87,7 +96,7 @@ def run_scenario(name: str, argv: list[str]) -> int:
                   plots=scenario.plots, log=lambda line: print(line, flush=True))
     failed = [row for row in section["rows"] if str(row.get("status", "ok")).startswith("failed")]
     for row in failed:
-        print(f"-- {name}: {row['status']}", flush=True)
+        print(f"-- {key}: {row['status']}", flush=True)
     return 1 if failed else 0
 
 

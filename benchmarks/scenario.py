@@ -92,9 +92,9 @@ def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
         convert, is_flag = _parser_for(hints[field.name])
-        help_text = f"{field.metadata['help']} (default: {_shown(field.default)}"
+        help_text = f"{field.metadata['help']} (default: {_shown(field.default)}".replace("%", "%%")
         if "quick" in field.metadata:
-            help_text += f"; --quick: {_shown(field.metadata['quick'])}"
+            help_text += f"; --quick: {_shown(field.metadata['quick'])}".replace("%", "%%")
         help_text += ")"
         if is_flag:
             parser.add_argument(_flag(field), dest=field.name, default=argparse.SUPPRESS,

@@ -132,26 +132,25 @@ def stemserve_cache(tmp_path_factory) -> Path:
         os.environ["STEMSERVE_CACHE"] = before
 
 
-BENCH_RUN_ON_THEIR_OWN = {"transport"}
-"""Benchmark scripts whose test runs ``--quick`` itself (test_bench_transport.py): the quick
-run leaves them out rather than run them twice."""
+BENCH_RUN_ON_THEIR_OWN = {"serving.transport", "serving.perf_analyzer"}
+"""Benchmark scenarios whose test runs ``--quick`` itself (test_bench_transport.py,
+test_bench_perf_analyzer.py): the quick run leaves them out rather than run them twice."""
 
 
 @pytest.fixture(scope="session")
 def bench_quick_run(tmp_path_factory) -> Path:
-    """``python -m benchmarks.run_all --quick`` once for every test of a benchmark script:
+    """``python -m benchmarks.run_all --quick`` once for every test of a benchmark scenario:
     the results folder it wrote (a temporary one, never benchmarks/results), with the
-    ``BENCH_MACHINE`` files of every script's section but :data:`BENCH_RUN_ON_THEIR_OWN`."""
+    ``BENCH_MACHINE`` files of every scenario's section but :data:`BENCH_RUN_ON_THEIR_OWN`."""
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
         sys.path.insert(0, root)
-    from benchmarks.run_all import SCRIPTS
+    from benchmarks.run_all import scenario_names
 
-    scripts = [script.name for script in SCRIPTS if script.name not in BENCH_RUN_ON_THEIR_OWN]
+    names = [name for name in scenario_names() if name not in BENCH_RUN_ON_THEIR_OWN]
     out = tmp_path_factory.mktemp("bench-results")
     done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--machine",
-                           BENCH_MACHINE, "--results-dir", str(out),
-                           "--only", ",".join(scripts)],
+                           BENCH_MACHINE, "--results-dir", str(out), "--only", ",".join(names)],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,16 +1,16 @@
-"""The benchmark scripts run on a tiny configuration and write well-formed results.
+"""The benchmarks' framework: scenarios' flags, the isolated runner, the one results writer,
+the plots, and that ``run_all --quick`` runs every scenario.
 
-No timing is asserted anywhere: numbers depend on the machine and its load. What is checked
-is that every script runs, and that the JSON, markdown and PNGs it writes follow the schema.
+No timing is asserted anywhere: numbers depend on the machine and its load. The scenarios'
+own rows are checked in tests/test_bench_<group>.py.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
+import dataclasses
 import math
-import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import results  # noqa: E402
+from benchmarks import results, run_all  # noqa: E402
 from benchmarks.flops import demucs_flops  # noqa: E402
-from benchmarks.run_all import SCRIPTS  # noqa: E402
+from benchmarks.isolated import IsolatedFailed, run_isolated  # noqa: E402
+from benchmarks.plots import PLOTS  # noqa: E402
+from benchmarks.scenario import Column, Scenario, add_flags, config_from, option  # noqa: E402
 from benchmarks.timing import Stats, measure, percentiles  # noqa: E402
-from conftest import BENCH_MACHINE as MACHINE  # noqa: E402
+from conftest import BENCH_MACHINE as MACHINE, BENCH_RUN_ON_THEIR_OWN  # noqa: E402
 
 pytestmark = pytest.mark.bench
 
@@ -37,80 +39,6 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def test_quick_run_writes_a_valid_model_forward_section(bench_quick_run):
-    data = json.loads((bench_quick_run / f"{MACHINE}.json").read_text())
-    results.validate(data)
-    assert data["machine_name"] == MACHINE
-    machine = data["machine"]
-    assert machine["cpu_model"] and machine["usable_cpus"] >= 1
-    assert {"python", "torch", "onnxruntime", "numpy", "stemserve"} <= set(machine["versions"])
-
-    section = data["sections"]["model_forward"]
-    assert "benchmarks.model_forward" in section["command"] and "--config small" in section["command"]
-    assert section["started"] and section["finished"] and section["duration_s"] > 0
-    config = section["config"]
-    assert config["model"] == "small" and config["segment_s"] == 1
-    assert config["padded_samples"] >= config["segment_samples"] == 44100
-
-    quick = dict(zip(SCRIPTS[0].quick[::2], SCRIPTS[0].quick[1::2]))["--backends"].split(",")
-    by_key = {(row["backend"], row["batch"]): row for row in section["rows"]}
-    assert set(by_key) == {(name, batch) for name in quick for batch in (1, 2)}
-    for (name, batch), row in by_key.items():
-        assert row["status"] == "ok", row  # ort_slim too: onnxslim is in the dev extra
-        wall = row["measurement"]["wall_s"]
-        assert wall["n"] == row["repeats"] == 1 and len(wall["samples"]) == 1
-        assert wall["min"] <= wall["median"] <= wall["max"]
-        for field in ("forward_s", "per_item_s", "rtf", "gflops", "ceiling_fraction"):
-            assert _finite_positive(row[field]), (name, batch, field, row[field])
-        assert row["per_item_s"] == pytest.approx(row["forward_s"] / batch)
-        assert row["ceiling"] == "cpu_fp32"
-        if batch == 1:  # every backend computes the same thing as PyTorch eager
-            tolerance = 0.05 if name == "ort_fp16" else 1e-3
-            assert row["max_abs_diff_vs_eager"] < tolerance, row
-
-    extra = section["extra"]
-    assert _finite_positive(extra["gflop_per_item"])
-    assert _finite_positive(extra["ceiling_gflops"]["cpu_fp32"])
-    assert len(extra["ceilings"]["cpu_fp32"]) == 2 + len(quick)  # start, per backend, end
-    backends = {item["backend"]: item for item in extra["backends"]}
-    assert set(backends) == set(quick)
-    assert backends["ort_saved_extended"]["session_start_s"] > 0
-    assert backends["ort_saved_extended"]["graph_nodes"] < backends["ort_saved_extended"]["source_nodes"]
-
-
-def test_quick_run_writes_markdown_with_the_tables(bench_quick_run):
-    text = (bench_quick_run / f"{MACHINE}.md").read_text()
-    assert text.startswith(f"# Benchmarks on `{MACHINE}`")
-    assert "## Model forward pass (item 1) (`model_forward`)" in text
-    assert "Command: `python -m benchmarks.model_forward" in text
-    table = [line for line in text.splitlines() if line.startswith("| torch_eager | 1 |")]
-    assert len(table) == 1
-    header = next(line for line in text.splitlines() if line.startswith("| backend | batch |"))
-    assert table[0].count("|") == header.count("|")
-    assert "### Backends: preparation, session start, memory" in text
-
-
-def test_quick_run_writes_plots(bench_quick_run):
-    import matplotlib  # noqa: F401  (the dev extra's: a missing one fails, never skips)
-    for plot in ("per_item", "cpu_per_item", "gflops"):
-        name = results.plot_name(MACHINE, "model_forward", plot)
-        png = bench_quick_run / name
-        assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 5000
-        assert f"]({name})" in (bench_quick_run / f"{MACHINE}.md").read_text()
-
-
-def test_a_torch_compile_past_its_budget_is_recorded_as_failed(tmp_path):
-    done = _run("benchmarks.model_forward", "--config", "small", "--segment", "0.5",
-                "--batches", "1", "--repeats", "1", "--backends", "torch_compile",
-                "--compile-budget", "0.5", "--ceiling-size", "256", "--machine", MACHINE,
-                "--results-dir", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    section = results.load(tmp_path / f"{MACHINE}.json")["sections"]["model_forward"]
-    (row,) = section["rows"]
-    assert row["backend"] == "torch_compile" and row["status"].startswith("failed: timed out")
-    assert "compile budget" in row["status"]
 
 
 def test_flop_count_matches_torch_counter_where_it_counts():
@@ -161,8 +89,8 @@ def test_stats_and_measure():
     assert slow.stopped_early and 2 <= slow.wall.n < 50
 
 
-def _section(script: str, rows: list[dict], columns=None) -> dict:
-    section = results.new_section(script, script.title(), config={"x": 1},
+def _section(scenario: str, rows: list[dict], columns=None) -> dict:
+    section = results.new_section(scenario, scenario.title(), config={"x": 1},
                                   machine={"cpu_model": "Test CPU", "usable_cpus": 2,
                                            "gpus": [], "versions": {}})
     section["rows"] = rows
@@ -186,8 +114,8 @@ def test_sections_merge_and_malformed_ones_are_refused(tmp_path):
     assert "third" not in results.load(tmp_path / "m.json")["sections"]
 
 
-def test_the_plots_for_later_scripts_draw_from_the_documented_fields(tmp_path):
-    """Items 2-4 only fill rows; their plots already work from the schema in plots.py."""
+def test_the_plots_draw_from_the_documented_fields(tmp_path):
+    """A scenario only fills rows; its plots work from the fields documented in plots.py."""
     import matplotlib  # noqa: F401  (the dev extra's: a missing one fails, never skips)
     from benchmarks.plots import plot_results
 
@@ -196,7 +124,7 @@ def test_the_plots_for_later_scripts_draw_from_the_documented_fields(tmp_path):
          "audio_s_per_s": 3.0 * clients ** 0.5, "requests_per_s": 0.1 * clients,
          "latency_s": {"p50": 1.0 * clients, "p95": 1.5 * clients, "p99": 2.0 * clients}}
         for series in ("batching on", "batching off") for clients in (1, 2, 4, 8, 16)])
-    server["extra"]["reference_lines"] = [{"label": "in-process ORT", "audio_s_per_s": 9.0}]
+    server["rows"].append({"reference_line": "in-process ORT", "audio_s_per_s": 9.0})
     stages = _section("end_to_end", [
         {"series": series, "track_s": track, "status": "ok",
          "stages_s": {"decode": 0.5, "infer": 20.0 * track / 60, "encode": 0.7}}
@@ -214,178 +142,153 @@ def test_the_plots_for_later_scripts_draw_from_the_documented_fields(tmp_path):
     assert "| triton | 20 |" in markdown  # dotted column keys reach into nested fields
 
 
-def test_server_sweep_quick_writes_a_valid_section(bench_quick_run):
-    """A real tritonserver, batching on and off, 1 and 2 clients, a few requests each (the
-    quick run's ``server_sweep --quick``: the same command as a run of its own)."""
-    data = results.load(bench_quick_run / f"{MACHINE}.json")
-    section = data["sections"]["server_sweep"]
-    assert "benchmarks.server_sweep" in section["command"] and "--quick" in section["command"]
-    assert section["config"]["model"] == "small" and section["config"]["concurrency"] == [1, 2]
-    by_key = {(row["series"], row["concurrency"]): row for row in section["rows"]}
-    assert set(by_key) == {(series, clients) for series in ("batching on", "batching off")
-                           for clients in (1, 2)}
-    for (series, clients), row in by_key.items():
-        assert row["status"] == "ok", row
-        assert row["requests"] == 3 * clients  # --quick: 3 timed requests per client
-        for field in ("requests_per_s", "audio_s_per_s", "avg_batch", "vs_in_process"):
-            assert _finite_positive(row[field]), (series, clients, field, row[field])
-        latency = row["latency_s"]
-        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
-        server = row["server"]
-        # Triton's counters may trail the responses by a request or so: no exact match.
-        assert server["inferences"] == server["requests"] >= 1
-        assert server["executions"] >= 1 and _finite_positive(server["compute_infer_ms"])
-        assert server["queue_ms"] is not None and server["queue_ms"] >= 0
-        if series == "batching off":
-            assert row["avg_batch"] == 1
-    inproc = section["extra"]["in_process"]
-    assert {row["batch"] for row in inproc} >= {1}
-    assert all(_finite_positive(row["audio_s_per_s"]) for row in inproc)
-    assert _finite_positive(section["extra"]["served_vs_in_process"])
-    assert any("perf_analyzer" in note for note in section["notes"])
-    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
-    assert "(`server_sweep`)" in markdown and "### In-process ONNX Runtime" in markdown
-    name = results.plot_name(MACHINE, "server_sweep", "concurrency")
-    assert (bench_quick_run / name).read_bytes()[:8] == PNG_SIGNATURE
-    assert f"]({name})" in markdown
 
 
-def test_quick_run_writes_an_end_to_end_section(bench_quick_run):
-    """Every path on one tiny track, the same stems (the int8 ones close), and the
-    client-memory table."""
-    section = results.load(bench_quick_run / f"{MACHINE}.json")["sections"]["end_to_end"]
-    assert "--quick" in section["command"] and section["config"]["model"] == "small"
-    rows = {row["path"]: row for row in section["rows"]}
-    assert set(rows) == {"triton", "onnx", "triton_int8", "onnx_int8", "torch"}
-    if os.environ.get("CI"):
-        from oracle_v2 import demucs2
+# ---------------------------------------------------------------------------------------------
+# Scenarios: flags from a config, run_all, the isolated runner
 
-        demucs2("demucs")  # CI compares with demucs 2.0.3: a missing one fails
-    reference = importlib.util.find_spec("demucs") is not None
-    for path, row in rows.items():
-        if path == "torch" and not reference:
-            assert row["status"].startswith("skipped: demucs 2.0.3"), row
-            continue
-        assert row["status"] == "ok", row
-        assert row["track_s"] == 5 and row["repeats"] == 1
-        for field in ("wall_s", "rtf", "client_peak_mib", "load_s", "total_s"):
-            assert _finite_positive(row[field]), (path, field, row[field])
-        assert row["rtf"] == pytest.approx(row["wall_s"] / 5)
-        assert set(row["stages_s"]) >= {"load", "separate", "write"}
-        if reference:
-            assert _finite_positive(row["speedup_vs_torch"])
-            if path in ("triton", "onnx"):  # same weights, same stems, to a step or two
-                assert row["max_diff_lsb_vs_torch"] <= 2, row
-            elif path != "torch":  # int8: near, not equal
-                assert 0 < row["max_diff_lsb_vs_torch"] < 2**15, row
-    assert rows["triton"]["shared_memory"] is True
-    assert _finite_positive(rows["triton"]["server_peak_mib"])
-    memory = section["tables"][0]["rows"]
-    assert [row["track_s"] for row in memory] == [5, 15]
-    assert all(row["status"] == "ok" and _finite_positive(row["client_peak_mib"])
-               for row in memory)
-    assert memory[0]["client_peak_vs_shortest"] == 1
-    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
-    assert "(`end_to_end`)" in markdown and "### Client peak memory vs track length" in markdown
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    batches: tuple[int, ...] = option((1, 2, 4), "batch sizes", quick=(1,))
+    seconds: float = option(8.0, "segment length", quick=0.5)
+    family: str | None = option(None, "a family, or none for all")
+    compile: bool = option(False, "also torch.compile")
 
 
-def _bf16_refused(row: dict) -> bool:
-    """A bf16 row on a CPU without bf16 arithmetic: failed, saying so (not measurable)."""
-    from stemserve.runtime.openvino_session import cpu_has_bf16
-
-    if cpu_has_bf16():
-        return False
-    assert "no bf16 arithmetic" in row["status"], row
-    return True
+def toy_run(config: ToyConfig) -> list[dict]:
+    return [{"batch": batch, "status": "ok" if batch < 99 else "failed: too big",
+             "per_item_s": config.seconds / batch, "backend": "toy"} for batch in config.batches]
 
 
-@pytest.mark.oracle
-def test_quick_run_writes_the_releases_sections(bench_quick_run):
-    """Issue 13 on a tiny HT Demucs: forward per batch (eager, ORT), the cost table against
-    the v2 model, and every end-to-end path on one track with demucs 4.0.1's stems."""
-    from oracle_v4 import oracle_available, require_oracle
-
-    if os.environ.get("CI"):
-        require_oracle()  # CI compares with demucs 4.0.1: a missing oracle fails
-    reference = oracle_available()
-    data = results.load(bench_quick_run / f"{MACHINE}.json")
-
-    forward = data["sections"]["releases_forward"]
-    assert "benchmarks.releases" in forward["command"] and "--quick" in forward["command"]
-    config = forward["config"]
-    assert config["quick"] is True and config["segment_samples"] == 44100
-    assert config["segment_s"] == 1
-    by_key = {(row["backend"], row["batch"]): row for row in forward["rows"]}
-    assert set(by_key) == {("torch_eager", 1), ("torch_eager", 2), ("ort", 1), ("ort", 2),
-                           ("ort", 4), ("openvino_bf16", 1), ("openvino_bf16", 2)}
-    for (backend, batch), row in by_key.items():
-        if backend == "openvino_bf16" and _bf16_refused(row):
-            continue
-        assert row["status"] == "ok", row
-        assert row["repeats"] == 1 and row["model"] == "htdemucs"
-        for field in ("forward_s", "per_item_s", "cpu_per_item_s", "rtf", "peak_rss_mib",
-                      "speedup_vs_eager_b1"):
-            assert _finite_positive(row[field]), (backend, batch, field, row[field])
-        assert row["per_item_s"] == pytest.approx(row["forward_s"] / batch)
-        assert row["rtf"] == pytest.approx(row["per_item_s"] / config["segment_s"])
-    assert by_key["torch_eager", 1]["max_abs_diff_vs_eager"] == 0
-    assert by_key["ort", 1]["max_abs_diff_vs_eager"] < 1e-3  # the export computes the same
-    (cost,) = forward["tables"]
-    assert [row["model"] for row in cost["rows"]] == ["htdemucs", "demucs_quantized"]
-    for row in cost["rows"]:
-        assert row["status"] == "ok" and row["batch"] == 2, row
-        for field in ("s_per_audio_s", "cpu_s_per_audio_s", "vs_htdemucs", "parameters_m"):
-            assert _finite_positive(row[field]), (row["model"], field, row[field])
-    assert cost["rows"][0]["vs_htdemucs"] == 1 and cost["rows"][1]["segment_s"] == 8
-
-    section = data["sections"]["releases_end_to_end"]
-    assert "--quick" in section["command"] and section["config"]["shifts"] == 1
-    rows = {row["path"]: row for row in section["rows"]}
-    assert set(rows) == {"triton", "onnx", "triton_int8", "triton_bf16", "demucs4"}
-    for path, row in rows.items():
-        if path == "demucs4" and not reference:
-            assert row["status"].startswith("skipped: the demucs 4.0.1 reference"), row
-            continue
-        if path == "triton_bf16" and _bf16_refused(row):
-            continue
-        assert row["status"] == "ok", row
-        assert row["track_s"] == 3 and row["repeats"] == 1
-        for field in ("wall_s", "rtf", "client_peak_mib", "load_s", "total_s"):
-            assert _finite_positive(row[field]), (path, field, row[field])
-        assert row["rtf"] == pytest.approx(row["wall_s"] / 3)
-        assert set(row["stages_s"]) >= {"load", "separate", "write"}
-        if reference:
-            assert _finite_positive(row["speedup_vs_demucs4"])
-            if path in ("triton", "onnx"):  # same weights and shift draws: the same stems
-                assert row["max_diff_lsb_vs_demucs4"] <= 2, row
-            elif path in ("triton_int8", "triton_bf16"):  # near, not equal
-                assert row["max_diff_lsb_vs_demucs4"] < 2**15, row
-    assert rows["triton"]["shared_memory"] is True
-    assert _finite_positive(rows["triton"]["server_peak_mib"])
-    target = section["extra"]["target"]
-    assert target["target_x"] == 2 and set(target["speedups"]) == {"3"}
-    assert (target["speedups"]["3"] is not None) == reference
-    assert any("Target (issue 13" in note for note in section["notes"])
-    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
-    assert "(`releases_forward`)" in markdown and "(`releases_end_to_end`)" in markdown
-    assert "### Cost per audio second: htdemucs vs demucs_quantized" in markdown
-    for name, plot in (("releases_forward", "per_item"), ("releases_end_to_end", "stages")):
-        png = bench_quick_run / results.plot_name(MACHINE, name, plot)
-        assert png.read_bytes()[:8] == PNG_SIGNATURE
+TOY = Scenario(name="forward.toy_for_tests", title="A toy scenario", config=ToyConfig,
+               run=toy_run, columns=(Column("batch", "batch"), Column("per_item_s", "s/item", ".2f")),
+               notes=("random numbers",), plots=("per_item",))
 
 
-def test_redrawing_the_results_folder_passes_over_other_result_formats(tmp_path, monkeypatch,
-                                                                       capsys):
-    """``python -m benchmarks.plots`` with no files: the fleet results share the folder."""
+@pytest.fixture
+def toy_scenario(monkeypatch):
+    module = types.ModuleType("benchmarks.forward.toy_for_tests")
+    module.SCENARIO = TOY
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return TOY
+
+
+def test_flags_come_from_the_config_with_quick_values_and_overrides():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ToyConfig)
+    assert config_from(parser.parse_args([]), ToyConfig, quick=False) == ToyConfig()
+    assert config_from(parser.parse_args([]), ToyConfig, quick=True) == \
+        ToyConfig(batches=(1,), seconds=0.5)
+    given = parser.parse_args(["--batches", "2,8", "--family", "none", "--compile"])
+    assert config_from(given, ToyConfig, quick=True) == \
+        ToyConfig(batches=(2, 8), seconds=0.5, family=None, compile=True)
+    assert config_from(parser.parse_args(["--family", "htdemucs", "--no-compile"]), ToyConfig,
+                       quick=False) == ToyConfig(family="htdemucs")
+    text = parser.format_help()
+    assert "batch sizes (default: 1,2,4; --quick: 1)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batches", "two"])
+
+
+def test_a_field_without_a_flag_form_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        table: dict = option(None, "no flag can say this")
+
+    import argparse
+
+    with pytest.raises(TypeError, match="no flag form"):
+        add_flags(argparse.ArgumentParser(), Odd)
+
+
+def test_one_scenario_runs_saves_and_plots(tmp_path, toy_scenario, monkeypatch):
     import matplotlib  # noqa: F401  (the dev extra's: a missing one fails, never skips)
-    from benchmarks import plots
 
-    stages = _section("end_to_end", [{"series": "onnx", "track_s": 60, "status": "ok",
-                                      "stages_s": {"separate": 30.0, "write": 1.0}}])
-    results.save_section(stages, results_dir=tmp_path, machine="m")
-    (tmp_path / "fleet-m.json").write_text(json.dumps({"scaling": {}}))
-    monkeypatch.setattr(plots, "DEFAULT_RESULTS_DIR", tmp_path)
-    assert [path.name for path in plots.main([])] == ["m-end_to_end-stages.png"]
-    assert "skipped" in capsys.readouterr().out
-    with pytest.raises(results.ResultsError):  # a file named explicitly must be a results file
-        plots.main([str(tmp_path / "fleet-m.json")])
+    monkeypatch.setattr(sys, "argv", ["run_all.py"])
+    assert run_all.main([TOY.name, "--quick", "--batches", "1,2", "--machine", "m",
+                         "--results-dir", str(tmp_path)]) == 0
+    section = results.load(tmp_path / "m.json")["sections"][TOY.name]
+    assert section["config"] == {"batches": [1, 2], "seconds": 0.5, "family": None,
+                                 "compile": False}
+    assert [row["batch"] for row in section["rows"]] == [1, 2]
+    assert section["notes"] == ["random numbers"] and section["duration_s"] >= 0
+    assert section["columns"][1] == {"key": "per_item_s", "title": "s/item", "format": ".2f"}
+    markdown = (tmp_path / "m.md").read_text()
+    assert "## A toy scenario (`forward.toy_for_tests`)" in markdown and "| 2 | 0.25 |" in markdown
+    png = tmp_path / results.plot_name("m", TOY.name, "per_item")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    # A failed row is saved with the others, and the run exits 1.
+    assert run_all.main([TOY.name, "--batches", "1,99", "--machine", "m",
+                         "--results-dir", str(tmp_path)]) == 1
+    rows = results.load(tmp_path / "m.json")["sections"][TOY.name]["rows"]
+    assert [row["status"] for row in rows] == ["ok", "failed: too big"]
+    # A labelled run keeps its own section beside the scenario's.
+    assert run_all.main([TOY.name, "--label", "two", "--batches", "2", "--machine", "m",
+                         "--results-dir", str(tmp_path)]) == 0
+    sections = results.load(tmp_path / "m.json")["sections"]
+    assert sorted(sections) == [TOY.name, f"{TOY.name}-two"]
+    assert [row["batch"] for row in sections[f"{TOY.name}-two"]["rows"]] == [2]
+    with pytest.raises(SystemExit):
+        run_all.main([TOY.name, "--label", "../x", "--results-dir", str(tmp_path)])
+
+
+def test_an_unknown_scenario_is_named_with_the_known_ones():
+    done = _run("benchmarks.run_all", "forward.nope", "--quick", timeout=120)
+    assert done.returncode != 0
+    assert "unknown scenario 'forward.nope'" in done.stderr
+    assert all(name in done.stderr for name in run_all.scenario_names())
+
+
+def test_every_scenario_has_a_documented_config():
+    names = run_all.scenario_names()
+    assert names and len(set(names)) == len(names)
+    assert {name.split(".")[0] for name in names} == set(run_all.GROUPS)
+    for name in names:
+        scenario = run_all.load_scenario(name)
+        assert scenario.name == name and scenario.columns
+        for field in dataclasses.fields(scenario.config):
+            assert field.metadata.get("help"), f"{name}: {field.name} has no help"
+        run_all.scenario_parser(name)  # every field has a flag form
+        assert set(scenario.plots) <= set(PLOTS)
+
+
+def isolated_double(job: dict) -> dict:
+    if job.get("fail"):
+        raise RuntimeError("asked to fail")
+    if job.get("sleep"):
+        __import__("time").sleep(job["sleep"])
+    return {"double": job["x"] * 2}
+
+
+def test_run_isolated_returns_the_result_and_reports_failures():
+    function = "test_benchmarks:isolated_double"
+    env_path = str(ROOT / "tests")
+    got = run_isolated(function, {"x": 21}, timeout=60, pythonpath=Path(env_path))
+    assert got["double"] == 42 and got["cpu_s"] >= 0 and got["peak_rss_mib"] > 0
+    with pytest.raises(IsolatedFailed, match="RuntimeError: asked to fail"):
+        run_isolated(function, {"x": 1, "fail": True}, timeout=60, pythonpath=Path(env_path))
+    with pytest.raises(IsolatedFailed, match="timed out after 3 s"):
+        run_isolated(function, {"x": 1, "sleep": 30}, timeout=3, pythonpath=Path(env_path))
+
+
+def test_the_quick_run_measured_every_scenario(bench_quick_run):
+    data = results.load(bench_quick_run / f"{MACHINE}.json")
+    expected = [name for name in run_all.scenario_names() if name not in BENCH_RUN_ON_THEIR_OWN]
+    assert sorted(data["sections"]) == sorted(expected)
+    markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
+    for name, section in data["sections"].items():
+        assert section["command"].startswith(f"python -m benchmarks.run_all {name} --quick")
+        assert section["rows"] and f"(`{name}`)" in markdown
+        assert not [row for row in section["rows"] if str(row.get("status", "ok")).startswith("failed")]
+        for plot in run_all.load_scenario(name).plots:
+            png = bench_quick_run / results.plot_name(MACHINE, name, plot)
+            assert png.read_bytes()[:8] == PNG_SIGNATURE, png.name
+
+
+def test_benchmarks_stay_at_half_their_former_size():
+    """Issue 21: benchmarks/ was 6,734 lines of Python, organised by issue."""
+    lines = sum(len(path.read_text().splitlines())
+                for path in (ROOT / "benchmarks").rglob("*.py") if ".cache" not in path.parts)
+    assert lines <= 6734 // 2, f"benchmarks/ has {lines} lines of Python"

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fleet import soak  # noqa: E402
+from benchmarks.serving.soak import soak  # noqa: E402
 
 pytestmark = pytest.mark.server
 
