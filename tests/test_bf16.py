@@ -1,6 +1,6 @@
 """The bf16 fast path: the export's bf16 sidecar, OpenVINO through every backend, refusals.
 
-How much bf16 changes separation quality is the quality meter's job (benchmarks/quality.py)
+How much bf16 changes separation quality is the quality meter's job (benchmarks/quality/)
 and its speed the releases benchmark's; here every family's graph must run on OpenVINO in
 bf16 (really in bf16: the stems move), stay close to the fp32 stems of the same
 random-weight model, and be what a server started with ``--bf16`` answers with.

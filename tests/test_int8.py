@@ -1,7 +1,7 @@
 """The int8 fast path: quantization of an export, its variant through every backend, refusals
 (and what int8 and bf16 share: a variant made once).
 
-How much int8 changes separation quality is the quality meter's job (benchmarks/quality.py);
+How much int8 changes separation quality is the quality meter's job (benchmarks/quality/);
 here the graph must really be quantized, run through ONNX Runtime and Triton, and stay close
 to the fp32 stems of the same random-weight model.
 """
