@@ -69,7 +69,7 @@ def test_a_global_off_the_allowlist_is_refused_by_name_and_never_run(tmp_path):
     data = saved(_System(f"touch {marker}"))
     # pickle names it by where it lives: posix.system on Linux, nt.system on Windows.
     with pytest.raises(CheckpointError, match=rf"^evil\.th refers to {os.name}\.system, which "
-                                              r"a Demucs checkpoint never needs; refused "
+                                              r"a model checkpoint never needs; refused "
                                               r"without running it$"):
         unpickle._torch_load(data, "evil.th")
     assert not marker.exists()

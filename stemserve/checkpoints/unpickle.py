@@ -204,12 +204,12 @@ def _torch_load(source: Path | bytes, what: str) -> Any:
             refused = re.search(r"GLOBAL (\S+)", str(exc))  # torch's refusal of a global
             if refused:
                 raise CheckpointError(_refusal(what, [refused.group(1)])) from exc
-            raise CheckpointError(f"{what} is not a Demucs checkpoint that can be loaded "
+            raise CheckpointError(f"{what} is not a model checkpoint that can be loaded "
                                   f"safely: {_load_failure(exc)}") from exc
 
 
 def _refusal(what: str, names: list[str]) -> str:
-    message = (f"{what} refers to {', '.join(names)}, which a Demucs checkpoint never needs; "
+    message = (f"{what} refers to {', '.join(names)}, which a model checkpoint never needs; "
                f"refused without running it")
     if any(name.startswith("torch.nn.modules.") for name in names):
         message += (". It looks like a whole pickled model (torch.save(model)); save "
