@@ -22,11 +22,14 @@ rather than copied into a freshly initialised model.
 
 The modules, each importing only those before it: ``messages``, ``unpickle``, ``fetch``
 (download, cache, mirrors), ``releases`` (names to files and URLs), ``bounds``, ``diffq``,
-``build`` (formats to models) and ``bags`` (loading). The public names are here.
+``build`` (formats to models) and ``bags`` (loading); band-split RoFormer checkpoints of
+Music-Source-Separation-Training (a weights file and its ``config.yaml``) are read by
+``msst_config``, ``msst_state`` and ``msst`` (loading). The public names are here.
 """
 from stemserve.checkpoints.bags import Bag, CheckpointInfo, load_bag, load_model
 from stemserve.checkpoints.build import DEFAULT_CONFIG
 from stemserve.checkpoints.fetch import URL_ENV, checkpoint_cache_dir
+from stemserve.checkpoints.msst import config_beside, load_msst
 from stemserve.checkpoints.releases import checkpoint_files, checkpoint_url, download_checkpoint
 from stemserve.errors import CheckpointError
 # The release tables are part of this package's API too (``from stemserve.checkpoints import
@@ -39,6 +42,6 @@ __all__ = [
     "BAGS", "DEFAULT_CONFIG", "DEMUCS4_FILES", "DEMUCS4_ROOT_URL", "KNOWN_MODELS",
     "RELEASES", "ROOT_URL", "UNSUPPORTED", "URL_ENV", "Bag", "BagRelease", "CheckpointError",
     "CheckpointInfo", "Release", "RemoteFile", "checkpoint_cache_dir", "checkpoint_files",
-    "checkpoint_url", "download_checkpoint", "is_bag_yaml", "is_release_name", "load_bag",
-    "load_model", "release_files", "v2_file", "v4_file",
+    "checkpoint_url", "config_beside", "download_checkpoint", "is_bag_yaml", "is_release_name",
+    "load_bag", "load_model", "load_msst", "release_files", "v2_file", "v4_file",
 ]
