@@ -51,14 +51,40 @@ def oracle_available() -> bool:
     return (ORACLE_DIR / ".installed").is_file() and (ORACLE_DIR / "demucs").is_dir()
 
 
-def require_oracle() -> None:
-    """Fail (with ``CI`` set) or skip the calling test when the oracle is not installed."""
-    if oracle_available():
+def require_installed(available: bool, message: str) -> None:
+    """Fail (with ``CI`` set) or skip the calling test when an oracle is not installed."""
+    if available:
         return
-    message = f"the demucs 4.0.1 oracle is not installed in {ORACLE_DIR}: run {INSTALL}"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_oracle() -> None:
+    """Fail (with ``CI`` set) or skip the calling test when the oracle is not installed."""
+    require_installed(oracle_available(), f"the demucs 4.0.1 oracle is not installed in "
+                                          f"{ORACLE_DIR}: run {INSTALL}")
+
+
+def run_script(prelude: str, script: str, oracle: Path, workdir: Path,
+               inputs: Optional[dict] = None, timeout: float = 900, threads: int = 2) -> dict:
+    """Run ``prelude`` (formatted with ``oracle`` and ``threads``, it loads ``inputs``) and
+    ``script`` in a child Python whose ``PYTHONPATH`` starts with ``oracle``; return the
+    ``outputs`` dict the script filled. Any oracle installed apart runs this way."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.save(inputs or {}, workdir / "oracle_inputs.pt")
+    path = workdir / "oracle_script.py"
+    path.write_text(prelude.format(oracle=str(oracle), threads=threads)
+                    + textwrap.dedent(script) + _EPILOGUE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(oracle)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    done = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"oracle script failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    return torch.load(workdir / "oracle_outputs.pt", weights_only=False)
 
 
 def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
@@ -71,20 +97,7 @@ def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
     (e.g. ``tmp_path``). Raises ``RuntimeError`` with the child's stderr if it fails.
     """
     require_oracle()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs or {}, workdir / "oracle_inputs.pt")
-    path = workdir / "oracle_script.py"
-    path.write_text(_PRELUDE.format(oracle=str(ORACLE_DIR), threads=threads)
-                    + textwrap.dedent(script) + _EPILOGUE)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ORACLE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"oracle script failed ({done.returncode}):\n{done.stderr[-6000:]}")
-    return torch.load(workdir / "oracle_outputs.pt", weights_only=False)
+    return run_script(_PRELUDE, script, ORACLE_DIR, workdir, inputs, timeout, threads)
 
 
 _CLASSES = {

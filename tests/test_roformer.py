@@ -15,11 +15,8 @@ case, shapes, state dict keys and the refusals.
 from __future__ import annotations
 
 import inspect
-import os
 import re
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +26,7 @@ import torch
 
 from stemserve.models.roformer import (DEFAULT_FREQS_PER_BANDS, BSRoformer, MelBandRoformer,
                                        mel_bands, mel_filterbank)
+from oracle_v4 import require_installed, run_script
 from tolerance import assert_matches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,13 +207,8 @@ def oracle_available() -> bool:
 
 def require_oracle() -> None:
     """Fail (with ``CI`` set) or skip the calling test when the oracle is not installed."""
-    if oracle_available():
-        return
-    message = f"the audio-separator 0.47.1 RoFormer oracle is not installed in {ORACLE_DIR}: " \
-              f"run {INSTALL}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require_installed(oracle_available(), f"the audio-separator 0.47.1 RoFormer oracle is not "
+                                          f"installed in {ORACLE_DIR}: run {INSTALL}")
 
 
 _PRELUDE = '''
@@ -249,11 +242,6 @@ inputs = torch.load(_HERE / "oracle_inputs.pt", weights_only=False)
 outputs = {{}}
 '''
 
-_EPILOGUE = '''
-torch.save(outputs, _HERE / "oracle_outputs.pt")
-'''
-
-
 def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
                timeout: float = 900, threads: int = 2) -> dict:
     """Run ``script`` with the reference RoFormers and return its ``outputs`` dict.
@@ -262,20 +250,7 @@ def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
     ``mel_band_roformer`` (audio-separator 0.47.1's) and ``torch``; it fills ``outputs``.
     """
     require_oracle()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs or {}, workdir / "oracle_inputs.pt")
-    path = workdir / "oracle_script.py"
-    path.write_text(_PRELUDE.format(oracle=str(ORACLE_DIR), threads=threads)
-                    + textwrap.dedent(script) + _EPILOGUE)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ORACLE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"oracle script failed ({done.returncode}):\n{done.stderr[-6000:]}")
-    return torch.load(workdir / "oracle_outputs.pt", weights_only=False)
+    return run_script(_PRELUDE, script, ORACLE_DIR, workdir, inputs, timeout, threads)
 
 
 CLASSES = {"BSRoformer": (BSRoformer, "bs_roformer"),
