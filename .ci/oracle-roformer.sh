@@ -19,6 +19,10 @@
 # Idempotent: does nothing when the folder holds this exact list. Usage: .ci/oracle-roformer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=.ci/oracle-lib.sh
+source .ci/oracle-lib.sh
+
+NAME=oracle-roformer
 
 PYTHON=${PYTHON:-.venv/bin/python}
 TARGET=.oracle/roformer
@@ -38,17 +42,10 @@ REQUIREMENTS=(
 STUB_VERSION=1
 WANT="${REQUIREMENTS[*]} numba-stub-$STUB_VERSION"
 
-if [[ -f $TARGET/.installed && "$(cat "$TARGET/.installed")" == "$WANT" ]]; then
-    echo "oracle-roformer: $TARGET is up to date"
+if oracle_up_to_date; then
     exit 0
 fi
-
-mkdir -p .oracle
-work=$(mktemp -d .oracle/install.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --target "$work" \
-    "${REQUIREMENTS[@]}"
-rm -rf "$work/bin" "$work/tests"
+oracle_install
 
 mkdir -p "$work/numba"
 cat > "$work/numba/__init__.py" <<'PY'
@@ -95,8 +92,4 @@ from librosa import filters
 assert filters.mel(sr=44100, n_fft=2048, n_mels=60).shape == (60, 1025)
 PY
 
-echo "$WANT" > "$work/.installed"
-rm -rf "$TARGET"
-mv "$work" "$TARGET"
-trap - EXIT
-echo "oracle-roformer: installed audio-separator 0.47.1 into $TARGET"
+oracle_finish "audio-separator 0.47.1"

@@ -14,6 +14,10 @@
 # Idempotent: does nothing when the folder holds this exact list. Usage: .ci/oracle-v4.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=.ci/oracle-lib.sh
+source .ci/oracle-lib.sh
+
+NAME=oracle-v4
 
 PYTHON=${PYTHON:-.venv/bin/python}
 TARGET=.oracle/demucs4
@@ -33,18 +37,10 @@ REQUIREMENTS=(
 STUB_VERSION=1
 WANT="${REQUIREMENTS[*]} torchaudio-stub-$STUB_VERSION"
 
-if [[ -f $TARGET/.installed && "$(cat "$TARGET/.installed")" == "$WANT" ]]; then
-    echo "oracle-v4: $TARGET is up to date"
+if oracle_up_to_date; then
     exit 0
 fi
-
-mkdir -p .oracle
-work=$(mktemp -d .oracle/install.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --target "$work" \
-    "${REQUIREMENTS[@]}"
-# Console scripts and a stray top-level `tests` package (from openunmix) are not needed.
-rm -rf "$work/bin" "$work/tests"
+oracle_install
 
 mkdir -p "$work/torchaudio"
 cat > "$work/torchaudio/__init__.py" <<'PY'
@@ -69,8 +65,4 @@ import demucs.apply, demucs.audio, demucs.demucs, demucs.hdemucs, demucs.htdemuc
 assert demucs.__version__ == "4.0.1", demucs.__version__
 PY
 
-echo "$WANT" > "$work/.installed"
-rm -rf "$TARGET"
-mv "$work" "$TARGET"
-trap - EXIT
-echo "oracle-v4: installed demucs 4.0.1 into $TARGET"
+oracle_finish "demucs 4.0.1"
