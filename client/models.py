@@ -31,7 +31,8 @@ from stemserve.errors import CheckpointError, ModelError, StemserveError
 from stemserve.files import atomic_write, file_sha256, temporary_name
 from stemserve.precision import Precision, check_precision, row
 from stemserve.releases import (KNOWN_MODELS, UNSUPPORTED, is_bag_yaml, is_release_name,
-                                local_member, read_bag_yaml, release, release_files)
+                                local_member, msst_config_of, read_bag_yaml, release,
+                                release_files)
 from stemserve.spec import has_precision, is_export, load_export
 from stemserve.untrusted import brief, is_safe_name, safe_name
 
@@ -160,8 +161,23 @@ def model_source(model: str | Path, config: str | None = None,
                                                     for file in members]
         return ModelSource("bag", name, tuple(files), segment=segment,
                            path=str(path.resolve()))
+    msst_config = _msst_config(path, config)
+    if msst_config is not None:  # the YAML shapes the network: keyed by its content too
+        return ModelSource("file", name, ((path.name, file_sha256(path)),
+                                          (msst_config.name, file_sha256(msst_config))),
+                           segment=segment, path=str(path.resolve()))
     return ModelSource("file", name, ((path.name, file_sha256(path)),), config=config,
                        segment=segment, path=str(path.resolve()))
+
+
+def _msst_config(path: Path, config: str | None) -> Path | None:
+    """The config.yaml of a RoFormer checkpoint, checked to exist; None for a Demucs file."""
+    found = msst_config_of(path, config)
+    if found is not None and not found.is_file():
+        raise CheckpointError(f"no model configuration at {found}: a RoFormer checkpoint needs "
+                              "its training config.yaml, beside it as <name>.yaml or named "
+                              "with --config")
+    return found
 
 
 def find_export(source: ModelSource) -> Path | None:

@@ -1,5 +1,5 @@
-"""Hybrid Demucs (v3) and HTDemucs (v4) with ONNX-exportable STFTs, on the same weights
-(wrappers, no copies).
+"""Hybrid Demucs (v3), HTDemucs (v4) and the band-split RoFormers with ONNX-exportable
+STFTs, on the same weights (wrappers, no copies).
 
 ``torch.onnx`` cannot export ``torch.stft`` with complex outputs. Two ways around it:
 
@@ -11,6 +11,9 @@
   spectrogram (complex as channels) and returns both branches' outputs; the caller does
   the iSTFT of the spectral one and sums (:func:`htdemucs_from_core`). Kept so the
   comparison in that record can be made again, and tested against the whole model.
+
+The RoFormers export as :class:`RoformerGraph`: their hop need not divide ``n_fft``, so
+their transforms are strided convolutions on a fixed chunk.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from torch.nn import functional as F
 from stemserve.models.blocks import pad1d
 from stemserve.models.hdemucs import HDemucs, _openunmix_atan2
 from stemserve.models.htdemucs import HTDemucs
-from stemserve.models.stft import DftISTFT, DftSTFT
+from stemserve.models.roformer import MelBandRoformer, _BandRoformer
+from stemserve.models.stft import ConvISTFT, ConvSTFT, DftISTFT, DftSTFT
 
 
 def _check(model: HTDemucs) -> None:
@@ -42,7 +46,9 @@ class HybridGraphSTFT(nn.Module):
     length].
     """
 
-    def __init__(self, model: tp.Union[HDemucs, HTDemucs]):
+    def __init__(self, model: tp.Union[HDemucs, HTDemucs], segment_length: tp.Optional[int] = None):
+        """``segment_length`` is not needed: Hybrid Demucs takes any length, HTDemucs pads
+        to its training segment (the registration's ``graph`` passes it to every family)."""
         super().__init__()
         if not model._hybrid:
             raise ValueError("only hybrid models (time and spectral branches) export")
@@ -132,3 +138,60 @@ def htdemucs_from_core(model: HTDemucs, freq_out: torch.Tensor,
     """The client side after :class:`HTDemucsCore`: iSTFT of the spectral output plus the
     waveform output. Shapes: [B, S, 2 C, F, T], [B, S, C, L] -> [B, S, C, L]."""
     return time_out + model._ispec(model._mask(None, freq_out), time_out.shape[-1])
+
+
+class RoformerGraph(nn.Module):
+    """A BS-RoFormer or Mel-Band RoFormer on its fixed chunk of ``length`` samples, in
+    operators that export: the STFT and iSTFT as strided convolutions
+    (:class:`~stemserve.models.stft.ConvSTFT`, any hop), the complex masking as real
+    products, the DC bin zeroed by a constant mask, and the rotary angles of the chunk's
+    frames and bands as constants (:meth:`RotaryEmbedding.fix_lengths`). The band split and
+    the mel bands' mask averaging stay the network's gathers and scatter-add.
+
+    With the network's ``residual`` (set by the loader for a single-target model), the mix
+    minus the stems' sum is one more stem, the ``instrumental``. Shapes: mix [batch,
+    channels, length] -> stems [batch, num_stems (+ 1), channels, length].
+    """
+
+    def __init__(self, model: _BandRoformer, length: int):
+        super().__init__()
+        self.model, self.length, self.residual = model, length, model.residual
+        stft = model.stft_kwargs
+        n_fft, hop = stft["n_fft"], stft["hop_length"]
+        frames = length // hop + 1
+        out_length = model._istft_length(length)
+        if out_length is None and length % hop:
+            raise ValueError(f"a chunk of {length} samples is no multiple of the hop "
+                             f"({hop}): the network would return {(frames - 1) * hop}")
+        self.stft = ConvSTFT(n_fft, hop, stft["win_length"], stft["normalized"])
+        self.istft = ConvISTFT(n_fft, hop, frames, stft["win_length"], stft["normalized"],
+                               out_length)
+        keep = torch.ones(model.num_freqs * model.audio_channels, 1)
+        if model.zero_dc:
+            keep[:model.audio_channels] = 0  # frequency 0 of every channel ('(f s)')
+        self.register_buffer("keep", keep, persistent=False)
+        bands = (model.freqs_per_band.shape[0] if isinstance(model, MelBandRoformer)
+                 else len(model.freqs_per_bands))
+        for layer in model.layers:
+            layer[-2].layers[0][0].rotary_embed.fix_lengths(frames)
+            layer[-1].layers[0][0].rotary_embed.fix_lengths(bands)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        batch, channels, length = mix.shape
+        z = self.stft(mix.reshape(batch * channels, length))  # [b s, 2, F, t]
+        frames = z.shape[-1]
+        # [b, s, 2, F, t] -> [b, F, s, t, 2] -> [b, (F s), t, 2]
+        spec = z.view(batch, channels, 2, -1, frames).permute(0, 3, 1, 4, 2)
+        spec = spec.reshape(batch, -1, frames, 2)
+        masks = model.masks(spec)  # [b, n, (F s), t, 2]
+        re = spec[:, None, ..., 0] * masks[..., 0] - spec[:, None, ..., 1] * masks[..., 1]
+        im = spec[:, None, ..., 0] * masks[..., 1] + spec[:, None, ..., 1] * masks[..., 0]
+        stems = torch.stack([re, im], dim=2) * self.keep  # [b, n, 2, (F s), t]
+        # [b, n, 2, F, s, t] -> [b, n, s, 2, F, t]
+        stems = stems.view(batch, -1, 2, model.num_freqs, channels, frames).permute(0, 1, 4, 2, 3, 5)
+        audio = self.istft(stems.reshape(-1, 2, model.num_freqs, frames))
+        audio = audio.view(batch, -1, channels, audio.shape[-1])
+        if self.residual:
+            audio = torch.cat([audio, (mix - audio.sum(dim=1))[:, None]], dim=1)
+        return audio

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import shutil
 import time
@@ -37,7 +38,6 @@ from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
 from stemserve.export.quantize import write_errors
 from stemserve.files import atomic_path
-from stemserve.export.exportable import HybridGraphSTFT
 from stemserve.models.families import family_of, forward_randrange, segment_samples
 from stemserve.models.registry import of_model
 from stemserve.spec import (BAG_FILE, MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, PRECISION_NAMES,
@@ -66,13 +66,16 @@ def build_spec(model: nn.Module, info: CheckpointInfo, segment_length: int,
                                precision=precision, onnx_file=onnx_file)
 
 
-def graph_module(model: nn.Module) -> nn.Module:
-    """What is traced for ``model``: the network itself, or for the hybrid models the
-    network with its STFTs as real matrix products (the complex ``torch.stft`` does not
-    export)."""
-    if of_model(model).hybrid_stft:
-        return HybridGraphSTFT(model).eval()
-    return model
+def graph_module(model: nn.Module, segment_length: int) -> nn.Module:
+    """What is traced for ``model`` served on segments of ``segment_length`` samples: the
+    network itself, or what its family's registration names (for the hybrid models and the
+    RoFormers, the network with its STFTs as real products: the complex ``torch.stft``
+    does not export)."""
+    graph = of_model(model).graph
+    if graph is None:
+        return model
+    module, _, name = graph.partition(":")
+    return getattr(importlib.import_module(module), name)(model, segment_length).eval()
 
 
 class HalfPrecision(nn.Module):
@@ -114,7 +117,7 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
                 (out_dir / sidecar).unlink(missing_ok=True)
                 (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
     spec = build_spec(model, info, segment_length, model_name=model_name)
-    module = graph_module(model)
+    module = graph_module(model, segment_length)
     _export_graph(module, spec, out_dir, opset)
     if fp16:
         half = build_spec(model, info, segment_length, precision="fp16",

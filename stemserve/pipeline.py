@@ -114,6 +114,11 @@ def bag_of(backend: Backend) -> tuple[list[Backend], list[list[float]]]:
                                  "segment")
         if spec.rules.shifts_around_split != first.rules.shifts_around_split:
             raise StemserveError("a bag cannot mix demucs 2 and demucs 4 models")
+        if (spec.rules.split, spec.num_overlap, spec.normalize, spec.residual) != \
+                (first.rules.split, first.num_overlap, first.normalize, first.residual):
+            raise StemserveError(f"the bag's models split tracks differently: {spec.checkpoint} "
+                                 f"({spec.rules.title}) and {first.checkpoint} "
+                                 f"({first.rules.title})")
     if len(weights) != len(members) or any(len(row) != len(first.sources) for row in weights):
         raise StemserveError(f"the bag's weights must be one row of {len(first.sources)} per "
                              f"model ({len(members)} models)")
@@ -134,8 +139,9 @@ class MixStats:
     length: int
 
 
-def mix_stats(blocks: Iterable[np.ndarray]) -> MixStats:
-    """One streaming pass in float64 (Chan et al.'s pairwise update), as exact as torch's."""
+def mix_stats(blocks: Iterable[np.ndarray], ddof: int = 1) -> MixStats:
+    """One streaming pass in float64 (Chan et al.'s pairwise update), as exact as torch's.
+    ``ddof`` 1: demucs' unbiased std (torch's); 0: MSST's (numpy's)."""
     count, mean, m2 = 0, 0.0, 0.0
     for block in blocks:
         mono = block.mean(axis=0, dtype=np.float64)
@@ -153,7 +159,7 @@ def mix_stats(blocks: Iterable[np.ndarray]) -> MixStats:
         raise StemserveError(f"the mix has {count} sample(s): too short to separate")
     if not np.isfinite(mean) or not np.isfinite(m2):
         raise StemserveError("the mix contains NaN or infinite samples")
-    std = (m2 / (count - 1)) ** 0.5
+    std = (m2 / (count - ddof)) ** 0.5
     # A silent track has std 0: demucs divides by zero and writes NaN; divide by 1 instead.
     return MixStats(mean, std if std > 0 else 1.0, count)
 
@@ -202,9 +208,10 @@ class _Request:
     """One network call for a segment: what to send and how to cut the answer.
 
     The input is track samples [start, start + size) of the mix, real only within [lo, hi)
-    and zero elsewhere. The output is center-trimmed to ``keep`` samples, then ``drop``
-    samples are cut from its left, which leaves exactly the segment's samples; each is
-    scaled by ``scale`` (demucs 2.0.3's average over shifts).
+    and zero elsewhere (or the samples ``indices`` names). The output is center-trimmed to
+    ``keep`` samples, then ``drop`` samples are cut from its left, and the segment's
+    samples are the first that remain; each is scaled by ``scale`` (demucs 2.0.3's average
+    over shifts).
     """
 
     segment: _Segment
@@ -215,6 +222,9 @@ class _Request:
     keep: int
     drop: int
     scale: float = 1.0
+    indices: np.ndarray | None = None
+    """Instead of [start, start + size): the track sample each input sample is, -1 for a
+    zero (a chunk over a reflected border)."""
 
 
 def transition_window(segment_length: int, transition_power: float) -> np.ndarray:
@@ -290,18 +300,7 @@ class _Planner:
         return max(0, segment.offset - (size - segment.length) // 2 - segment.pass_.shift)
 
     def keep_from(self, segments: list[_Segment]) -> list[int]:
-        """For each segment, the earliest input sample it or any later segment reads.
-
-        Short segments at the track's end get more padding than full ones, so the need is
-        not monotonic in the offset; input before ``keep_from[i]`` is never read again once
-        segment ``i`` is planned.
-        """
-        floor = self.length
-        result = [0] * len(segments)
-        for index in range(len(segments) - 1, -1, -1):
-            floor = min(floor, self.first_needed(segments[index]))
-            result[index] = floor
-        return result
+        return _keep_from(self, segments)
 
     def weights(self, segment: _Segment) -> np.ndarray:
         """The transition window of ``segment`` over the summed windows of its pass, for
@@ -338,6 +337,130 @@ class _Planner:
             requests.append(_Request(segment, start, size, lo, hi, keep=shifted,
                                      drop=self.max_shift - shift, scale=1 / self.shifts))
         return requests
+
+
+def fade_window(chunk: int) -> np.ndarray:
+    """MSST's ``_getWindowingArray(chunk, chunk // 10)``: linear fades in and out over a
+    tenth of the chunk (``torch.linspace``'s values), ones between."""
+    fade = chunk // 10
+    window = np.ones(chunk, np.float32)
+    if fade:
+        ramp = np.linspace(0, 1, fade, dtype=np.float64).astype(np.float32)
+        window[:fade] *= ramp
+        window[chunk - fade:] *= ramp[::-1]
+    return window
+
+
+class _ChunkPlanner:
+    """Music-Source-Separation-Training's ``demix`` (``utils/model_utils.py``, generic mode)
+    laid out as requests: chunks of ``segment_length`` samples every ``segment_length //
+    num_overlap``, over the track with ``border = chunk - step`` samples reflected at each
+    end (when the track is longer than two borders); a short last chunk is reflected to the
+    chunk's length (zeros when it is half a chunk or less); each output weighted by the fade
+    window, without fade-in on the first chunk and without fade-out on the last, and
+    divided by the summed windows (0 where they sum to 0, as its ``nan_to_num``).
+
+    MSST decides "first" and "last" per batch of its ``inference.batch_size``; this is its
+    result with a batch of 1. The pass is the padded track: its local sample ``u`` is track
+    sample ``u - border``, so the pass' ``shift`` is the border.
+    """
+
+    shifts = 0
+    around_split = True
+
+    def __init__(self, spec: ModelSpec, length: int, options: SeparationOptions):
+        if options.shifts:
+            raise StemserveError(f"{spec.rules.title} models take no random shifts: their "
+                                 "chunks overlap as their config's num_overlap says")
+        if options.overlap != SeparationOptions.overlap or options.transition_power != 1:
+            raise StemserveError(f"{spec.rules.title} models overlap their chunks as their "
+                                 f"config's inference.num_overlap says ({spec.num_overlap}) "
+                                 "with its fade window: --overlap and --transition-power apply "
+                                 "to Demucs models")
+        self.length = length
+        self.segment_length = chunk = spec.segment_length
+        self.stride = step = chunk // spec.num_overlap
+        border = chunk - step
+        self.border = border if length > 2 * border and border > 0 else 0
+        self.padded = length + 2 * self.border
+        self.window = fade_window(chunk)
+        self.passes = [_Pass(0, self.border, length + self.border, np.ones(
+            len(spec.sources), np.float32))]
+        self._offsets = list(range(0, self.padded, step))
+        self._counter = np.zeros(self.padded, np.float32)
+        for offset in self._offsets:
+            self._counter[offset:offset + chunk] += self._chunk_window(offset)[
+                :min(chunk, self.padded - offset)]
+
+    def _chunk_window(self, offset: int) -> np.ndarray:
+        window = self.window.copy()
+        fade = self.segment_length // 10
+        if offset == 0:
+            window[:fade] = 1
+        elif offset + self.stride >= self.padded:
+            window[self.segment_length - fade:] = 1
+        return window
+
+    def segments(self) -> list[_Segment]:
+        (pass_,) = self.passes
+        return [_Segment(pass_, offset, min(self.segment_length, pass_.length - offset))
+                for offset in self._offsets if offset < pass_.length]
+
+    def requests_per_segment(self) -> int:
+        return 1
+
+    def _indices(self, offset: int) -> np.ndarray:
+        """The track sample of each of the chunk's input samples (-1: zero)."""
+        chunk = self.segment_length
+        real = min(chunk, self.padded - offset)
+        part = np.arange(offset, offset + real) - self.border
+        part = np.where(part < 0, -part, part)
+        part = np.where(part >= self.length, 2 * (self.length - 1) - part, part)
+        if real == chunk:
+            return part
+        if real > chunk // 2:  # reflected within the chunk
+            return np.concatenate([part, part[real - 2 - np.arange(chunk - real)]])
+        return np.concatenate([part, np.full(chunk - real, -1)])
+
+    def first_needed(self, segment: _Segment) -> int:
+        indices = self._indices(segment.offset)
+        return int(indices[indices >= 0].min())
+
+    def keep_from(self, segments: list[_Segment]) -> list[int]:
+        return _keep_from(self, segments)
+
+    def weights(self, segment: _Segment) -> np.ndarray:
+        """The chunk's window over the summed windows, for the samples it writes."""
+        offset, length = segment.offset, segment.length
+        counter = self._counter[offset:offset + length]
+        window = self._chunk_window(offset)[:length]
+        factors = np.divide(window, counter, out=np.zeros(length, np.float32),
+                            where=counter != 0)
+        return factors[segment.cut:]
+
+    def requests(self, segment: _Segment) -> list[_Request]:
+        chunk = self.segment_length
+        indices = self._indices(segment.offset)
+        start = int(indices[0])
+        if np.array_equal(indices, np.arange(start, start + chunk)):
+            return [_Request(segment, start, chunk, 0, self.length, keep=chunk, drop=0)]
+        return [_Request(segment, 0, chunk, 0, self.length, keep=chunk, drop=0,
+                         indices=indices)]
+
+
+def _keep_from(planner: "_Planner | _ChunkPlanner", segments: list[_Segment]) -> list[int]:
+    """For each segment, the earliest input sample it or any later segment reads.
+
+    Short segments at the track's end get more padding than full ones (and a chunk over a
+    reflected border reads back), so the need is not monotonic in the offset; input before
+    ``keep_from[i]`` is never read again once segment ``i`` is planned.
+    """
+    floor = planner.length
+    result = [0] * len(segments)
+    for index in range(len(segments) - 1, -1, -1):
+        floor = min(floor, planner.first_needed(segments[index]))
+        result[index] = floor
+    return result
 
 
 def center_trim(array: np.ndarray, length: int) -> np.ndarray:
@@ -382,6 +505,15 @@ class _InputWindow:
         if real_end > real_start:
             out[:, real_start - start:real_end - start] = \
                 self._data[:, real_start - self._begin:real_end - self._begin]
+        return out
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """The samples ``indices`` names (-1: zero): a chunk over a reflected border."""
+        real = indices[indices >= 0]
+        low, high = int(real.min()), int(real.max()) + 1
+        self.take(low, high - low, low, high)  # reads up to ``high``
+        out = np.zeros((self._data.shape[0], indices.size), np.float32)
+        out[:, indices >= 0] = self._data[:, real - self._begin]
         return out
 
     def release(self, before: int) -> None:
@@ -461,10 +593,19 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     """
     members, weights = bag_of(backend)
     spec, window = members[0].spec, options.in_flight
-    stats = mix_stats(source())
-    mean, std = np.float32(stats.mean), np.float32(stats.std)
-    planner = _Planner([member.spec for member in members], weights, stats.length, options)
-    inputs = _InputWindow(((block - mean) / std for block in source()), spec.audio_channels)
+    chunked = spec.rules.split == "chunks"
+    stats = mix_stats(source(), ddof=0 if chunked else 1)
+    mean, std = (np.float32(stats.mean), np.float32(stats.std)) if spec.normalize else \
+        (np.float32(0), np.float32(1))
+    planner: _Planner | _ChunkPlanner = (
+        _ChunkPlanner(spec, stats.length, options) if chunked else
+        _Planner([member.spec for member in members], weights, stats.length, options))
+    # A residual stem (the mix minus the others) carries no mean of its own.
+    means = np.full((len(spec.sources), 1, 1), mean, np.float32)
+    if spec.residual:
+        means[-1] = 0
+    inputs = _InputWindow(((block - mean) / std for block in source()) if spec.normalize
+                          else source(), spec.audio_channels)
     # A segment's room is reserved once fewer than ``window`` requests are pending, so the
     # live output spans ``window - 1`` strides and a segment (and a shift) at most.
     output = _OverlapAdd(len(spec.sources), spec.audio_channels,
@@ -477,14 +618,15 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     def emit(frontier: int) -> None:
         nonlocal emitted
         if frontier > emitted:
-            sink(output.pop(frontier) * std + mean)
+            sink(output.pop(frontier) * std + means)
             emitted = frontier
 
     def collect(done: Iterable[Future]) -> None:
         for future in done:
             request = pending.pop(future)
             segment = request.segment
-            result = center_trim(future.result(), request.keep)[..., request.drop:]
+            result = center_trim(future.result(), request.keep)[
+                ..., request.drop:request.drop + segment.length]
             scale = segment.pass_.scale[:, None, None] * np.float32(request.scale)
             output.add(segment.start, result[..., segment.cut:], factors[segment], scale)
             segment.pending -= 1
@@ -512,7 +654,8 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
                     emit(segments[0].start if segments else segment.start)
                 output.reserve(segment.start + segment.length)
-                mix = inputs.take(request.start, request.size, request.lo, request.hi)
+                mix = (inputs.take(request.start, request.size, request.lo, request.hi)
+                       if request.indices is None else inputs.gather(request.indices))
                 pending[members[segment.pass_.member].submit(mix)] = request
         while pending:
             collect(wait(pending, return_when=FIRST_COMPLETED).done)

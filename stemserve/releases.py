@@ -280,3 +280,23 @@ def local_member(bag: Path, signature: str) -> tuple[Path, str | None]:
         raise CheckpointError(f"{bag}: model {signature!r} has {len(found)} files in {folder} "
                               f"({', '.join(file.name for file, _ in found)}); keep one")
     return found[0]
+
+
+MSST_CONFIG_SUFFIXES = (".yaml", ".yml")
+"""The config beside ``<name>.ckpt`` is ``<name>.yaml``, else ``<name>.yml``."""
+MSST_WEIGHTS_SUFFIXES = (".ckpt", ".safetensors")
+"""Weights files that are MSST's, never demucs' (``.pth`` may be either)."""
+
+
+def msst_config_of(checkpoint: Path, config: str | None) -> Path | None:
+    """The training config.yaml that makes ``checkpoint`` an MSST RoFormer's, or None for a
+    Demucs file: ``config`` when it names a YAML file, else ``<name>.yaml`` (or ``.yml``)
+    beside it; for a ``.ckpt`` or ``.safetensors`` file without one, the path where it
+    belongs (which does not exist: the loader says so)."""
+    if config is not None:
+        return Path(config) if Path(config).suffix.lower() in MSST_CONFIG_SUFFIXES else None
+    beside = [Path(checkpoint).with_suffix(suffix) for suffix in MSST_CONFIG_SUFFIXES]
+    found = next((path for path in beside if path.is_file()), None)
+    if found is None and Path(checkpoint).suffix.lower() in MSST_WEIGHTS_SUFFIXES:
+        return beside[0]
+    return found

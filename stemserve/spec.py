@@ -39,7 +39,11 @@ MAX_SHIFT_SECONDS = 0.5
 """demucs' random shifts move a segment by up to this much: the longest request is a full
 segment plus this much context."""
 _OPTIONAL = {"precision", "onnx_file", "input_name", "output_name", "family",
-             "forward_randrange"}
+             "forward_randrange", "num_overlap", "normalize", "residual"}
+_CHUNKED = ("num_overlap", "normalize", "residual")
+MAX_OVERLAP = 64
+"""The most chunks that may cover one sample (an MSST config's ``inference.num_overlap``;
+the releases use 2 to 8)."""
 MAX_SOURCES = 8
 """The most stems a sidecar may name (the releases have 4 or 6)."""
 MIN_SEGMENT_SECONDS = 1
@@ -75,6 +79,11 @@ class Family:
     """The largest batch the CPU server forms. Batching pays where a BiLSTM reads all its
     recurrent weights at every time step whatever the batch; HT Demucs has none, and a batch
     costs it more per segment and memory besides (docs/decisions/0002-cpu-batch-per-family.md)."""
+    split: str = "demucs"
+    """How a track is cut and put back: ``demucs`` (``apply_model``: the client's overlap,
+    triangular transition windows, random shifts) or ``chunks`` (Music-Source-Separation-
+    Training's ``demix``: chunks every ``segment_length // num_overlap`` samples, the track's
+    borders reflected, linear fades of a tenth of a chunk, no shifts)."""
 
 
 FAMILIES = {
@@ -83,9 +92,14 @@ FAMILIES = {
     "hdemucs": Family("Hybrid Demucs", "any", output_as_input=True, shifts_around_split=True),
     "htdemucs": Family("HT Demucs", "fixed", output_as_input=True, shifts_around_split=True,
                        cpu_batch=1),
+    "bs_roformer": Family("BS-RoFormer", "fixed", output_as_input=True,
+                          shifts_around_split=True, cpu_batch=1, split="chunks"),
+    "mel_band_roformer": Family("Mel-Band RoFormer", "fixed", output_as_input=True,
+                                shifts_around_split=True, cpu_batch=1, split="chunks"),
 }
-"""Demucs v2 (demucs 2.0.3), and demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3)
-and Hybrid Transformer Demucs (v4). The v3 waveform model's formula is v2's without the
+"""Demucs v2 (demucs 2.0.3), demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3) and
+Hybrid Transformer Demucs (v4), and the band-split RoFormers of Music-Source-Separation-
+Training (on their training chunk, split as its ``demix`` splits). The v3 waveform model's formula is v2's without the
 context term (``context=1`` in ``valid_length_params``). A family of one's own adds its row
 with :func:`register_length_rule`, from a module named in ``$STEMSERVE_FAMILY_MODULES``
 (each family's torch side is its registration, :mod:`stemserve.models.registry`)."""
@@ -164,6 +178,16 @@ class ModelSpec:
     """demucs 4's HT Demucs draws ``random.randrange(n)`` once per call (the shift of its
     sinusoidal embedding, always 0 for the releases), which moves Python's random state
     between two random shifts: the pipeline draws the same to reproduce a seed. 0: no draw."""
+    num_overlap: int = 0
+    """A chunked family's chunks start every ``segment_length // num_overlap`` samples (its
+    config's ``inference.num_overlap``); 0 for demucs' families, whose overlap is the
+    client's."""
+    normalize: bool = True
+    """Whether the mix is normalised by the mean and std of its mono reference (demucs
+    always; an MSST config when its ``inference.normalize`` asks)."""
+    residual: bool = False
+    """Whether the last source is the mix minus the others (a single-target RoFormer's
+    ``instrumental``), computed in the graph: it is de-normalised without the mean."""
 
     def __post_init__(self) -> None:
         """A sidecar comes from a file or a server: every field is checked here, where it
@@ -202,6 +226,16 @@ class ModelSpec:
         for field in ("segment_length", "padded_length", "output_length"):
             _check_integer(getattr(self, field), field, 1, longest)
         _check_integer(self.forward_randrange, "forward_randrange", 0, 1 << 16)
+        chunked = family_rule(self.family).split == "chunks"
+        if chunked:
+            _check_integer(self.num_overlap, "num_overlap", 1, MAX_OVERLAP)
+        elif self.num_overlap != 0:
+            raise SpecError(f"family {self.family!r} takes no num_overlap")
+        for field in ("normalize", "residual"):
+            if not isinstance(getattr(self, field), bool):
+                raise SpecError(f"{field} {brief(getattr(self, field))} is not true or false")
+        if self.residual and len(self.sources) < 2:
+            raise SpecError("a residual source needs another source to subtract")
         formula = family_rule(self.family).lengths == "valid"
         if formula != (self.valid_length_params is not None):
             raise SpecError(f"family {self.family!r} "
@@ -223,15 +257,19 @@ class ModelSpec:
                   segment_length: int, model_name: str, family: str = "demucs",
                   **fields: Any) -> "ModelSpec":
         """The spec of ``model`` (a network with ``samplerate``, ``audio_channels``,
-        ``sources``, and ``valid_length_params`` in a family that has them) served with
-        segments of ``segment_length`` samples."""
+        ``sources``, ``valid_length_params`` in a family that has them, and ``num_overlap``,
+        ``normalize`` and ``residual`` in a chunked one) served with segments of
+        ``segment_length`` samples."""
         params = model.valid_length_params if family_rule(family).lengths == "valid" else None
         spec = cls(model_name=model_name, checkpoint=checkpoint,
                    checkpoint_sha256=checkpoint_sha256, sample_rate=int(model.samplerate),
                    audio_channels=int(model.audio_channels), sources=tuple(model.sources),
                    segment_length=int(segment_length), padded_length=int(segment_length),
                    output_length=int(segment_length),  # placeholders, replaced below
-                   valid_length_params=params, family=family, **fields)
+                   valid_length_params=params, family=family,
+                   **({field: getattr(model, field) for field in _CHUNKED
+                       if hasattr(model, field) and field not in fields}
+                      if family_rule(family).split == "chunks" else {}), **fields)
         padded = spec.valid_length(spec.segment_length)
         return dataclasses.replace(spec, padded_length=padded,
                                    output_length=spec.request_output_length(padded))

@@ -234,8 +234,8 @@ def test_every_argument_of_the_demucs_4_classes_has_a_bound():
     for klass in (HTDemucs, HDemucs, DemucsV3):
         names |= set(inspect.signature(klass).parameters) - {"sources"}
     assert names == set(DEMUCS4_RULES)
-    assert {family.name for family in registrations()} == {"demucs", "demucs_v3", "hdemucs",
-                                                           "htdemucs"}
+    assert {family.name for family in registrations()} == {
+        "demucs", "demucs_v3", "hdemucs", "htdemucs", "bs_roformer", "mel_band_roformer"}
 
 
 # --------------------------------------------------------------------------- official packages

@@ -18,7 +18,7 @@ from stemserve.models import registry
 from test_layers import modules
 from tolerance import assert_matches
 
-BUILT_IN = {"demucs", "demucs_v3", "hdemucs", "htdemucs"}
+BUILT_IN = {"demucs", "demucs_v3", "hdemucs", "htdemucs", "bs_roformer", "mel_band_roformer"}
 
 
 def test_every_registration_has_its_length_rule_and_no_more():

@@ -92,10 +92,16 @@ def test_a_checkpoint_loads_as_it_was_saved(tmp_path, family, layout, suffix):
     assert info.name == "vocals_model" and info.path == path and info.family == family
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert info.config == config.kwargs() == MODELS[family]
+    assert loaded.residual and loaded.sources == ["vocals", "instrumental"]
+    assert (loaded.samplerate, loaded.chunk_size) == (config.sample_rate, config.chunk_size)
+    assert (loaded.num_overlap, loaded.normalize) == (config.num_overlap, config.normalize)
     torch.manual_seed(1)
     mix = torch.randn(2, 2, CHUNK)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(mix), model(mix), rtol=0, atol=0)
+        vocals = model(mix)
+        # the single target, then the mix minus it: the instrumental
+        torch.testing.assert_close(loaded(mix), torch.cat([vocals, mix[:, None] - vocals], 1),
+                                   rtol=0, atol=0)
 
 
 def test_half_precision_weights_load_as_float32(tmp_path):
@@ -105,6 +111,7 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     assert {p.dtype for p in loaded.state_dict().values()} == {torch.float32}
     model.load_state_dict({k: v.float() for k, v in half.items()})
     mix = torch.randn(1, 2, CHUNK)
+    loaded.residual = False
     with torch.no_grad():
         torch.testing.assert_close(loaded(mix), model(mix), rtol=0, atol=0)
 

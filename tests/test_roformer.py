@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -26,12 +23,9 @@ import torch
 
 from stemserve.models.roformer import (DEFAULT_FREQS_PER_BANDS, BSRoformer, MelBandRoformer,
                                        mel_bands, mel_filterbank)
-from oracle_v4 import require_installed, run_script
+import oracle_roformer
+from oracle_roformer import run_oracle
 from tolerance import assert_matches
-
-REPO = Path(__file__).resolve().parents[1]
-ORACLE_DIR = REPO / ".oracle" / "roformer"
-INSTALL = ".ci/oracle-roformer.sh"
 
 # Small configurations: n_fft 256 (129 frequencies), two heads of 16.
 SMALL_STFT = dict(stft_n_fft=256, stft_hop_length=64, stft_win_length=256)
@@ -200,59 +194,6 @@ def test_default_bands_are_the_paper_s():
 
 # --------------------------------------------------------------------------- the oracle
 
-def oracle_available() -> bool:
-    """Whether ``.ci/oracle-roformer.sh`` has installed the oracle."""
-    return (ORACLE_DIR / ".installed").is_file() and (ORACLE_DIR / "audio_separator").is_dir()
-
-
-def require_oracle() -> None:
-    """Fail (with ``CI`` set) or skip the calling test when the oracle is not installed."""
-    require_installed(oracle_available(), f"the audio-separator 0.47.1 RoFormer oracle is not "
-                                          f"installed in {ORACLE_DIR}: run {INSTALL}")
-
-
-_PRELUDE = '''
-import importlib
-import importlib.metadata
-import sys
-import types
-from pathlib import Path
-
-import torch
-
-ORACLE = Path({oracle!r}).resolve()
-if importlib.metadata.version("audio-separator") != "0.47.1":
-    sys.exit("oracle: wrong audio-separator " + importlib.metadata.version("audio-separator"))
-# audio_separator's and its separator package's __init__ import every separator and its
-# dependencies, which the oracle does not install: the parent packages are registered
-# without running them, and the RoFormer modules import under their own names.
-for _name in ("audio_separator", "audio_separator.separator",
-              "audio_separator.separator.uvr_lib_v5"):
-    _package = types.ModuleType(_name)
-    _package.__path__ = [str(ORACLE.joinpath(*_name.split(".")))]
-    sys.modules[_name] = _package
-bs_roformer = importlib.import_module("audio_separator.separator.uvr_lib_v5.roformer.bs_roformer")
-mel_band_roformer = importlib.import_module(
-    "audio_separator.separator.uvr_lib_v5.roformer.mel_band_roformer")
-for _module in (bs_roformer, mel_band_roformer):
-    assert Path(_module.__file__).resolve().is_relative_to(ORACLE), _module.__file__
-torch.set_num_threads({threads})
-_HERE = Path(__file__).resolve().parent
-inputs = torch.load(_HERE / "oracle_inputs.pt", weights_only=False)
-outputs = {{}}
-'''
-
-def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
-               timeout: float = 900, threads: int = 2) -> dict:
-    """Run ``script`` with the reference RoFormers and return its ``outputs`` dict.
-
-    The script sees ``inputs`` (through ``torch.save``), the modules ``bs_roformer`` and
-    ``mel_band_roformer`` (audio-separator 0.47.1's) and ``torch``; it fills ``outputs``.
-    """
-    require_oracle()
-    return run_script(_PRELUDE, script, ORACLE_DIR, workdir, inputs, timeout, threads)
-
-
 CLASSES = {"BSRoformer": (BSRoformer, "bs_roformer"),
            "MelBandRoformer": (MelBandRoformer, "mel_band_roformer")}
 
@@ -395,10 +336,10 @@ def test_the_mel_filterbank_is_librosa_s(tmp_path):
 
 
 def test_a_missing_oracle_fails_under_ci_and_skips_otherwise(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys.modules[__name__], "ORACLE_DIR", tmp_path / "absent")
+    monkeypatch.setattr(oracle_roformer, "ORACLE_DIR", tmp_path / "absent")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="oracle-roformer.sh"):
-        require_oracle()
+        oracle_roformer.require_oracle()
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="oracle-roformer.sh"):
-        require_oracle()
+        oracle_roformer.require_oracle()

@@ -15,7 +15,8 @@ from stemserve.checkpoints.fetch import _check_zip_crcs, _fetch, _sha256
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.models.families import segment_samples
-from stemserve.releases import BAGS, BagRelease, is_bag_yaml, is_release_name, v2_file, v4_file
+from stemserve.releases import (BAGS, BagRelease, is_bag_yaml, is_release_name, msst_config_of,
+                                v2_file, v4_file)
 from stemserve.releases import local_member as _local_member
 from stemserve.releases import read_bag_yaml as _read_bag_yaml
 from stemserve.spec import MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, family_rule
@@ -102,7 +103,9 @@ def load_bag(name_or_path: str | Path, *, config: str | None = None,
     A release downloads (or reuses) each of its files. A YAML file in demucs 4's format
     (``models: [signatures]``, optional ``weights:`` and ``segment:``) finds each model next
     to it, as ``<signature>.th`` or ``<signature>-<sha256 prefix>.th`` (demucs' ``LocalRepo``).
-    Any other path is one checkpoint file, read as :func:`load_model` reads it.
+    Any other path is one checkpoint file: an MSST RoFormer's with its config.yaml
+    (``config`` a YAML path, or the one beside it: :func:`~.msst.load_msst`), else read as
+    :func:`load_model` reads it.
     """
     if isinstance(name_or_path, str) and is_release_name(name_or_path):
         return _release_bag(name_or_path, config, cache_dir, base_url, progress)
@@ -112,7 +115,12 @@ def load_bag(name_or_path: str | Path, *, config: str | None = None,
             raise CheckpointError(f"config={config!r} applies to a single local file; the "
                                   f"models of the bag {path} carry their own configuration")
         return _local_bag(path)
-    model, info = _load_local(path, config, path.stem)
+    from stemserve.checkpoints.msst import load_msst  # it imports this module
+
+    if msst_config_of(path, config) is not None:
+        model, info, _ = load_msst(path, None if config is None else Path(config))
+    else:
+        model, info = _load_local(path, config, path.stem)
     return _bag(path.stem, [(model, info)], BagRelease((path.stem,)), str(path))
 
 

@@ -32,10 +32,9 @@ from stemserve.checkpoints.msst_config import (BS_ROFORMER, MAX_PARAMETERS, MEL_
 from stemserve.checkpoints.msst_state import read_state_dict
 from stemserve.errors import CheckpointError
 from stemserve.models.roformer import BSRoformer, MelBandRoformer
+from stemserve.releases import MSST_CONFIG_SUFFIXES as CONFIG_SUFFIXES
 from stemserve.untrusted import brief
 
-CONFIG_SUFFIXES = (".yaml", ".yml")
-"""The config beside ``<name>.ckpt`` is ``<name>.yaml``, else ``<name>.yml``."""
 _CLASSES: dict[str, type[nn.Module]] = {BS_ROFORMER: BSRoformer,
                                         MEL_BAND_ROFORMER: MelBandRoformer}
 _NAMED = 3  # tensors named in a refusal, of each kind
@@ -78,7 +77,9 @@ def _other_yamls(checkpoint: Path) -> str:
 def load_msst(checkpoint: Path, config: Path | None = None, *,
               family: str | None = None) -> tuple[nn.Module, CheckpointInfo, MsstConfig]:
     """The network of an MSST checkpoint in eval mode, where its weights came from, and its
-    checked configuration.
+    checked configuration. The network carries what serving it needs from the config
+    (:data:`~stemserve.models.roformer.SERVED_ATTRIBUTES`, and ``residual`` for a
+    single-target model, whose second stem is the mix minus the first).
 
     ``config`` is the training YAML (default: :func:`config_beside`); ``family`` MSST's
     ``--model_type``, for a config whose fields do not say. The config is checked before the
@@ -96,6 +97,10 @@ def load_msst(checkpoint: Path, config: Path | None = None, *,
     state = read_state_dict(checkpoint)
     _check_fits(_skeleton(settings), state, settings, what)
     model = _materialise(settings, _state_dict(state, what), what)
+    model.samplerate, model.sources = settings.sample_rate, list(settings.stems)
+    model.chunk_size, model.num_overlap = settings.chunk_size, settings.num_overlap
+    model.normalize = settings.normalize
+    model.residual = len(settings.stems) > len(settings.targets)
     info = CheckpointInfo(name=checkpoint.stem, path=checkpoint, sha256=sha256,
                           config=settings.kwargs(), family=settings.family)
     return model, info, settings

@@ -58,6 +58,8 @@ def seconds(text: str) -> float:
 def add_model(parser: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
     """``-n/--model`` and ``--config``: the one way every command names a model."""
     parser.add_argument("-n", "--model", default=default, help=help_text)
-    parser.add_argument("--config", default=None, metavar="RELEASE",
-                        help="release whose configuration a plain state-dict checkpoint given "
-                             "with -n has (e.g. demucs48_hq; default: demucs)")
+    parser.add_argument("--config", default=None, metavar="RELEASE|YAML",
+                        help="for a RoFormer checkpoint given with -n, its training config.yaml "
+                             "(default: <checkpoint>.yaml beside it); for a plain Demucs "
+                             "state dict, the release whose configuration it has (e.g. "
+                             "demucs48_hq; default: demucs)")

@@ -576,6 +576,6 @@ class HDemucs(_HybridSpectrogram, nn.Module):
 
 REGISTRATION = register(FamilyRegistration(
     name="hdemucs", model_class=HDemucs, label="HDemucs",
-    pickled=("demucs.hdemucs.HDemucs",), rules=DEMUCS4_RULES, hybrid_stft=True,
+    pickled=("demucs.hdemucs.HDemucs",), rules=DEMUCS4_RULES, graph="stemserve.export.exportable:HybridGraphSTFT",
     segment=lambda model: int(Fraction(model.segment) * model.samplerate)))
 """Hybrid Demucs (v3): takes any length, its STFTs exported as matrix products."""

@@ -362,7 +362,7 @@ def _served_on_its_segment(model: HTDemucs) -> None:
 
 REGISTRATION = register(FamilyRegistration(
     name="htdemucs", model_class=HTDemucs, label="HTDemucs",
-    pickled=("demucs.htdemucs.HTDemucs",), rules=DEMUCS4_RULES, hybrid_stft=True,
+    pickled=("demucs.htdemucs.HTDemucs",), rules=DEMUCS4_RULES, graph="stemserve.export.exportable:HybridGraphSTFT",
     segment=lambda model: int(Fraction(model.segment) * model.samplerate),
     unsupported={"fp16": "its transformer adds float32 positional embeddings to "
                          "half-precision tokens, which does not trace; export it in fp32 "

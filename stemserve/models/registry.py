@@ -21,7 +21,7 @@ from stemserve.models.arguments import Rule
 from stemserve.spec import import_family_modules
 
 BUILT_IN = ("stemserve.model", "stemserve.models.demucs_v3", "stemserve.models.hdemucs",
-            "stemserve.models.htdemucs")
+            "stemserve.models.htdemucs", "stemserve.models.roformer")
 """The modules that register stemserve's own families, imported on the first lookup."""
 
 
@@ -36,9 +36,10 @@ class FamilyRegistration:
     constructor argument but ``sources`` (None: the family's checkpoint code bounds them
     itself, as Demucs v2's does); ``segment``: what ``apply_model``
     splits a track by for a model, in samples; ``input_needed``: the input a model needs for
-    that segment, when it is more (bounded by the loader); ``hybrid_stft``: whether the
-    exporter traces it with its STFTs as matrix products (the complex ``torch.stft`` does not
-    export); ``unsupported``: precisions it has no graph of, and why; ``check``: refuses a
+    that segment, when it is more (bounded by the loader); ``graph``: what the exporter traces
+    instead of the network, as ``module:callable`` called with the model and the segment in
+    samples (the STFTs as real products: the complex ``torch.stft`` does not export), None
+    for the network itself; ``unsupported``: precisions it has no graph of, and why; ``check``: refuses a
     model of the class that stemserve does not serve; ``read``: reads a checkpoint format of
     its own (the unpickled object and the file's name in, ``(arguments, state dict)`` out,
     None when the object is not one).
@@ -51,7 +52,7 @@ class FamilyRegistration:
     rules: Mapping[str, Rule] | None
     segment: Callable[[nn.Module], int]
     input_needed: Callable[[nn.Module], int] | None = None
-    hybrid_stft: bool = False
+    graph: str | None = None
     unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
     check: Callable[[nn.Module], None] | None = None
     read: Callable[[Any, str], tuple[Mapping[str, Any], Mapping[str, Any]] | None] | None = None

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import FamilyRegistration, register
+
 __all__ = ["BSRoformer", "MelBandRoformer", "mel_filterbank", "DEFAULT_FREQS_PER_BANDS"]
 
 DEFAULT_FREQS_PER_BANDS = (
@@ -102,10 +104,24 @@ class RotaryEmbedding(nn.Module):
         angles = positions[:, None] * self.freqs[None, :]
         return angles.repeat_interleave(2, dim=-1)
 
+    def fix_lengths(self, *seq_lens: int) -> None:
+        """Keep the cosines and sines of sequences of ``seq_lens`` positions as constants
+        (non-persistent buffers): an export on a fixed chunk then holds no ``Range`` or
+        ``Tile`` (the slow path of lucidrains/BS-RoFormer issue 37), and eager calls skip
+        the trigonometry. Other lengths still compute theirs."""
+        for seq_len in seq_lens:
+            angles = self.angles(seq_len, self.freqs.device, torch.float32)
+            self.register_buffer(f"cos_{seq_len}", angles.cos(), persistent=False)
+            self.register_buffer(f"sin_{seq_len}", angles.sin(), persistent=False)
+
     def rotate_queries_or_keys(self, t: torch.Tensor) -> torch.Tensor:
         """Rotate each position of ``t`` by its angles. Shapes: [..., seq, dim] -> same."""
-        angles = self.angles(t.shape[-2], t.device, t.dtype)
-        return (t * angles.cos() + rotate_half(t) * angles.sin()).type(t.dtype)
+        seq_len = int(t.shape[-2])
+        cos, sin = getattr(self, f"cos_{seq_len}", None), getattr(self, f"sin_{seq_len}", None)
+        if cos is None or sin is None:
+            angles = self.angles(t.shape[-2], t.device, t.dtype)
+            cos, sin = angles.cos(), angles.sin()
+        return (t * cos + rotate_half(t) * sin).type(t.dtype)
 
 
 class Attend(nn.Module):
@@ -303,6 +319,9 @@ class _BandRoformer(nn.Module):
     stereo: bool
     audio_channels: int
     num_stems: int
+    residual: bool = False
+    """Also return the mix minus the stems' sum as a last stem (not an MSST argument: the
+    loader sets it for a single-target config, whose ``instrumental`` it is)."""
     skip_connection: bool
     zero_dc: bool
     layers: nn.ModuleList
@@ -441,13 +460,17 @@ class _BandRoformer(nn.Module):
         """Separate. Shapes: mix [b, s, length] (or [b, length] when mono) ->
         stems [b, num_stems, s, length].
 
-        Always 4-D, also for one stem: MSST's BSRoformer returns that shape while its
+        With :attr:`residual`, one more stem: the mix minus the others. Always 4-D, also
+        for one stem: MSST's BSRoformer returns that shape while its
         MelBandRoformer (and audio-separator's copies) drop the stem axis of one-stem
         models; stemserve keeps one shape for every checkpoint.
         """
         mix = self._check_channels(mix)
         spec = self.spectrogram(mix)
-        return self.waveform(spec, self.masks(spec), mix.shape[-1])
+        stems = self.waveform(spec, self.masks(spec), mix.shape[-1])
+        if self.residual:
+            stems = torch.cat([stems, (mix - stems.sum(dim=1))[:, None]], dim=1)
+        return stems
 
 
 class BSRoformer(_BandRoformer):
@@ -710,12 +733,40 @@ class MelBandRoformer(_BandRoformer):
         return x.transpose(1, 2).flatten(2)  # 'b f t c -> b t (f c)'
 
     def _full_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        batch, num_stems, _, frames, _ = masks.shape
-        index = self.freq_indices.view(1, 1, -1, 1, 1).expand(batch, num_stems, -1, frames, 2)
-        summed = masks.new_zeros(batch, num_stems, self.num_freqs * self.audio_channels,
-                                 frames, 2).scatter_add_(2, index, masks)
+        index = self.freq_indices.view(1, 1, -1, 1, 1).expand_as(masks)  # batch stays dynamic
+        # zeros computed from ``masks`` (a traced ``zeros_like`` is a constant of the traced
+        # batch): an export keeps the batch dynamic
+        zeros = (masks[:, :, :1] * 0).expand(
+            -1, -1, self.num_freqs * self.audio_channels, -1, -1)
+        summed = zeros.contiguous().scatter_add(2, index, masks)
         denom = self.num_bands_per_freq.repeat_interleave(self.audio_channels)
         return summed / denom.clamp(min=1e-8).view(-1, 1, 1).to(summed.dtype)
 
     def _istft_length(self, length: int) -> Optional[int]:
         return length if self.match_input_audio_length else None
+
+
+# --- the families ----------------------------------------------------------------------
+
+SERVED_ATTRIBUTES = ("samplerate", "sources", "chunk_size", "num_overlap", "normalize")
+"""What the loader (:func:`stemserve.checkpoints.load_msst`) sets on a network from its
+config, besides :attr:`~BSRoformer.residual`: the rate, the stems, and how MSST's
+``demix`` splits a track (``audio.chunk_size``, ``inference.num_overlap`` and
+``inference.normalize``)."""
+
+
+def _served_as_loaded(model: nn.Module) -> None:
+    missing = [name for name in SERVED_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise ValueError(f"a {type(model).__name__} is served as load_msst builds it from its "
+                         f"config: this one lacks {', '.join(missing)}")
+
+
+for _class, _name in ((BSRoformer, "bs_roformer"), (MelBandRoformer, "mel_band_roformer")):
+    register(FamilyRegistration(
+        name=_name, model_class=_class, label=_class.__name__, pickled=(), rules=None,
+        segment=lambda model: int(model.chunk_size),
+        graph="stemserve.export.exportable:RoformerGraph",
+        unsupported={"fp16": "not exported in fp16 yet (the PyTorch backend's autocast runs "
+                             "it in half precision on a GPU)"},
+        check=_served_as_loaded))

@@ -247,3 +247,84 @@ class DftISTFT(_CooleyTukey):
         assert start + length <= y.shape[-1], (length, y.shape)
         y = y[..., start:start + length] / envelope[..., start:start + length]
         return y.reshape(*other, length)
+
+
+def _centred_window(win_length: int, n_fft: int) -> torch.Tensor:
+    """``torch.stft``'s window: a periodic hann of ``win_length`` zero-padded to ``n_fft``
+    in the middle. Shape: [n_fft], float64."""
+    window = torch.hann_window(win_length, dtype=torch.float64)
+    left = (n_fft - win_length) // 2
+    return F.pad(window, (left, n_fft - win_length - left))
+
+
+class ConvSTFT(nn.Module):
+    """``torch.stft(x, n_fft, hop, win_length, hann window, center=True, reflect)`` as one
+    strided ``Conv`` whose kernels are the windowed DFT's rows: any hop (the RoFormers use
+    441 samples for 2048 points, which :class:`DftSTFT`'s blocks cannot), real tensors only.
+
+    A dense DFT costs ``n_fft`` multiplications per bin and frame, which is negligible
+    beside a RoFormer's transformers; the Hybrid Demucs graphs use :class:`DftSTFT`.
+    Shapes: [B, length] -> [B, 2 (real, imag), n_fft // 2 + 1, 1 + length // hop].
+    """
+
+    def __init__(self, n_fft: int, hop_length: int, win_length: Optional[int] = None,
+                 normalized: bool = False):
+        super().__init__()
+        self.n_fft, self.hop_length = n_fft, hop_length
+        bins = n_fft // 2 + 1
+        window = _centred_window(win_length or n_fft, n_fft)
+        if normalized:
+            window = window / math.sqrt(n_fft)
+        angles = _angles(bins, n_fft, n_fft)  # [k, n]
+        kernel = torch.cat([angles.cos(), -angles.sin()]) * window  # [2 bins, n]
+        self.register_buffer("kernel", kernel[:, None].float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.n_fft // 2
+        x = F.pad(x[:, None], (pad, pad), mode="reflect")
+        z = F.conv1d(x, self.kernel, stride=self.hop_length)  # [B, 2 bins, frames]
+        return z.unflatten(1, (2, -1))
+
+
+class ConvISTFT(nn.Module):
+    """``torch.istft`` of :class:`ConvSTFT`'s transform for a fixed number of ``frames``: the
+    windowed inverse DFT of each frame and their overlap-add in one strided
+    ``ConvTranspose``, then the division by the summed squared window (a constant, since
+    the frames are), trimmed as ``center=True`` with ``length`` (default ``(frames - 1) *
+    hop``) does. The imaginary parts of the DC and Nyquist bins drop out, as in ``irfft``.
+    Shapes: [B, 2 (real, imag), n_fft // 2 + 1, frames] -> [B, length].
+    """
+
+    def __init__(self, n_fft: int, hop_length: int, frames: int,
+                 win_length: Optional[int] = None, normalized: bool = False,
+                 length: Optional[int] = None):
+        super().__init__()
+        self.n_fft, self.hop_length, self.frames = n_fft, hop_length, frames
+        self.length = (frames - 1) * hop_length if length is None else length
+        total = n_fft + hop_length * (frames - 1)
+        if n_fft // 2 + self.length > total:
+            raise ValueError(f"{frames} frames of {hop_length} hold fewer than {self.length} "
+                             "samples")
+        bins = n_fft // 2 + 1
+        window = _centred_window(win_length or n_fft, n_fft)
+        weight = torch.full((bins, 1), 2.0, dtype=torch.float64)
+        weight[0] = 1
+        if n_fft % 2 == 0:
+            weight[-1] = 1
+        angles = _angles(bins, n_fft, n_fft)  # [k, n]
+        scale = (1 / math.sqrt(n_fft)) if normalized else 1 / n_fft
+        kernel = torch.cat([angles.cos(), -angles.sin()]) * torch.cat([weight, weight])
+        kernel = kernel * window * scale  # [2 bins, n]
+        envelope = F.conv_transpose1d(torch.ones(1, 1, frames, dtype=torch.float64),
+                                      (window ** 2)[None, None], stride=hop_length)[0, 0]
+        start = n_fft // 2
+        self.register_buffer("kernel", kernel[:, None].float(), persistent=False)
+        self.register_buffer("envelope",
+                             envelope[start:start + self.length].float(), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[0]
+        y = F.conv_transpose1d(z.reshape(batch, -1, self.frames), self.kernel,
+                               stride=self.hop_length)[:, 0]
+        start = self.n_fft // 2
+        return y[:, start:start + self.length] / self.envelope
