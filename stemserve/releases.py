@@ -1,11 +1,12 @@
-"""The Demucs releases stemserve knows by name: their files, checksums and bags. No torch.
+"""The releases stemserve knows by name: their files, checksums and bags. No torch.
 
 demucs 2.0.3's releases (``demucs/pretrained.py``) are one file each,
 ``<name>-<sha256 prefix>.th``; demucs 4.0.1's (``demucs/remote/files.txt`` and
 ``remote/<name>.yaml``) are bags of one to four models whose outputs are averaged, each model
 a file ``<signature>-<sha256 prefix>.th``. The tables are what a release name means: the
 checkpoint loader downloads and verifies by them, and the export cache keys a release's
-export by them, without loading anything.
+export by them, without loading anything. The band-split RoFormers people use most
+(:data:`ROFORMER_RELEASES`) are a weights file and its training config.yaml each.
 """
 from __future__ import annotations
 
@@ -116,7 +117,6 @@ BAGS: dict[str, BagRelease] = {
     "repro_mdx_a_time_only": BagRelease(("9a6b4851", "9a6b4851", "1ef250f1", "1ef250f1"),
                                         segment=44),
 }
-KNOWN_MODELS: tuple[str, ...] = (*RELEASES, *BAGS)
 
 
 class RemoteFile(NamedTuple):
@@ -128,9 +128,65 @@ class RemoteFile(NamedTuple):
     url: str
 
 
+@dataclass(frozen=True)
+class RoformerRelease:
+    """A RoFormer checkpoint as UVR and audio-separator publish it: the weights and the
+    training config.yaml that goes with them (:mod:`stemserve.checkpoints.msst`), each
+    verified by its whole sha256. ``title`` says whose model it is, for users."""
+
+    title: str
+    checkpoint: RemoteFile
+    config: RemoteFile
+
+
+UVR_MODELS_URL = "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
+"""Where UVR and audio-separator download the public RoFormer checkpoints (its
+``models.json`` / UVR's ``download_checks.json`` name them)."""
+AUDIO_SEPARATOR_CONFIGS_URL = ("https://github.com/nomadkaraoke/python-audio-separator/"
+                               "releases/download/model-configs/")
+"""Where audio-separator keeps the RoFormers' config.yaml files."""
+
+
+def _uvr(checkpoint: str, sha256: str, config: str, config_sha256: str, title: str,
+         checkpoint_url: str = UVR_MODELS_URL, config_url: str = AUDIO_SEPARATOR_CONFIGS_URL
+         ) -> RoformerRelease:
+    return RoformerRelease(title, RemoteFile(checkpoint, sha256, checkpoint_url + checkpoint),
+                           RemoteFile(config, config_sha256, config_url + config))
+
+
+ROFORMER_RELEASES: dict[str, RoformerRelease] = {
+    # The checksums: the Hugging Face LFS object ids as bs-roformer-infer 0.1.5 and
+    # melband-roformer-infer 0.1.5 pin them (data/checksums.json), and the sha256 pins of
+    # another public project for viperx's model and both configs, which agree where both
+    # list a file. viperx's BS-RoFormer 1296 (ep_368) is left out: no published sha256.
+    "bs_roformer_1297": _uvr(
+        "model_bs_roformer_ep_317_sdr_12.9755.ckpt",
+        "5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa",
+        "model_bs_roformer_ep_317_sdr_12.9755.yaml",
+        "2bfdd16c656bd9519aba757cc4f8834b7ede675eb1e00ec4772d74ae1c41af7f",
+        "BS-RoFormer 1297 by viperx (vocals, instrumental)"),
+    "mel_band_roformer_kim": _uvr(
+        "vocals_mel_band_roformer.ckpt",
+        "87201f4d31afb5bc79993230fc49446918425574db48c01c405e44f365c7559e",
+        "vocals_mel_band_roformer.yaml",
+        "b958b29c8f7195f0d86bee6759a33980db675c4ecaf2fcaa80fa125828e6cd38",
+        "Mel-Band RoFormer by Kimberley Jensen (vocals, instrumental)"),
+    "bs_roformer_sw": _uvr(
+        "BS-Rofo-SW-Fixed.ckpt",
+        "24e7d35ee9c64415673d3fd33e06a67cac2c103c5df6267ba1576459c775916e",
+        "BS-Rofo-SW-Fixed.yaml",
+        "f9fada9f94e5ba2d2e4600196299459294bc5f532b314c209cc156ac63e4329b",
+        "BS-RoFormer SW by jarredou, fixed (6 stems)",
+        checkpoint_url="https://huggingface.co/enerjazzer/BS-ROFO-SW-Fixed/resolve/main/",
+        config_url="https://huggingface.co/enerjazzer/BS-ROFO-SW-Fixed/resolve/main/"),
+}
+"""The RoFormer releases stemserve knows by name (``-n bs_roformer_1297``)."""
+KNOWN_MODELS: tuple[str, ...] = (*RELEASES, *BAGS, *ROFORMER_RELEASES)
+
+
 def is_release_name(text: str) -> bool:
     """Release names win; anything that could be a file is a file; the rest is a bad name."""
-    if text in RELEASES or text in UNSUPPORTED or text in BAGS:
+    if text in RELEASES or text in UNSUPPORTED or text in BAGS or text in ROFORMER_RELEASES:
         return True
     return not (Path(text).exists() or Path(text).suffix or "/" in text or os.sep in text)
 
@@ -170,6 +226,8 @@ def release_files(name: str) -> list[RemoteFile]:
     """Each distinct file of release ``name``, in the order of its models."""
     if name in BAGS:
         return [v4_file(signature) for signature in dict.fromkeys(BAGS[name].models)]
+    if name in ROFORMER_RELEASES:
+        return [ROFORMER_RELEASES[name].checkpoint, ROFORMER_RELEASES[name].config]
     return [v2_file(name)]
 
 

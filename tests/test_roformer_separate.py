@@ -12,13 +12,21 @@ two borders (no reflection; its last chunks are zero-padded).
 from __future__ import annotations
 
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 
 from oracle_roformer import run_oracle
+from stemserve.checkpoints import ROFORMER_RELEASES, URL_ENV, RoformerRelease
 from stemserve.cli import main
+from test_checkpoints import LoopbackServer
+from test_msst_checkpoints import write_safetensors
 
 RATE = 44100
 CHUNK = 44100  # 100 hops of 441: a Mel-Band RoFormer's chunk is a whole number of hops
@@ -103,17 +111,19 @@ def reference(tmp_path_factory) -> dict:
     return dict(folder=folder, families=families, stems=stems)
 
 
-def separated(reference: dict, family: str, *options: str) -> dict[str, dict[str, np.ndarray]]:
-    """Every track separated by ``stemserve separate -n <ckpt> ...options``."""
+def separated(reference: dict, family: str, *options: str, model: str | None = None
+              ) -> dict[str, dict[str, np.ndarray]]:
+    """Every track separated by ``stemserve separate -n <model> ...options`` (default: the
+    family's checkpoint)."""
     folder = reference["folder"]
-    out = folder / "out" / "-".join([family, *options]).replace("--", "")
+    model = model or reference["families"][family]["ckpt"]
+    out = folder / "out" / "-".join([Path(model).name, *options]).replace("--", "")
     tracks = [str(folder / f"{track}.wav") for track in TRACKS]
-    ckpt = reference["families"][family]["ckpt"]
-    assert main(["separate", "-n", ckpt, *options, "-o", str(out), "--float32",
+    assert main(["separate", "-n", model, *options, "-o", str(out), "--float32",
                  "--clip-mode", "none", "-q", *tracks]) == 0
     found = {}
     for track in TRACKS:
-        where = out / f"{family}_vocals" / track
+        where = out / Path(model).stem / track
         assert sorted(path.name for path in where.iterdir()) == ["instrumental.wav",
                                                                  "vocals.wav"]
         found[track] = {stem: sf.read(where / f"{stem}.wav", dtype="float32")[0].T
@@ -145,6 +155,46 @@ def test_in_process_stems_equal_the_reference(reference, family, backend):
 @pytest.mark.parametrize("family", list(MODELS))
 def test_served_stems_equal_the_reference(reference, family):
     assert_equal_to_reference(reference, family, separated(reference, family, "--serve"))
+
+
+@pytest.mark.oracle
+def test_a_release_name_resolves_through_the_mirror(reference, tmp_path, monkeypatch):
+    """``-n bs_roformer_1297`` downloads the weights and the config.yaml from a loopback
+    mirror, verifies both by sha256 (the table's, patched to the test checkpoint's), and
+    separates as the file does."""
+    name, family = "bs_roformer_1297", "bs_roformer"
+    release, ckpt = ROFORMER_RELEASES[name], Path(reference["families"][family]["ckpt"])
+    mirror = LoopbackServer()
+    try:
+        files = {}
+        for remote, path in ((release.checkpoint, ckpt), (release.config,
+                                                          ckpt.with_suffix(".yaml"))):
+            mirror.files[remote.name] = path.read_bytes()
+            files[remote] = remote._replace(checksum=hashlib.sha256(path.read_bytes()).hexdigest())
+        monkeypatch.setitem(ROFORMER_RELEASES, name, RoformerRelease(
+            release.title, files[release.checkpoint], files[release.config]))
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        monkeypatch.setenv(URL_ENV, mirror.url)
+        assert_equal_to_reference(reference, family,
+                                  separated(reference, family, "--backend", "onnx", model=name))
+        assert sorted(mirror.requests) == sorted(f"/{remote.name}" for remote in files)
+        cached = tmp_path / "torch" / "hub" / "checkpoints"
+        assert sorted(path.name for path in cached.iterdir()) == sorted(
+            remote.name for remote in files)
+    finally:
+        mirror.stop()
+
+
+@pytest.mark.oracle
+def test_a_safetensors_file_separates_as_its_ckpt(reference, tmp_path):
+    family = "mel_band_roformer"
+    ckpt = Path(reference["families"][family]["ckpt"])
+    state = torch.load(ckpt, weights_only=True)
+    model = write_safetensors(tmp_path / "kim.safetensors", state)
+    shutil.copy(ckpt.with_suffix(".yaml"), tmp_path / "kim.yaml")
+    assert_equal_to_reference(reference, family,
+                              separated(reference, family, "--backend", "onnx",
+                                        model=str(model)))
 
 
 @pytest.mark.oracle
@@ -180,3 +230,18 @@ def test_shifts_and_overlap_are_refused_for_a_roformer():
                            (SeparationOptions(overlap=0.5), "num_overlap says (4)")):
         with pytest.raises(Exception, match=words.replace("(", r"\(").replace(")", r"\)")):
             _ChunkPlanner(spec, 10 * RATE, options)
+
+
+def test_a_config_with_an_unknown_field_is_refused_naming_the_file_and_field(tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({}, ckpt)
+    data = config("bs_roformer")
+    data["model"] = dict(data["model"], use_hyper_connections=True)
+    ckpt.with_suffix(".yaml").write_text(yaml.dump(data))
+    track = tmp_path / "song.wav"
+    sf.write(track, np.zeros((RATE, 2), np.float32), RATE)
+    assert main(["separate", "-n", str(ckpt), "--backend", "onnx", "-o",
+                 str(tmp_path / "out"), "-q", str(track)]) != 0
+    message = capsys.readouterr().err
+    assert "model.yaml" in message and "use_hyper_connections" in message, message
+    assert not (tmp_path / "out").exists()

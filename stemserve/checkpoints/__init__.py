@@ -35,13 +35,14 @@ from stemserve.errors import CheckpointError
 # The release tables are part of this package's API too (``from stemserve.checkpoints import
 # KNOWN_MODELS``): re-exported from the torch-free module that keys exports by them.
 from stemserve.releases import (BAGS, DEMUCS4_FILES, DEMUCS4_ROOT_URL, KNOWN_MODELS, RELEASES,
-                                ROOT_URL, UNSUPPORTED, BagRelease, Release, RemoteFile,
-                                is_bag_yaml, is_release_name, release_files, v2_file, v4_file)
+                                ROFORMER_RELEASES, ROOT_URL, UNSUPPORTED, BagRelease, Release,
+                                RemoteFile, RoformerRelease, is_bag_yaml, is_release_name,
+                                release_files, v2_file, v4_file)
 
 __all__ = [
     "BAGS", "DEFAULT_CONFIG", "DEMUCS4_FILES", "DEMUCS4_ROOT_URL", "KNOWN_MODELS",
-    "RELEASES", "ROOT_URL", "UNSUPPORTED", "URL_ENV", "Bag", "BagRelease", "CheckpointError",
-    "CheckpointInfo", "Release", "RemoteFile", "checkpoint_cache_dir", "checkpoint_files",
+    "RELEASES", "ROFORMER_RELEASES", "ROOT_URL", "UNSUPPORTED", "URL_ENV", "Bag", "BagRelease",
+    "CheckpointError", "CheckpointInfo", "Release", "RemoteFile", "RoformerRelease", "checkpoint_cache_dir", "checkpoint_files",
     "checkpoint_url", "config_beside", "download_checkpoint", "is_bag_yaml", "is_release_name",
     "load_bag", "load_model", "load_msst", "release_files", "v2_file", "v4_file",
 ]

@@ -2,7 +2,7 @@
 models (a single model is a bag of one), so that callers handle them all alike."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,8 @@ from stemserve.checkpoints.fetch import _check_zip_crcs, _fetch, _sha256
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.models.families import segment_samples
-from stemserve.releases import (BAGS, BagRelease, is_bag_yaml, is_release_name, msst_config_of,
-                                v2_file, v4_file)
+from stemserve.releases import (BAGS, ROFORMER_RELEASES, BagRelease, is_bag_yaml,
+                                is_release_name, msst_config_of, v2_file, v4_file)
 from stemserve.releases import local_member as _local_member
 from stemserve.releases import read_bag_yaml as _read_bag_yaml
 from stemserve.spec import MAX_SEGMENT_SECONDS, MIN_SEGMENT_SECONDS, family_rule
@@ -130,6 +130,15 @@ def _release_bag(name: str, config: str | None, cache_dir: str | Path | None,
     if config not in (None, name):
         raise CheckpointError(f"config={config!r} applies to local files only; "
                               f"release {name!r} has its own configuration")
+    if name in ROFORMER_RELEASES:
+        from stemserve.checkpoints.msst import load_msst  # it imports this module
+
+        files = ROFORMER_RELEASES[name]
+        checkpoint = _fetch(files.checkpoint, cache_dir, base_url, progress)[0]
+        config = _fetch(files.config, cache_dir, base_url, progress)[0]  # both verified
+        model, info, _ = load_msst(checkpoint, config)
+        info = replace(info, name=name)
+        return _bag(name, [(model, info)], BagRelease((name,)), name)
     if name not in BAGS:
         path, sha256 = _fetch(v2_file(name), cache_dir, base_url, progress)  # sha256 verified
         loaded = _from_loaded(_torch_load(path, str(path)), name, str(path), config_given=False)
