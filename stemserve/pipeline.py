@@ -339,15 +339,23 @@ class _Planner:
         return requests
 
 
+def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` in float32, value for value: a float32 step,
+    the first half counted from ``start`` and the second from ``end``."""
+    step = np.float64(np.float32(end - start) / np.float32(max(steps - 1, 1)))
+    index = np.arange(steps)
+    return np.where(index < steps // 2, start + step * index,
+                    end - step * (steps - 1 - index)).astype(np.float32)
+
+
 def fade_window(chunk: int) -> np.ndarray:
     """MSST's ``_getWindowingArray(chunk, chunk // 10)``: linear fades in and out over a
     tenth of the chunk (``torch.linspace``'s values), ones between."""
     fade = chunk // 10
     window = np.ones(chunk, np.float32)
     if fade:
-        ramp = np.linspace(0, 1, fade, dtype=np.float64).astype(np.float32)
-        window[:fade] *= ramp
-        window[chunk - fade:] *= ramp[::-1]
+        window[chunk - fade:] = _torch_linspace(1, 0, fade)
+        window[:fade] = _torch_linspace(0, 1, fade)
     return window
 
 
