@@ -18,13 +18,19 @@ from .isolated import ROOT, run_isolated
 from .scenario import CACHE
 
 SEED = 0
-FAMILIES = {"v2": "demucs", "htdemucs": "htdemucs"}
-"""Family names here -> stemserve's registry names (v2 is demucs_quantized's network)."""
+FAMILIES = {"v2": "demucs", "htdemucs": "htdemucs", "bs_roformer": "bs_roformer",
+            "mel_band_roformer": "mel_band_roformer"}
+"""Family names here -> stemserve's registry names (v2 is demucs_quantized's network; the
+RoFormers are viperx's BS-RoFormer 1297 and Kim's Mel-Band RoFormer)."""
+_ONE_LAYER, _SMALL_ROFORMER = dict(depth=1), dict(dim=32, depth=1, dim_head=16, heads=2)
 SIZES = {"v2": {"small": dict(channels=4), "medium": dict(channels=16), "default": {}},
          "htdemucs": {"small": dict(channels=8, bottom_channels=32, segment=Fraction(1)),
-                      "default": {}}}
-"""Constructor arguments per size name (HT Demucs: over the htdemucs release's). A size may
-also be given as ``c<N>``: a v2 ``N`` channels wide."""
+                      "default": {}},
+         **{family: {"small": dict(_SMALL_ROFORMER, chunk_size=44100), "wide1": _ONE_LAYER,
+                     "default": {}} for family in ("bs_roformer", "mel_band_roformer")}}
+"""Constructor arguments per size name (over the release's; a RoFormer's ``chunk_size`` is
+its split's). ``wide1``: a RoFormer release's widths, bands and STFT, one layer deep. A size
+may also be given as ``c<N>``: a v2 ``N`` channels wide."""
 EXPORT_SOURCES = ("benchmarks/models.py", "export/*.py", "stemserve/model.py",
                   "stemserve/models/*.py", "stemserve/spec.py")
 """Files whose change makes a cached export stale."""
@@ -45,9 +51,12 @@ def constructor(family: str, size: str) -> dict:
     checkpoint's ``config`` records them for a reference implementation to rebuild it."""
     if family == "v2":
         return dict(arguments(family, size))
-    from stemserve.models.configs import HTDEMUCS
+    from stemserve.models import configs
 
-    return dict(HTDEMUCS, **arguments(family, size))
+    release = {"htdemucs": configs.HTDEMUCS, "bs_roformer": configs.BS_ROFORMER_1297,
+               "mel_band_roformer": configs.MEL_BAND_ROFORMER_KIM}[family]
+    return {key: value for key, value in dict(release, **arguments(family, size)).items()
+            if key != "chunk_size"}
 
 
 def build(family: str, size: str):
@@ -61,9 +70,17 @@ def build(family: str, size: str):
         from stemserve.model import Demucs
 
         return Demucs(SOURCES, **config).eval()
-    from stemserve.models import HTDemucs
+    from stemserve.models import HTDemucs, roformer
+    from stemserve.models.configs import ROFORMER_SPLIT
 
-    return HTDemucs(**config).eval()
+    if family == "htdemucs":
+        return HTDemucs(**config).eval()
+    model = getattr(roformer, {"bs_roformer": "BSRoformer"}.get(family, "MelBandRoformer"))
+    model = model(**config).eval()  # with what load_msst sets from a release's config
+    model.samplerate, model.sources, model.residual = 44100, ["vocals", "instrumental"], True
+    for key in ROFORMER_SPLIT:
+        setattr(model, key, arguments(family, size).get(key, ROFORMER_SPLIT[key]))
+    return model
 
 
 def checkpoint_info(family: str, size: str):

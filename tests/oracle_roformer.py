@@ -10,11 +10,20 @@ path: a Hamming window, no reflected borders) is not MSST's ``demix``, which the
 checkpoints' configs were written for, so the reference separation is MSST's, fetched from
 its repository at the commit named in ``msst_demix.py`` and run with audio-separator's
 networks. ``ml_collections`` (a type hint there) is a small stand-in.
+
+:func:`reference_modules` and :func:`msst_reference` run in the child (the tests' scripts,
+and the benchmarks' reference runs, ``benchmarks/tracks/runs.py``).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import sys
+import types
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 from oracle_v4 import require_installed, run_script
 
@@ -35,57 +44,93 @@ def require_oracle() -> None:
                                           f"installed in {ORACLE_DIR}: run {INSTALL}")
 
 
-_PRELUDE = '''
-import importlib
-import importlib.metadata
-import sys
-import types
-from pathlib import Path
-
-import torch
-
-ORACLE = Path({oracle!r}).resolve()
-if importlib.metadata.version("audio-separator") != "0.47.1":
-    sys.exit("oracle: wrong audio-separator " + importlib.metadata.version("audio-separator"))
-# audio_separator's and its separator package's __init__ import every separator and its
-# dependencies, which the oracle does not install: the parent packages are registered
-# without running them, and the RoFormer modules import under their own names.
-for _name in ("audio_separator", "audio_separator.separator",
-              "audio_separator.separator.uvr_lib_v5"):
-    _package = types.ModuleType(_name)
-    _package.__path__ = [str(ORACLE.joinpath(*_name.split(".")))]
-    sys.modules[_name] = _package
-bs_roformer = importlib.import_module("audio_separator.separator.uvr_lib_v5.roformer.bs_roformer")
-mel_band_roformer = importlib.import_module(
-    "audio_separator.separator.uvr_lib_v5.roformer.mel_band_roformer")
-for _module in (bs_roformer, mel_band_roformer):
-    assert Path(_module.__file__).resolve().is_relative_to(ORACLE), _module.__file__
-# MSST's demix, beside these tests; ml_collections only names its config's type there.
-sys.path.insert(0, {tests!r})
-_collections = types.ModuleType("ml_collections")
-
-
 class ConfigDict(dict):
     """Attribute access over a dict, as ml_collections' ConfigDict reads a config."""
 
-    def __init__(self, data):
-        super().__init__({{key: ConfigDict(value) if isinstance(value, dict) else value
-                          for key, value in data.items()}})
+    def __init__(self, data: dict):
+        super().__init__({key: ConfigDict(value) if isinstance(value, dict) else value
+                          for key, value in data.items()})
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str):
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
 
 
-_collections.ConfigDict = ConfigDict
-sys.modules["ml_collections"] = _collections
+def reference_modules(oracle: Path = ORACLE_DIR) -> tuple[types.ModuleType, types.ModuleType]:
+    """In a child process whose ``PYTHONPATH`` starts with ``oracle``: audio-separator
+    0.47.1's ``bs_roformer`` and ``mel_band_roformer`` modules, and ``msst_demix`` made
+    importable (its ``ml_collections`` only names a type: a stand-in is registered).
+
+    audio_separator's and its separator package's ``__init__`` import every separator and
+    its dependencies, which the oracle does not install: the parent packages are registered
+    without running them, and the RoFormer modules import under their own names.
+    """
+    oracle = Path(oracle).resolve()
+    if importlib.metadata.version("audio-separator") != "0.47.1":
+        sys.exit("oracle: wrong audio-separator " + importlib.metadata.version("audio-separator"))
+    for name in ("audio_separator", "audio_separator.separator",
+                 "audio_separator.separator.uvr_lib_v5"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(oracle.joinpath(*name.split(".")))]
+        sys.modules[name] = package
+    modules = tuple(importlib.import_module(f"audio_separator.separator.uvr_lib_v5.roformer.{name}")
+                    for name in ("bs_roformer", "mel_band_roformer"))
+    for module in modules:
+        assert Path(module.__file__).resolve().is_relative_to(oracle), module.__file__
+    collections = types.ModuleType("ml_collections")
+    collections.ConfigDict = ConfigDict
+    sys.modules["ml_collections"] = collections
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    return modules
+
+
+def msst_reference(family: str, config: dict, state: dict, chunk_size: int,
+                   num_overlap: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """The reference separation of a single-target (``vocals``) RoFormer, in the oracle's
+    child: audio-separator's network built from ``config`` holding ``state``, MSST's
+    ``demix`` with a batch of one, and the instrumental as the mix minus the vocals (MSST's
+    ``--extract_instrumental``). Returns mix [2, n] -> [vocals, instrumental]."""
+    import torch
+
+    bs_roformer, mel_band_roformer = reference_modules()
+    import msst_demix
+
+    klass = (bs_roformer.BSRoformer if family == "bs_roformer"
+             else mel_band_roformer.MelBandRoformer)
+    model = klass(**config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    settings = ConfigDict(dict(audio=dict(chunk_size=chunk_size),
+                               inference=dict(num_overlap=num_overlap, batch_size=1),
+                               training=dict(target_instrument="vocals", use_amp=False,
+                                             instruments=["vocals", "other"])))
+
+    def separate(mix: np.ndarray) -> list[np.ndarray]:
+        vocals = msst_demix.demix(settings, model, mix, torch.device("cpu"), family)["vocals"]
+        return [vocals, mix - vocals]
+
+    return separate
+
+
+_PRELUDE = '''
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, {tests!r})
+from oracle_roformer import ConfigDict, reference_modules
+
+bs_roformer, mel_band_roformer = reference_modules(Path({oracle!r}))
 torch.set_num_threads({threads})
 _HERE = Path(__file__).resolve().parent
 inputs = torch.load(_HERE / "oracle_inputs.pt", weights_only=False)
 outputs = {{}}
 '''
+
 
 def run_oracle(script: str, workdir: Path, inputs: Optional[dict] = None,
                timeout: float = 900, threads: int = 2) -> dict:

@@ -106,16 +106,18 @@ def _check_baseline(rows: dict[tuple, dict], baseline: str) -> None:
 
 @pytest.mark.oracle
 def test_quick_run_writes_the_reference_section(sections, bench_quick_run):
-    """Both families on a tiny model and a 3 s track: Triton, in-process fp32 and int8,
-    PyTorch on CUDA (skipped without one) and each family's reference."""
+    """Demucs v2 and a BS-RoFormer on a tiny model and a 3 s track: Triton, in-process fp32
+    and int8, PyTorch on CUDA (skipped without one) and each family's reference (demucs 2.0.3;
+    audio-separator's network in MSST's demix)."""
     section = sections["tracks.reference"]
     assert section["command"].startswith("python -m benchmarks.run_all tracks.reference")
     assert "--quick" in section["command"] and section["duration_s"] > 0
     assert section["config"] == _quick_config("tracks.reference")
-    assert section["config"]["families"] == ["v2", "htdemucs"]
+    assert section["config"]["families"] == ["v2", "bs_roformer"]
     rows = _check_rows(section)
     _check_baseline(rows, "reference")
-    assert any(row["path"] == "reference" and row["status"] == "ok" for row in rows.values())
+    assert {row["family"] for row in rows.values()
+            if row["path"] == "reference" and row["status"] == "ok"} == {"v2", "bs_roformer"}
     markdown = (bench_quick_run / f"{MACHINE}.md").read_text()
     assert "(`tracks.reference`)" in markdown
     plot = results.plot_name(MACHINE, "tracks.reference", "stages")

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from oracle_roformer import ConfigDict
 from stemserve.client.backends.local import LocalBackend
 from stemserve.errors import SpecError
 from stemserve.export.exportable import RoformerGraph
@@ -125,7 +126,7 @@ def msst_demix():
     """MSST's own ``demix`` (tests/msst_demix.py, copied at a pinned commit), importable here:
     it needs torch, numpy and tqdm, and ml_collections only for a type hint."""
     stub = types.ModuleType("ml_collections")
-    stub.ConfigDict = MsstConfig
+    stub.ConfigDict = ConfigDict
     saved = sys.modules.get("ml_collections")
     sys.modules["ml_collections"] = stub
     try:
@@ -136,20 +137,6 @@ def msst_demix():
             sys.modules.pop("ml_collections")
         else:
             sys.modules["ml_collections"] = saved
-
-
-class MsstConfig(dict):
-    """Attribute access over a dict, as ml_collections' ConfigDict reads a config."""
-
-    def __init__(self, data: dict):
-        super().__init__({key: MsstConfig(value) if isinstance(value, dict) else value
-                          for key, value in data.items()})
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class Warped(torch.nn.Module):
@@ -168,7 +155,7 @@ def test_the_split_is_msst_s_demix(msst_demix, num_overlap, length):
     every chunk boundary with ``num_overlap`` 1): all as MSST's ``demix`` with a batch of
     one."""
     mix = np.random.default_rng(length).standard_normal((2, length)).astype(np.float32)
-    config = MsstConfig(dict(audio=dict(chunk_size=1000),
+    config = ConfigDict(dict(audio=dict(chunk_size=1000),
                              inference=dict(num_overlap=num_overlap, batch_size=1),
                              training=dict(target_instrument="vocals", use_amp=False,
                                            instruments=["vocals", "other"])))

@@ -12,16 +12,18 @@ from ..scenario import Column, Scenario, option
 from .. import models
 from .backends import describe
 
-ARENAS = {"power_of_two": "ONNX Runtime's default, growing by powers of two (stemserve's)",
-          "same_as_requested": "growing by what is requested", "none": "no arena"}
+ARENAS = {"power_of_two": "ONNX Runtime's default, growing by powers of two",
+          "same_as_requested": "growing by what is requested", "none": "no arena",
+          "no_pattern": "the default arena without memory patterns (stemserve's)"}
 STEPS = (("full_2", 2, 1.0), ("full_1", 1, 1.0), ("tail_1", 1, 0.75), ("warm_full_2", 2, 1.0))
 """(name, batch, share of a segment) of each call: 0.75, a two-segment track's tail."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    size: str = option("default", "the v2 network's size: default, medium, small",
-                       quick="small")
+    families: tuple[str, ...] = option(("v2",), f"from {', '.join(models.FAMILIES)}")
+    size: str = option("default", "the networks' size: default, small; v2 also medium, "
+                       "RoFormers wide1", quick="small")
     segment: float = option(8.0, "seconds of audio per segment (the server sends 40)",
                             quick=1.0)
     arenas: tuple[str, ...] = option(tuple(ARENAS), f"from {', '.join(ARENAS)}")
@@ -39,6 +41,7 @@ def measure_arena(job: dict) -> dict:
 
     spec = load_export_spec(Path(job["export"]))
     options = cpu_session_options(job["threads"])
+    options.enable_mem_pattern = job["arena"] != "no_pattern"  # the others: ORT's default
     if job["arena"] == "none":
         options.enable_cpu_mem_arena = False
     elif job["arena"] == "same_as_requested":  # a process-wide arena (kSameAsRequested)
@@ -61,12 +64,15 @@ def measure_arena(job: dict) -> dict:
 def run(config: Config) -> list[dict]:
     if unknown := sorted(set(config.arenas) - set(ARENAS)):
         raise SystemExit(f"unknown arenas {unknown}; choose from {', '.join(ARENAS)}")
-    network = describe("v2", config.size, config.segment)
-    export = models.exported("v2", config.size, segment_length=network["segment_length"],
-                             timeout=config.timeout)
-    rows, job = [], {"export": str(export), "threads": config.threads}
-    for arena in config.arenas:
-        row = {"arena": arena, "what": ARENAS[arena], "segment_s": network["segment_s"]}
+    rows = []
+    for family, arena in ((family, arena) for family in config.families
+                          for arena in config.arenas):
+        network = describe(family, config.size, config.segment)
+        export = models.exported(family, config.size, segment_length=network["segment_length"],
+                                 timeout=config.timeout)
+        job = {"export": str(export), "threads": config.threads}
+        row = {"family": family, "arena": arena, "what": ARENAS[arena],
+               "segment_s": network["segment_s"]}
         try:
             row.update(run_isolated("benchmarks.forward.arena:measure_arena",
                                     dict(job, arena=arena), timeout=config.timeout), status="ok")
@@ -79,7 +85,8 @@ def run(config: Config) -> list[dict]:
 SCENARIO = Scenario(
     name="forward.arena", title="ONNX Runtime's memory arena over a track's batch shapes",
     config=Config, run=run,
-    columns=(Column("arena", "arena"), Column("what", "what"), Column("status", "status"),
+    columns=(Column("family", "family"), Column("arena", "arena"), Column("what", "what"),
+             Column("status", "status"),
              *(Column(f"step_s.{name}", f"{name} s", ".2f") for name, _, _ in STEPS),
              Column("peak_rss_mib", "peak RSS MiB", ".0f")),
     notes=("Calls in order: batches of 2 full segments, 1 full segment, 1 tail of 0.75 segment "

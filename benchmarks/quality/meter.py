@@ -1,5 +1,6 @@
-"""The SDR meter: what each fast path costs in separation quality, as small v2 and HT Demucs
-models trained on synthetic stems (:mod:`.synthetic`) separate held-out mixes on each path."""
+"""The SDR meter: what each fast path costs in separation quality, as small v2, HT Demucs and
+BS-RoFormer models trained on synthetic stems (:mod:`.synthetic`) separate held-out mixes on
+each path."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,16 @@ REFERENCE, MIXTURE, NO_MODEL = "onnx fp32", "mixture", "(none)"
 MODELS = {"demucs": (dict(channels=20, depth=4, resample=False, segment_length=2 * SAMPLE_RATE),
                      dict(channels=5, depth=4, resample=False, segment_length=SAMPLE_RATE)),
           "htdemucs": (dict(channels=10, bottom_channels=32, t_layers=2, t_heads=4, segment="1"),
-                       dict(channels=10, bottom_channels=16, t_layers=1, t_heads=4, segment="1"))}
+                       dict(channels=10, bottom_channels=16, t_layers=1, t_heads=4, segment="1")),
+          "bs_roformer": tuple(dict(dim=dim, depth=depth, stereo=True, num_stems=4, heads=4,
+                                    dim_head=16, stft_hop_length=441, chunk_size=2 * SAMPLE_RATE)
+                               for dim, depth in ((64, 2), (16, 1)))}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    models: tuple[str, ...] = option(("demucs", "htdemucs"), "families: demucs (v2), htdemucs")
+    models: tuple[str, ...] = option(("demucs", "htdemucs", "bs_roformer"),
+                                     "families: demucs (v2), htdemucs, bs_roformer")
     tiny: bool = option(False, "tiny models: a check that it runs, no measurement", quick=True)
     train_minutes: float = option(4.0, "training budget per model, minutes")
     max_steps: int = option(0, "stop training after this many steps (0: no cap)", quick=3)

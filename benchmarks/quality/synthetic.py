@@ -187,8 +187,9 @@ def remix(pool: np.ndarray, length: int, batch: int, rng: np.random.Generator
 
 
 def trained_model(family: str, config: dict, training: dict, cache: Path) -> tuple[Any, Any, dict]:
-    """``(model in eval mode, CheckpointInfo, training record)``: a v2 (``demucs``) or HT Demucs
-    (the htdemucs release's arguments with ``config``'s) from ``cache``, else trained (Adam, L1,
+    """``(model in eval mode, CheckpointInfo, training record)``: a v2 (``demucs``), HT Demucs
+    (the htdemucs release's arguments with ``config``'s) or 4-stem BS-RoFormer (``config``:
+    its arguments and ``chunk_size``) from ``cache``, else trained (Adam, L1,
     remixes of training songs) for ``train_minutes`` or ``max_steps`` and saved there."""
     import torch
 
@@ -203,14 +204,21 @@ def trained_model(family: str, config: dict, training: dict, cache: Path) -> tup
                        sort_keys=True)
     path = cache / f"{family}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.th"
     torch.manual_seed(training["seed"])
-    model = (Demucs(SOURCES, **config) if family == "demucs" else
-             HTDemucs(**{**HTDEMUCS, **config, "segment": Fraction(config["segment"])}))
+    if family == "bs_roformer":  # 4 stems, served on its chunk as load_msst sets it
+        from stemserve.models.roformer import BSRoformer
+
+        model = BSRoformer(**{key: value for key, value in config.items() if key != "chunk_size"})
+        model.samplerate, model.sources, model.residual = SAMPLE_RATE, list(SOURCES), False
+        model.chunk_size, model.num_overlap, model.normalize = config["chunk_size"], 2, False
+    else:
+        model = (Demucs(SOURCES, **config) if family == "demucs" else
+                 HTDemucs(**{**HTDEMUCS, **config, "segment": Fraction(config["segment"])}))
     if not (reused := path.is_file()):
         rng = np.random.default_rng(training["seed"])
         pool = np.stack([song(training["seed"] + index, training["pool_seconds"])
                          for index in range(training["pool_songs"])])
-        length = (model.valid_length(config["segment_length"]) if family == "demucs"
-                  else model.training_length)  # v2's output is center-trimmed to the stems
+        length = (model.valid_length(config["segment_length"]) if family == "demucs" else
+                  model.training_length if family == "htdemucs" else config["chunk_size"])
         optimizer = torch.optim.Adam(model.train().parameters(), lr=training["lr"])
         losses: list[float] = []
         began, cap = time.perf_counter(), training["max_steps"] or float("inf")

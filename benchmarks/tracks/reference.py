@@ -13,9 +13,10 @@ from .runs import FAMILIES, MAX_BATCH, OUT, PATHS, SIZES, max_difference, run_pa
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    families: tuple[str, ...] = option(tuple(FAMILIES), f"model families ({', '.join(FAMILIES)})")
-    size: str = option("default", f"model size ({', '.join(SIZES)}; default: the release's "
-                       "configuration, random weights)", quick="small")
+    families: tuple[str, ...] = option(("v2", "htdemucs"), f"model families "
+                                       f"({', '.join(FAMILIES)})", quick=("v2", "bs_roformer"))
+    size: str = option("default", f"model size ({', '.join(SIZES)}; RoFormers also wide1; "
+                       "default: the release's configuration, random weights)", quick="small")
     tracks: tuple[float, ...] = option((60.0, 600.0), "track lengths in seconds", quick=(3.0,))
     paths: tuple[str, ...] = option(
         ("triton", "onnx", "triton_int8", "onnx_int8", "triton_bf16", "torch_cuda",
@@ -66,10 +67,13 @@ SCENARIO = Scenario(
     notes=(
         "Random weights, the same on every path; reference: the official demucs (2.0.3 for v2; "
         "4.0.1, a bag of one model, for htdemucs) in separate.py's steps, reading with "
-        "soundfile; 4.0.1 rounds to 16 bits where stemserve (and demucs 2) truncates.",
+        "soundfile; 4.0.1 rounds to 16 bits where stemserve (and demucs 2) truncates. "
+        "RoFormers (viperx's BS-RoFormer 1297, Kim's Mel-Band RoFormer; wide1: one layer of "
+        "it): audio-separator 0.47.1's network in MSST's demix (chunks of 8 s, num_overlap 2).",
         "Every path: the model's segment, 25% overlap, separate.py's shifts (v2 0, htdemucs 1: "
-        "stemserve replays demucs 4's draws), rescale clipping, a fresh process (its first run "
-        "pays first-call costs). Wall: reading, separating, writing; load apart.",
+        "stemserve replays demucs 4's draws; RoFormers: their config's split), rescale "
+        "clipping, a fresh process (its first run pays first-call costs). Wall: reading, "
+        "separating, writing; load apart.",
         "triton*: a fresh tritonserver (the CPU repository as shipped, gRPC, shared memory) on "
         "the client's cores; onnx*: in-process; onnx_pair*: two one-thread sessions in turn; "
         f"_int8: the int8 graph; _bf16: OpenVINO; torch_cuda*: PyTorch, batches of {MAX_BATCH} "

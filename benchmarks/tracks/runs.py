@@ -34,9 +34,14 @@ OUT = CACHE / "tracks" / "out" / str(os.getpid())  # two runs never delete each 
 PATHS = ("triton", "triton_int8", "triton_bf16", "onnx", "onnx_int8", "onnx_bf16", "onnx_pair",
          "onnx_pair_int8", "onnx_pair_bf16", "torch_cuda", "torch_cuda_fp16",
          "torch_cuda_bf16", "reference")
-FAMILIES = {"v2": {"demucs": "2.0.3", "oracle": None, "shifts": 0},
-            "htdemucs": {"demucs": "4.0.1", "oracle": ROOT / ".oracle" / "demucs4", "shifts": 1}}
-"""Each family's demucs: version, folder (.ci/oracle-v4.sh installs 4.0.1), separate.py's shifts."""
+_MSST = {"package": ("audio-separator", "0.47.1"), "oracle": ROOT / ".oracle" / "roformer",
+         "shifts": 0}
+FAMILIES = {"v2": {"package": ("demucs", "2.0.3"), "oracle": None, "shifts": 0},
+            "htdemucs": {"package": ("demucs", "4.0.1"), "oracle": ROOT / ".oracle" / "demucs4",
+                         "shifts": 1},
+            "bs_roformer": _MSST, "mel_band_roformer": _MSST}
+"""Each family's reference: its package and version, the folder it is installed in apart
+(.ci/oracle-v4.sh, .ci/oracle-roformer.sh), separate.py's shifts (none for MSST's demix)."""
 
 
 def precision(path: str) -> str:
@@ -47,11 +52,11 @@ def precision(path: str) -> str:
 def unavailable(path: str, family: str) -> str | None:
     """Why ``path`` cannot run here (a ``skipped:`` status), or None."""
     if path == "reference":
-        want, oracle = FAMILIES[family]["demucs"], FAMILIES[family]["oracle"]
-        found = importlib.metadata.distributions(name="demucs",
+        (package, want), oracle = FAMILIES[family]["package"], FAMILIES[family]["oracle"]
+        found = importlib.metadata.distributions(name=package,
                                                  path=[str(oracle)] if oracle else sys.path)
         return None if [dist.version for dist in found][:1] == [want] else (
-            f"skipped: demucs {want} is not installed in {oracle or 'the venv'}")
+            f"skipped: {package} {want} is not installed in {oracle or 'the venv'}")
     if path.startswith("torch"):
         import torch
 
@@ -125,16 +130,57 @@ def stemserve(job: dict) -> dict:
 
 def reference(job: dict) -> dict:
     """Child: the family's separate.py steps (reading with soundfile, not ffmpeg): normalise,
-    ``apply_model``, de-normalise, "rescale" clipping, 16-bit WAV (demucs 4 rounds it)."""
-    import demucs
+    ``apply_model``, de-normalise, "rescale" clipping, 16-bit WAV (demucs 4 rounds it). For a
+    RoFormer: audio-separator's network and MSST's ``demix`` (tests/msst_demix.py, batch 1),
+    the instrumental as mix - vocals, written the same way."""
     import torch
-
-    from stemserve.defaults import SOURCES
 
     v2, began = job["family"] == "v2", time.perf_counter()
     torch.set_num_threads(job["threads"])
     package = torch.load(Path(job["export"]) / "weights.th", map_location="cpu",
                          weights_only=False)
+    if job["family"] in ("v2", "htdemucs"):
+        names, sources_of, version = _demucs_reference(job, package, v2)
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from oracle_roformer import msst_reference  # the oracle as the tests load it
+
+        with torch.device("meta"):
+            split = models.build(job["family"], job["size"])
+        separate = msst_reference(job["family"], package["config"], package["state"],
+                                  split.chunk_size, split.num_overlap)
+        names, version = split.sources, "audio-separator 0.47.1, MSST demix ccc011a"
+
+        def sources_of(wav: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.stack(separate(wav.numpy())))
+    load_s, runs = time.perf_counter() - began, []
+    for repeat in range(job["repeats"]):
+        marks = [time.perf_counter()]
+        data, rate = sf.read(job["track"], dtype="float32", always_2d=True)
+        wav = torch.from_numpy(np.ascontiguousarray(data.T))
+        marks.append(time.perf_counter())
+        sources = sources_of(wav)
+        marks.append(time.perf_counter())
+        folder = Path(job["out"]) / f"repeat-{repeat}" / Path(job["track"]).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for source, name in zip(sources, names):
+            scaled = source / max(1.01 * source.abs().max(), 1) * 2**15
+            pcm = (scaled if v2 else scaled.round()).clamp(-2**15, 2**15 - 1).short()
+            sf.write(str(folder / f"{name}.wav"), pcm.numpy().T, rate, subtype="PCM_16")
+        marks.append(time.perf_counter())
+        runs.append(dict(zip(("decode", "separate", "write"), np.diff(marks).tolist())))
+    return {"load_s": load_s, "runs": runs, "reference": version,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _demucs_reference(job: dict, package: dict, v2: bool) -> tuple[list[str], Callable, str]:
+    """The official demucs model of ``package``: its sources, its separate.py steps on a
+    track, its version."""
+    import demucs
+    import torch
+
+    from stemserve.defaults import SOURCES
+
     if v2:
         from demucs.model import Demucs as Model
         from demucs.utils import apply_model
@@ -144,12 +190,8 @@ def reference(job: dict) -> dict:
     model = Model(**({"sources": list(SOURCES)} if v2 else {}), **package["config"])
     model.load_state_dict(package["state"], strict=True)
     model = model.eval() if v2 else BagOfModels([model.eval()]).eval()  # as get_model's
-    load_s, runs = time.perf_counter() - began, []
-    for repeat in range(job["repeats"]):
-        marks = [time.perf_counter()]
-        data, rate = sf.read(job["track"], dtype="float32", always_2d=True)
-        wav = torch.from_numpy(np.ascontiguousarray(data.T))
-        marks.append(time.perf_counter())
+
+    def sources_of(wav: torch.Tensor) -> torch.Tensor:
         ref = wav.mean(0)
         wav = (wav - ref.mean()) / ref.std()
         random.seed(SEED)
@@ -157,18 +199,9 @@ def reference(job: dict) -> dict:
             sources = (apply_model(model, wav, split=True, overlap=OVERLAP) if v2 else
                        apply_model(model, wav[None], shifts=job["shifts"], split=True,
                                    overlap=OVERLAP, progress=False)[0])
-        sources = sources * ref.std() + ref.mean()
-        marks.append(time.perf_counter())
-        folder = Path(job["out"]) / f"repeat-{repeat}" / Path(job["track"]).stem
-        folder.mkdir(parents=True, exist_ok=True)
-        for source, name in zip(sources, model.sources):
-            scaled = source / max(1.01 * source.abs().max(), 1) * 2**15
-            pcm = (scaled if v2 else scaled.round()).clamp(-2**15, 2**15 - 1).short()
-            sf.write(str(folder / f"{name}.wav"), pcm.numpy().T, rate, subtype="PCM_16")
-        marks.append(time.perf_counter())
-        runs.append(dict(zip(("decode", "separate", "write"), np.diff(marks).tolist())))
-    return {"load_s": load_s, "runs": runs, "demucs": demucs.__version__,
-            "torch_threads": torch.get_num_threads()}
+        return sources * ref.std() + ref.mean()
+
+    return model.sources, sources_of, f"demucs {demucs.__version__}"
 
 
 def stems(row: dict, path: str | None = None) -> Path:

@@ -61,3 +61,16 @@ DEMUCS_MDX = dict(
     dconv_comp=4, dconv_attn=4, dconv_lstm=4, dconv_init=1e-4, resample=True,
     normalize=False, rescale=0.1)
 DEMUCS_REPRO = dict(DEMUCS_MDX, normalize=True)
+
+# The RoFormer releases' networks (their config.yaml's ``model:``; training-only fields left
+# out): viperx's BS-RoFormer 1297 (model_bs_roformer_ep_317_sdr_12.9755.yaml) and Kim's
+# Mel-Band RoFormer (vocals_mel_band_roformer.yaml). zero_dc is as audio-separator runs them
+# (it ignores the option; MSST zeroes the DC bin since Sept 2025). Both separate ``vocals``
+# from chunks of 352,800 samples, two chunks over each sample (num_overlap 2).
+ROFORMER_SPLIT = dict(chunk_size=352800, num_overlap=2, normalize=False)
+_ROFORMER_COMMON = dict(stereo=True, num_stems=1, time_transformer_depth=1,
+                        freq_transformer_depth=1, dim_head=64, heads=8, stft_n_fft=2048,
+                        stft_hop_length=441, stft_win_length=2048, mask_estimator_depth=2,
+                        zero_dc=False)
+BS_ROFORMER_1297 = dict(_ROFORMER_COMMON, dim=512, depth=12)
+MEL_BAND_ROFORMER_KIM = dict(_ROFORMER_COMMON, dim=384, depth=6, num_bands=60)

@@ -4,11 +4,14 @@ The in-process backend (:class:`~stemserve.client.backends.onnx.OnnxBackend`) an
 Triton server's python model (``model_repository/cpu/demucs/1/model.py``) create their
 sessions here, so the two paths run the same settings: intra-op threads on every core (or
 ``threads``), one inter-op thread, sequential execution (the graph is one chain: more
-inter-op threads only oversubscribe the cores), and ONNX Runtime's default memory arena.
+inter-op threads only oversubscribe the cores), and ONNX Runtime's default memory arena
+without its memory patterns.
 
 The arena stays as it is: without one every run pays the page faults of fresh buffers, and
 what bounds the server's memory is the batch size (``max_batch_size`` in the CPU config);
-docs/decisions/0006-onnx-runtime-arena.md has the measurement.
+docs/decisions/0006-onnx-runtime-arena.md has the measurement. The memory patterns (one
+block planned per input shape) are off: they hold more memory for every family and are no
+faster (docs/decisions/0009-no-memory-patterns.md).
 
 The bf16 variant of an export runs the same fp32 graph on OpenVINO instead
 (:mod:`.openvino_session`): :func:`cpu_session` picks the runtime by the sidecar's precision.
@@ -25,13 +28,14 @@ from stemserve.precision import row
 
 def cpu_session_options(threads: int = 0) -> Any:
     """``SessionOptions`` for a CPU session: ``threads`` intra-op threads (0: one per core
-    this process may run on), one inter-op thread, sequential."""
+    this process may run on), one inter-op thread, sequential, no memory patterns."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_mem_pattern = False
     return options
 
 
