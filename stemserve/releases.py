@@ -10,6 +10,7 @@ export by them, without loading anything. The band-split RoFormers people use mo
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -324,16 +325,19 @@ def check_bag(models: Any, weights: Any, segment: Any, what: str) -> None:
 
 def local_member(bag: Path, signature: str) -> tuple[Path, str | None]:
     """The file of ``signature`` next to ``bag`` and the sha256 prefix its name gives, if any:
-    ``<signature>.th`` or ``<signature>-<sha256 prefix>.th``, as demucs 4's LocalRepo."""
+    ``<signature>.th`` or ``<signature>-<sha256 prefix>.th``, as demucs 4's LocalRepo, or
+    ``<signature>.safetensors``, as demucs 4.1.0's Hugging Face repositories hold them."""
     folder = bag.parent
     found = []
-    for file in sorted(folder.glob(f"{signature}*.th")):
+    for file in sorted([*folder.glob(f"{signature}*.th"),
+                        *folder.glob(f"{signature}.safetensors")]):
         head, dash, checksum = file.stem.partition("-")
         if head == signature and (not dash or _HEX.fullmatch(checksum)):
             found.append((file, checksum or None))
     if not found:
         raise CheckpointError(f"{bag}: model {signature!r} has no file next to it: put "
-                              f"{signature}.th or {signature}-<sha256 prefix>.th into {folder}")
+                              f"{signature}.th, {signature}-<sha256 prefix>.th or "
+                              f"{signature}.safetensors (demucs 4.1.0's) into {folder}")
     if len(found) > 1:
         raise CheckpointError(f"{bag}: model {signature!r} has {len(found)} files in {folder} "
                               f"({', '.join(file.name for file, _ in found)}); keep one")
@@ -355,6 +359,26 @@ def msst_config_of(checkpoint: Path, config: str | None) -> Path | None:
         return Path(config) if Path(config).suffix.lower() in MSST_CONFIG_SUFFIXES else None
     beside = [Path(checkpoint).with_suffix(suffix) for suffix in MSST_CONFIG_SUFFIXES]
     found = next((path for path in beside if path.is_file()), None)
-    if found is None and Path(checkpoint).suffix.lower() in MSST_WEIGHTS_SUFFIXES:
+    if found is None and Path(checkpoint).suffix.lower() in MSST_WEIGHTS_SUFFIXES \
+            and not is_demucs_safetensors(Path(checkpoint)):
         return beside[0]
     return found
+
+
+_MAX_PEEK = 1 << 20  # a demucs 4.1.0 file's header: its tensors' names, shapes and arguments
+
+
+def is_demucs_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a demucs 4.1.0 model file: safetensors whose metadata names the
+    model's class (``klass``), as demucs' ``tools/export_hf.py`` writes them. Only the
+    header is read, up to a bound; anything else is not one."""
+    try:
+        with open(path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if not 0 < length <= _MAX_PEEK:
+                return False
+            header = json.loads(file.read(length))
+    except (OSError, ValueError):
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and "klass" in metadata

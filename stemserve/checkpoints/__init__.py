@@ -24,7 +24,8 @@ The modules, each importing only those before it: ``messages``, ``unpickle``, ``
 (download, cache, mirrors), ``releases`` (names to files and URLs), ``bounds``, ``diffq``,
 ``build`` (formats to models) and ``bags`` (loading); band-split RoFormer checkpoints of
 Music-Source-Separation-Training (a weights file and its ``config.yaml``) are read by
-``msst_config``, ``msst_state`` and ``msst`` (loading). The public names are here.
+``msst_config``, ``msst_state`` and ``msst`` (loading), and demucs 4.1.0's safetensors files
+by ``hf``. The public names are here.
 """
 from stemserve.checkpoints.bags import Bag, CheckpointInfo, load_bag, load_model
 from stemserve.checkpoints.build import DEFAULT_CONFIG

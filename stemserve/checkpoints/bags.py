@@ -12,6 +12,7 @@ import torch
 from stemserve.checkpoints.bounds import V2
 from stemserve.checkpoints.build import DEFAULT_CONFIG, _from_loaded, _Loaded
 from stemserve.checkpoints.fetch import _check_zip_crcs, _fetch, _sha256
+from stemserve.checkpoints.hf import read_package
 from stemserve.checkpoints.unpickle import _torch_load
 from stemserve.errors import CheckpointError
 from stemserve.models.families import segment_samples
@@ -173,8 +174,12 @@ def _load_local(path: Path, config: str | None, name: str,
         raise CheckpointError(f"{path} does not match the sha256 in its name: it starts with "
                               f"{sha256[:len(checksum)]}, the name says {checksum}; copy or "
                               f"download the file again")
-    _check_zip_crcs(path)
-    loaded = _from_loaded(_torch_load(path, str(path)), config or DEFAULT_CONFIG, str(path),
+    if path.suffix.lower() == ".safetensors":  # demucs 4.1.0's: it carries its configuration
+        package = read_package(path)
+    else:
+        _check_zip_crcs(path)
+        package = _torch_load(path, str(path))
+    loaded = _from_loaded(package, config or DEFAULT_CONFIG, str(path),
                           config_given=config is not None)
     return _member(loaded, name, path, sha256)
 
