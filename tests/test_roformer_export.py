@@ -209,3 +209,19 @@ def test_a_sidecar_checks_its_chunked_fields():
                   sample_rate=8000, audio_channels=2, sources=("vocals",),
                   segment_length=1000, padded_length=1000, output_length=1000,
                   valid_length_params=None, family="htdemucs", num_overlap=4)
+
+
+def test_two_stems_of_a_single_target_roformer_are_vocals_and_the_rest():
+    from stemserve.client.stems import StemSplitter
+
+    spec = chunk_spec(2, residual=True)
+    written = []
+    splitter = StemSplitter(spec, "vocals", spec.sample_rate, written.append)
+    block = np.random.default_rng(0).standard_normal((2, 2, 500)).astype(np.float32)
+    splitter(block)
+    splitter.flush()
+    assert splitter.names == ["vocals", "no_vocals"]
+    got = {name: np.concatenate([part[name] for part in written], axis=-1)
+           for name in splitter.names}
+    np.testing.assert_array_equal(got["vocals"], block[0])
+    np.testing.assert_array_equal(got["no_vocals"], block[1])  # the instrumental
