@@ -394,11 +394,6 @@ class _ChunkPlanner:
         self.window = fade_window(chunk)
         self.passes = [_Pass(0, self.border, length + self.border, np.ones(
             len(spec.sources), np.float32))]
-        self._offsets = list(range(0, self.padded, step))
-        self._counter = np.zeros(self.padded, np.float32)
-        for offset in self._offsets:
-            self._counter[offset:offset + chunk] += self._chunk_window(offset)[
-                :min(chunk, self.padded - offset)]
 
     def _chunk_window(self, offset: int) -> np.ndarray:
         window = self.window.copy()
@@ -412,7 +407,7 @@ class _ChunkPlanner:
     def segments(self) -> list[_Segment]:
         (pass_,) = self.passes
         return [_Segment(pass_, offset, min(self.segment_length, pass_.length - offset))
-                for offset in self._offsets if offset < pass_.length]
+                for offset in range(0, pass_.length, self.stride)]
 
     def requests_per_segment(self) -> int:
         return 1
@@ -438,9 +433,17 @@ class _ChunkPlanner:
         return _keep_from(self, segments)
 
     def weights(self, segment: _Segment) -> np.ndarray:
-        """The chunk's window over the summed windows, for the samples it writes."""
+        """The chunk's window over the windows of every chunk that covers its samples (those
+        past the track's end too), summed in chunk order as MSST's counter is."""
         offset, length = segment.offset, segment.length
-        counter = self._counter[offset:offset + length]
+        counter = np.zeros(length, np.float32)
+        first = max(0, offset - self.segment_length + 1)
+        for other in range(-(-first // self.stride) * self.stride,
+                           min(offset + length, self.padded), self.stride):
+            lo = max(offset, other)
+            hi = min(offset + length, other + self.segment_length, self.padded)
+            if hi > lo:
+                counter[lo - offset:hi - offset] += self._chunk_window(other)[lo - other:hi - other]
         window = self._chunk_window(offset)[:length]
         factors = np.divide(window, counter, out=np.zeros(length, np.float32),
                             where=counter != 0)
@@ -495,20 +498,24 @@ class _InputWindow:
     def _end(self) -> int:
         return self._begin + self._data.shape[-1]
 
+    def _read_until(self, end: int) -> None:
+        """Read blocks until sample ``end`` is held."""
+        pieces, held = [], self._end
+        while held < end:
+            block = next(self._blocks, None)
+            if block is None:
+                raise StemserveError(f"the mix ended at sample {held}, before the {end} "
+                                     "samples its first reading counted")
+            pieces.append(block)
+            held += block.shape[-1]
+        if pieces:
+            self._data = np.concatenate([self._data, *pieces], axis=-1)
+
     def take(self, start: int, size: int, lo: int, hi: int) -> np.ndarray:
         """Samples [start, start + size), real within [lo, hi), zero elsewhere."""
         real_start, real_end = max(start, lo), min(start + size, hi)
         assert real_start >= self._begin or real_end <= real_start, "input released too early"
-        pieces, end = [], self._end
-        while end < real_end:
-            block = next(self._blocks, None)
-            if block is None:
-                raise StemserveError(f"the mix ended at sample {end}, before the {real_end} "
-                                     "samples its first reading counted")
-            pieces.append(block)
-            end += block.shape[-1]
-        if pieces:
-            self._data = np.concatenate([self._data, *pieces], axis=-1)
+        self._read_until(real_end)
         out = np.zeros((self._data.shape[0], size), np.float32)
         if real_end > real_start:
             out[:, real_start - start:real_end - start] = \
@@ -518,8 +525,8 @@ class _InputWindow:
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """The samples ``indices`` names (-1: zero): a chunk over a reflected border."""
         real = indices[indices >= 0]
-        low, high = int(real.min()), int(real.max()) + 1
-        self.take(low, high - low, low, high)  # reads up to ``high``
+        assert real.min() >= self._begin, "input released too early"
+        self._read_until(int(real.max()) + 1)
         out = np.zeros((self._data.shape[0], indices.size), np.float32)
         out[:, indices >= 0] = self._data[:, real - self._begin]
         return out
