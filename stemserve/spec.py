@@ -99,8 +99,8 @@ FAMILIES = {
 }
 """Demucs v2 (demucs 2.0.3), demucs 4.0.1's waveform Demucs (v3), Hybrid Demucs (v3) and
 Hybrid Transformer Demucs (v4), and the band-split RoFormers of Music-Source-Separation-
-Training (on their training chunk, split as its ``demix`` splits). The v3 waveform model's formula is v2's without the
-context term (``context=1`` in ``valid_length_params``). A family of one's own adds its row
+Training (on their training chunk, split as its ``demix`` splits). The v3 waveform model's
+formula is v2's without the context term (``context=1`` in ``valid_length_params``). A family of one's own adds its row
 with :func:`register_length_rule`, from a module named in ``$STEMSERVE_FAMILY_MODULES``
 (each family's torch side is its registration, :mod:`stemserve.models.registry`)."""
 _imported_family_modules: set[str] = set()
@@ -229,8 +229,9 @@ class ModelSpec:
         chunked = family_rule(self.family).split == "chunks"
         if chunked:
             _check_integer(self.num_overlap, "num_overlap", 1, MAX_OVERLAP)
-        elif self.num_overlap != 0:
-            raise SpecError(f"family {self.family!r} takes no num_overlap")
+        elif self.num_overlap != 0 or self.normalize is not True or self.residual is not False:
+            raise SpecError(f"family {self.family!r} splits as demucs does: no num_overlap, "
+                            "always normalised, no residual source")
         for field in ("normalize", "residual"):
             if not isinstance(getattr(self, field), bool):
                 raise SpecError(f"{field} {brief(getattr(self, field))} is not true or false")

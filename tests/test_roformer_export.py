@@ -204,11 +204,16 @@ def test_a_sidecar_checks_its_chunked_fields():
                       valid_length_params=None, family="bs_roformer", num_overlap=4)
         with pytest.raises(SpecError, match=words):
             ModelSpec(**{**fields, **changes})
-    with pytest.raises(SpecError, match="num_overlap"):
+    with pytest.raises(SpecError, match="no num_overlap"):
         ModelSpec(model_name="stems", checkpoint="m", checkpoint_sha256="0" * 64,
                   sample_rate=8000, audio_channels=2, sources=("vocals",),
                   segment_length=1000, padded_length=1000, output_length=1000,
                   valid_length_params=None, family="htdemucs", num_overlap=4)
+    with pytest.raises(SpecError, match="always normalised"):
+        ModelSpec(model_name="stems", checkpoint="m", checkpoint_sha256="0" * 64,
+                  sample_rate=8000, audio_channels=2, sources=("vocals",),
+                  segment_length=1000, padded_length=1000, output_length=1000,
+                  valid_length_params=None, family="htdemucs", normalize=False)
 
 
 def test_two_stems_of_a_single_target_roformer_are_vocals_and_the_rest():
