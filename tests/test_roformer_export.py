@@ -230,3 +230,20 @@ def test_two_stems_of_a_single_target_roformer_are_vocals_and_the_rest():
            for name in splitter.names}
     np.testing.assert_array_equal(got["vocals"], block[0])
     np.testing.assert_array_equal(got["no_vocals"], block[1])  # the instrumental
+
+
+@pytest.mark.parametrize("variant, batch", [("cpu", 1), ("gpu", 8)])
+def test_the_repositories_serve_a_roformer_on_its_chunk(variant, batch):
+    """One input shape (the chunk) so that every request batches; the CPU server batches by
+    1 (a batch of 2 costs as much as two of 1 there), a GPU by up to 8, TensorRT's profile
+    fixed at the chunk."""
+    from stemserve.model_repository.writer import render_config
+
+    spec = chunk_spec(2, chunk=CHUNK, residual=True)
+    config = render_config(spec, variant)
+    assert config.max_batch_size == batch
+    assert list(config.input[0].dims) == [2, CHUNK]
+    assert list(config.output[0].dims) == [2, 2, CHUNK]
+    if variant == "gpu":
+        assert spec.tensorrt_profile(8) == {"min": f"1x2x{CHUNK}", "opt": f"8x2x{CHUNK}",
+                                            "max": f"8x2x{CHUNK}"}
