@@ -172,9 +172,10 @@ class RoformerGraph(nn.Module):
         self.register_buffer("keep", keep, persistent=False)
         bands = (model.freqs_per_band.shape[0] if isinstance(model, MelBandRoformer)
                  else len(model.freqs_per_bands))
-        for layer in model.layers:
-            layer[-2].layers[0][0].rotary_embed.fix_lengths(frames)
-            layer[-1].layers[0][0].rotary_embed.fix_lengths(bands)
+        for layer in model.layers:  # [linear,] time, band transformer
+            for transformer, length in ((layer[-2], frames), (layer[-1], bands)):
+                for attention, _ in transformer.layers:
+                    attention.rotary_embed.fix_lengths(length)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         model = self.model
