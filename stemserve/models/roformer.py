@@ -28,6 +28,11 @@ first and refuses the second); BS-RoFormer's output has the input's length (audi
 stops at the last whole hop). With ``zero_dc=False`` and neither of the other options, both
 compute the same function (tests/test_roformer.py). Stems are always
 ``[batch, stems, channels, length]``, also for one stem.
+
+Both are registered as families (``bs_roformer``, ``mel_band_roformer``) served on their
+config's chunk, as :func:`stemserve.checkpoints.load_msst` builds them (it sets the rate,
+stems, chunk, overlap and ``residual``: a single-target model's instrumental); the exporter
+traces :class:`stemserve.export.exportable.RoformerGraph` instead of the network.
 """
 from __future__ import annotations
 
@@ -762,11 +767,19 @@ def _served_as_loaded(model: nn.Module) -> None:
                          f"config: this one lacks {', '.join(missing)}")
 
 
-for _class, _name in ((BSRoformer, "bs_roformer"), (MelBandRoformer, "mel_band_roformer")):
-    register(FamilyRegistration(
-        name=_name, model_class=_class, label=_class.__name__, pickled=(), rules=None,
-        segment=lambda model: int(model.chunk_size),
-        graph="stemserve.export.exportable:RoformerGraph",
+def _registration(name: str, model_class: type[nn.Module]) -> FamilyRegistration:
+    """A RoFormer family: bounded by its config reader (``msst_config``), split by chunks."""
+    return register(FamilyRegistration(
+        name=name, model_class=model_class, label=model_class.__name__, pickled=(),
+        rules=None, segment=_chunk_size, graph="stemserve.export.exportable:RoformerGraph",
         unsupported={"fp16": "not exported in fp16 yet (the PyTorch backend's autocast runs "
                              "it in half precision on a GPU)"},
         check=_served_as_loaded))
+
+
+def _chunk_size(model: nn.Module) -> int:
+    return int(model.chunk_size)
+
+
+REGISTRATIONS = (_registration("bs_roformer", BSRoformer),
+                 _registration("mel_band_roformer", MelBandRoformer))
