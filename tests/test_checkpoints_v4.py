@@ -207,7 +207,8 @@ def test_release_table_matches_demucs_4_0_1(tmp_path):
         assert (None if ours.weights is None else [list(row) for row in ours.weights]) \
             == bag.get("weights"), name
         assert ours.segment == bag.get("segment"), name
-    assert set(KNOWN_MODELS) == set(checkpoints.RELEASES) | set(theirs["bags"])
+    assert set(KNOWN_MODELS) == (set(checkpoints.RELEASES) | set(theirs["bags"])
+                                 | set(checkpoints.ROFORMER_RELEASES))
 
 
 def test_release_files_and_urls():
