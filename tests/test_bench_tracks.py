@@ -83,7 +83,9 @@ def _check_rows(section: dict) -> dict[tuple, dict]:
             assert _finite_positive(row["server_peak_mib"]) and _finite_positive(
                 row["server_start_s"])
         if path == "reference":
-            assert row["demucs"] == FAMILIES[family]["demucs"] and row["torch_threads"] >= 1
+            package, version = FAMILIES[family]["package"]  # demucs, or audio-separator
+            assert row["reference"].startswith(f"{package} {version}"), row
+            assert row["torch_threads"] >= 1
     return rows
 
 

@@ -74,7 +74,7 @@ MUTATIONS = {
     # networks normalise their own input), under the bound.
     "biased-std": Mutation(
         "stemserve/pipeline.py",
-        "    std = (m2 / (count - 1)) ** 0.5\n",
+        "    std = (m2 / (count - ddof)) ** 0.5\n",
         "    std = (m2 / count) ** 0.5\n",
         (FIXTURE_V2, FIXTURE_V4, V2_SHIFTS0)),
     # (b) A flat overlap-add window. Fixture v2 5.3e3, v4 2e6; v2 oracle all 1.5e5; v4
