@@ -69,15 +69,21 @@ def changed(source: Path, tmp_path: Path, **sections) -> Path:
 DELETE = object()
 
 
-def refused(path: Path, *words: str, family: str | None = None) -> str:
-    """The refusal of ``path``: a CheckpointError naming the file and each of ``words``."""
+def refusal(read, path: Path, *words: str) -> str:
+    """``read()``'s refusal of ``path``: a CheckpointError naming the file and each of
+    ``words``."""
     with pytest.raises(CheckpointError) as caught:
-        read_msst_config(path, family)
+        read()
     message = str(caught.value)
     assert str(path) in message, message
     for word in words:
         assert word in message, (word, message)
     return message
+
+
+def refused(path: Path, *words: str, family: str | None = None) -> str:
+    """The config reader's refusal of ``path``."""
+    return refusal(lambda: read_msst_config(path, family), path, *words)
 
 
 # =============================================================================================
