@@ -230,11 +230,13 @@ MemberCallback = Callable[[int, int, "CheckpointInfo"], None]
 def export_model(model: str | Path, config: str | None = None, *,
                  segment: float | None = None, out: Path | None = None,
                  precisions: Iterable[str] = (), source: ModelSource | None = None,
-                 on_member: MemberCallback | None = None) -> tuple[Path, Bag]:
+                 on_member: MemberCallback | None = None,
+                 portable: bool = False) -> tuple[Path, Bag]:
     """Export ``model`` (every model of a bag) to ONNX with its ``precisions`` variants
     besides fp32: into ``out``, or into its keyed folder under the export root; the folder
     and the loaded :class:`Bag`. The one export orchestration, for the command line and
-    :func:`export_dir_for`.
+    :func:`export_dir_for`. ``portable``: standard ONNX operators only (for TensorRT),
+    without ONNX Runtime's fused attention (:mod:`stemserve.export.attention`).
 
     The keyed folder is written under a temporary name and renamed when complete, so a
     reader never finds half an export and two runs never write into one folder.
@@ -254,7 +256,7 @@ def export_model(model: str | Path, config: str | None = None, *,
     writing = target if out is not None else _fresh_folder(target)
     try:
         export_bag(bag, writing, segment_length=segment_length,
-                   fp16=Precision.FP16 in wanted, on_member=on_member)
+                   fp16=Precision.FP16 in wanted, on_member=on_member, portable=portable)
         for precision in sorted(wanted - {Precision.FP32, Precision.FP16}):
             add_variant(writing, precision)
         with atomic_write(writing / SOURCE_FILE, "w") as file:

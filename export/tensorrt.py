@@ -8,6 +8,11 @@ request at the largest batch. The engine is tied to the GPU and TensorRT version
 it, so it is built where it is served and never committed.
 
     stemserve export -n demucs_quantized --tensorrt --max-batch 8
+
+TensorRT's ONNX parser reads standard operators only: the engine is built from a portable
+export (``stemserve export --portable``, what ``--tensorrt`` makes), without the fused
+``com.microsoft`` attention the RoFormers' graphs have otherwise
+(:mod:`stemserve.export.attention`).
 """
 from __future__ import annotations
 
@@ -22,12 +27,26 @@ PLAN_FILE = "model.plan"
 """The engine's name in an export folder, where the ``gpu-trt`` repository looks for it."""
 
 
+def onnx_runtime_domains(export_dir: Path) -> set[str]:
+    """The operator domains of ``export_dir``'s graph that only ONNX Runtime (and OpenVINO)
+    read: empty for a portable graph."""
+    import onnx
+
+    spec = load_export_spec(export_dir)
+    graph = onnx.load(str(Path(export_dir) / spec.onnx_file), load_external_data=False)
+    return {entry.domain for entry in graph.opset_import} - {"", "ai.onnx"}
+
+
 def trtexec_command(export_dir: Path, engine: Path | None = None, *, max_batch: int = 8,
                     opt_batch: int | None = None, fp16: bool = True,
                     workspace_mib: int = 4096, trtexec: str = "trtexec") -> list[str]:
     """The trtexec command line that turns ``export_dir``'s graph into ``engine`` (default:
     ``export_dir/model.plan``)."""
     spec = load_export_spec(export_dir)
+    if domains := onnx_runtime_domains(export_dir):
+        raise ModelError(f"{export_dir}: the graph has ONNX Runtime's operators "
+                         f"({', '.join(sorted(domains))}), which TensorRT does not read: "
+                         "export it again with --portable")
     engine = engine or Path(export_dir) / PLAN_FILE
     command = [trtexec, f"--onnx={Path(export_dir) / spec.onnx_file}", f"--saveEngine={engine}",
                f"--memPoolSize=workspace:{workspace_mib}M"]

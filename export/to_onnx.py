@@ -36,6 +36,7 @@ from torch import nn
 
 from stemserve.defaults import TRITON_MODEL
 from stemserve.errors import ModelError
+from stemserve.export.attention import fuse_attention
 from stemserve.export.quantize import write_errors
 from stemserve.files import atomic_path
 from stemserve.models.families import family_of, forward_randrange, segment_samples
@@ -66,16 +67,18 @@ def build_spec(model: nn.Module, info: CheckpointInfo, segment_length: int,
                                precision=precision, onnx_file=onnx_file)
 
 
-def graph_module(model: nn.Module, segment_length: int) -> nn.Module:
+def graph_module(model: nn.Module, segment_length: int, portable: bool = False) -> nn.Module:
     """What is traced for ``model`` served on segments of ``segment_length`` samples: the
     network itself, or what its family's registration names (for the hybrid models and the
     RoFormers, the network with its STFTs as real products: the complex ``torch.stft``
-    does not export)."""
+    does not export); unless ``portable``, with ONNX Runtime's fused attention
+    (:mod:`stemserve.export.attention`), which TensorRT's parser does not read."""
     graph = of_model(model).graph
-    if graph is None:
-        return model
-    module, _, name = graph.partition(":")
-    return getattr(importlib.import_module(module), name)(model, segment_length).eval()
+    module = model
+    if graph is not None:
+        factory, _, name = graph.partition(":")
+        module = getattr(importlib.import_module(factory), name)(model, segment_length).eval()
+    return module if portable else fuse_attention(module)
 
 
 class HalfPrecision(nn.Module):
@@ -94,8 +97,9 @@ class HalfPrecision(nn.Module):
 
 def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
                 segment_length: int | None = None, fp16: bool = False, opset: int = OPSET,
-                model_name: str = TRITON_MODEL) -> ModelSpec:
-    """Write ``model.onnx`` and ``model.json`` (and ``model.fp16.*`` if asked) into ``out_dir``.
+                model_name: str = TRITON_MODEL, portable: bool = False) -> ModelSpec:
+    """Write ``model.onnx`` and ``model.json`` (and ``model.fp16.*`` if asked) into ``out_dir``;
+    ``portable``: in standard ONNX operators only (:func:`graph_module`).
 
     ``segment_length`` defaults to what demucs splits by (the model's segment, which a
     bag's override has already set). Returns the fp32 spec. The other precisions' graphs of
@@ -117,7 +121,7 @@ def export_onnx(model: nn.Module, info: CheckpointInfo, out_dir: Path, *,
                 (out_dir / sidecar).unlink(missing_ok=True)
                 (out_dir / Path(sidecar).with_suffix(".onnx")).unlink(missing_ok=True)
     spec = build_spec(model, info, segment_length, model_name=model_name)
-    module = graph_module(model, segment_length)
+    module = graph_module(model, segment_length, portable)
     _export_graph(module, spec, out_dir, opset)
     if fp16:
         half = build_spec(model, info, segment_length, precision="fp16",
@@ -150,9 +154,11 @@ def member_name(index: int) -> str:
 
 
 def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
-               fp16: bool = False, opset: int = OPSET, on_member=None) -> list[ModelSpec]:
+               fp16: bool = False, opset: int = OPSET, on_member=None,
+               portable: bool = False) -> list[ModelSpec]:
     """Export every model of ``bag`` into ``out_dir``; a bag of one with unit weights is a
-    plain single-model export. Returns the members' fp32 specs.
+    plain single-model export. Returns the members' fp32 specs. ``portable``: as
+    :func:`export_onnx`'s.
 
     ``on_member(index, count, info)`` is called before each member (for progress). Any
     earlier export in ``out_dir`` is replaced: its ``bag.json`` or ``model.json`` goes
@@ -170,7 +176,7 @@ def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
         if on_member:
             on_member(0, 1, bag.infos[0])
         return [export_onnx(bag.models[0], bag.infos[0], out_dir, fp16=fp16, opset=opset,
-                            segment_length=segments[0])]
+                            segment_length=segments[0], portable=portable)]
     # A model the bag lists twice (repro_mdx_a_hybrid_only) is one object, exported once.
     first = {id(model): index for index, model in reversed(list(enumerate(bag.models)))}
     exported: dict[int, ModelSpec] = {}
@@ -183,7 +189,7 @@ def export_bag(bag: Bag, out_dir: Path, *, segment_length: int | None = None,
         shutil.rmtree(folder, ignore_errors=True)
         exported[index] = export_onnx(model, info, folder, fp16=fp16, opset=opset,
                                       segment_length=segments[index],
-                                      model_name=member_name(index))
+                                      model_name=member_name(index), portable=portable)
     members = [first[id(model)] for model in bag.models]
     BagSpec(safe_name(bag.name), tuple(member_name(index) for index in members),
             tuple(tuple(float(w) for w in row) for row in bag.weights),

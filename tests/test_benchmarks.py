@@ -288,7 +288,10 @@ def test_the_quick_run_measured_every_scenario(bench_quick_run):
 
 
 GROWTH = {"issue 22: the RoFormer families (models.py, their MSST reference in tracks/runs.py, "
-          "the meter's BS-RoFormer, forward.arena per family and memory patterns)": 75}
+          "the meter's BS-RoFormer, forward.arena per family and memory patterns)": 75,
+          "issue 22: forward.backends' portable graph, OpenVINO fp32, bf16 on the portable "
+          "graph (the fused attention's record, docs/decisions/0010)": 40,
+          "issue 22: GroupMemory reads the server's PSS every 5 s, no longer taxing it": 7}
 """Lines added to benchmarks/ since issue 21 halved it, each by what it measures: growth is a
 decision named here, not drift."""
 

@@ -18,8 +18,10 @@ import torch
 
 from oracle_roformer import ConfigDict
 from stemserve.client.backends.local import LocalBackend
-from stemserve.errors import SpecError
+from stemserve.errors import ModelError, SpecError
+from stemserve.export.attention import FusedAttention, fuse_attention
 from stemserve.export.exportable import RoformerGraph
+from stemserve.export.tensorrt import onnx_runtime_domains, trtexec_command
 from stemserve.export.to_onnx import export_onnx
 from stemserve.checkpoints import CheckpointInfo
 from stemserve.models.roformer import BSRoformer, MelBandRoformer
@@ -71,18 +73,34 @@ def networks() -> dict[str, torch.nn.Module]:
     }
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
 @pytest.mark.parametrize("name", ["bs-stereo-2-stems", "mel-mono-residual"])
-def test_the_exported_graph_is_the_network(name, tmp_path):
+def test_the_exported_graph_is_the_network(name, portable, tmp_path):
     model = networks()[name]
     info = CheckpointInfo(name=name, path=tmp_path / "m.ckpt", sha256="ab" * 32, config={},
                           family="x")
-    spec = export_onnx(model, info, tmp_path)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    spec = export_onnx(model, info, tmp_path, portable=portable)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert not any(isinstance(module, FusedAttention) for module in model.modules())
     assert spec.family == ("bs_roformer" if name.startswith("bs") else "mel_band_roformer")
     assert (spec.segment_length, spec.padded_length, spec.output_length) == (CHUNK,) * 3
     assert (spec.num_overlap, spec.normalize, spec.residual) == (4, False, model.residual)
     assert list(spec.sources) == model.sources and spec.fixed_length == CHUNK
     graph = onnx.load(str(tmp_path / spec.onnx_file))
-    assert not {node.op_type for node in graph.graph.node} & {"Range", "Tile", "If", "Loop"}
+    operators = {(node.domain, node.op_type) for node in graph.graph.node}
+    assert not {op for _, op in operators} & {"Range", "Tile", "If", "Loop"}
+    fused = {("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "RotaryEmbedding")}
+    if portable:  # what TensorRT's parser reads
+        assert {domain for domain, _ in operators} == {""}
+        assert onnx_runtime_domains(tmp_path) == set()
+        assert trtexec_command(tmp_path)[1] == f"--onnx={tmp_path / spec.onnx_file}"
+    else:  # every attention in the fused operators: no Softmax left
+        assert fused <= operators and "Softmax" not in {op for _, op in operators}
+        assert onnx_runtime_domains(tmp_path) == {"com.microsoft"}
+        with pytest.raises(ModelError, match="TensorRT does not read: export it again "
+                                             "with --portable"):
+            trtexec_command(tmp_path)
     session = ort.InferenceSession(str(tmp_path / spec.onnx_file),
                                    providers=["CPUExecutionProvider"])
     for batch in (1, 3):
@@ -93,6 +111,25 @@ def test_the_exported_graph_is_the_network(name, tmp_path):
         assert got.shape == expected.shape == (batch, len(model.sources),
                                                model.audio_channels, CHUNK)
         assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("length", [CHUNK, CHUNK - 41 * 7], ids=["fixed", "other"])
+def test_the_fused_attention_is_the_network_s(length):
+    """In PyTorch, on the chunk whose rotary tables the graph fixes and on another length."""
+    model = loaded(BSRoformer(**SMALL, freqs_per_bands=BANDS, linear_transformer_depth=1),
+                   ["vocals"], residual=False)
+    fused = fuse_attention(RoformerGraph(model, CHUNK))
+    assert sum(isinstance(module, FusedAttention) for module in fused.modules()) == 2
+    assert not any(isinstance(module, FusedAttention) for module in model.modules())
+    plain = torch.nn.Linear(1, 1)
+    assert fuse_attention(plain) is plain  # nothing to fuse: not copied
+    x = torch.randn(3, length // 41 + 1, 32)
+    attention = model.layers[0][-2].layers[0][0]
+    with torch.no_grad():
+        expected = attention(x)
+        assert (FusedAttention(attention)(x) - expected).abs().max() < 1e-5
+        mix = torch.randn(2, model.audio_channels, CHUNK)
+        assert (fused(mix) - model(mix)).abs().max() < 1e-5
 
 
 def test_the_zeroed_dc_bin_is_the_network_s():
@@ -247,3 +284,31 @@ def test_the_repositories_serve_a_roformer_on_its_chunk(variant, batch):
     if variant == "gpu":
         assert spec.tensorrt_profile(8) == {"min": f"1x2x{CHUNK}", "opt": f"8x2x{CHUNK}",
                                             "max": f"8x2x{CHUNK}"}
+
+
+@pytest.mark.slow
+def test_tensorrt_gets_a_portable_export(tmp_path, capsys):
+    """``export --tensorrt`` finds the fused export of the checkpoint, says why it exports it
+    again, and builds from standard operators; the next time it takes that export as is."""
+    from test_msst_checkpoints import write_config
+    from test_msst_load import config_data, network
+
+    from stemserve.cli import main
+    from stemserve.client.models import local_export
+
+    config = config_data("bs_roformer")
+    config["audio"]["chunk_size"] = 64 * 690  # a second at 44.1 kHz, in hops
+    write_config(tmp_path, config, "model.yaml")
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save(network("bs_roformer").state_dict(), checkpoint)
+    assert main(["export", "-n", str(checkpoint), "--no-check"]) == 0
+    folder = local_export(str(checkpoint))
+    assert onnx_runtime_domains(folder) == {"com.microsoft"}
+    capsys.readouterr()
+    for again in (True, False):
+        assert main(["export", "-n", str(checkpoint), "--tensorrt", "--print", "--no-check"]) == 0
+        out, err = capsys.readouterr()
+        assert ("has ONNX Runtime's fused attention, which TensorRT does not read: exporting "
+                "it again with --portable" in err) is again
+        assert local_export(str(checkpoint)) == folder and onnx_runtime_domains(folder) == set()
+        assert f"--onnx={folder / 'model.onnx'}" in out

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +36,10 @@ class Backend:
     """One way of running the network."""
 
     what: str
-    runtime: str = "ort"            # ort | torch
+    runtime: str = "ort"            # ort | torch | openvino (fp32 arithmetic)
     graph: str = "fp32"             # ort: the export's precision variant it loads
     level: str = "ORT_ENABLE_ALL"   # ort: optimisation level of the measured session
-    prepare: str = ""               # ort: slim, or the level to optimise and save the graph at
+    prepare: str = ""               # ort: slim, portable, or the level to save the graph at
     provider: str = CPU             # ort
     mode: str = "no_grad"           # torch: no_grad | inference_mode | compile
     device: str = "cpu"             # torch
@@ -59,9 +61,15 @@ BACKENDS = {
     "ort_saved_all": Backend("saved at ORT_ENABLE_ALL (this CPU's), run unoptimised",
                              prepare="ORT_ENABLE_ALL", level="ORT_DISABLE_ALL"),
     "ort_slim": Backend("onnxslim-simplified graph, ORT_ENABLE_ALL", prepare="slim"),
+    "ort_portable": Backend("export --portable (no fused attention), ORT_ENABLE_ALL",
+                            prepare="portable"),
     "ort_fp16": Backend("the fp16 graph (fp32 I/O), ORT_ENABLE_ALL", graph="fp16"),
     "ort_int8": Backend("the int8 graph (export --int8), ORT_ENABLE_ALL", graph="int8"),
     "openvino_bf16": Backend("OpenVINO, bf16 arithmetic on the fp32 graph", graph="bf16"),
+    "openvino_bf16_portable": Backend("OpenVINO bf16 on the export --portable graph",
+                                      graph="bf16", prepare="portable"),
+    "openvino_fp32": Backend("OpenVINO, fp32 arithmetic (no stemserve path runs it)",
+                             "openvino"),
     "ort_cuda": Backend("ONNX Runtime CUDA provider, fp32", provider=CUDA),
     "ort_cuda_fp16": Backend("ONNX Runtime CUDA, the fp16 graph", provider=CUDA, graph="fp16"),
     "ort_tensorrt": Backend("ONNX Runtime TensorRT provider, fp32", provider=TRT),
@@ -119,6 +127,8 @@ def _skip(name: str, family: str) -> str | None:
 
     backend = BACKENDS[name]
     unsupported = by_name(models.FAMILIES[family]).unsupported
+    if backend.runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "no OpenVINO here"
     if backend.graph == "bf16" and not cpu_has_bf16():
         return "this CPU has no bf16 arithmetic (AMX or AVX512_BF16), or no OpenVINO"
     if backend.graph in unsupported:
@@ -175,8 +185,9 @@ def _session(path: Path, backend: Backend, threads: int, level: str, saved: Path
 
 
 def prepare(job: dict) -> dict:
-    """Write the graph a prepared ORT backend loads: optimised and saved at its level, or
-    simplified by onnxslim (isolated: its memory is not the measured session's)."""
+    """Write the graph a prepared ORT backend loads: optimised and saved at its level,
+    simplified by onnxslim, or exported again in standard operators only (isolated: its
+    memory is not the measured session's)."""
     import onnx
 
     backend, source = BACKENDS[job["backend"]], Path(job["export"]) / "model.onnx"
@@ -186,6 +197,14 @@ def prepare(job: dict) -> dict:
         import onnxslim
 
         onnxslim.slim(str(source), str(target))  # its summary table: the child's stdout
+    elif backend.prepare == "portable":  # the same seeded weights as the export's
+        from stemserve.export.to_onnx import export_onnx
+
+        with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+            spec = export_onnx(models.build(job["family"], job["size"]),
+                               models.checkpoint_info(job["family"], job["size"]), Path(folder),
+                               segment_length=job["segment_length"], portable=True)
+            os.replace(Path(folder) / spec.onnx_file, target)
     else:
         _session(source, backend, job["threads"], backend.prepare, saved=target)
     nodes = {key: len(onnx.load(str(path), load_external_data=False).graph.node)
@@ -211,6 +230,31 @@ def _ort_runner(backend: Backend, job: dict, info: dict):
             raise RuntimeError(f"{backend.provider} did not load: {session.get_providers()}")
     info["session_start_s"] = time.perf_counter() - start
     return lambda x: session.run([spec.output_name], {spec.input_name: x})[0]
+
+
+def _openvino_runner(backend: Backend, job: dict, info: dict):
+    """OpenVINO on the fp32 graph with fp32 arithmetic, as the bf16 path's self-check
+    compiles it, on the first batch's shape (one compile per shape, as the bf16 session)."""
+    import openvino
+
+    from stemserve.spec import load_export_spec
+
+    spec = load_export_spec(Path(job["export"]))
+    start = time.perf_counter()
+    core = openvino.Core()
+    network = core.read_model(str(Path(job["export"]) / spec.onnx_file))
+    compiled = {}
+
+    def run(x):
+        if x.shape not in compiled:
+            network.reshape({network.inputs[0]: openvino.PartialShape(list(x.shape))})
+            compiled[x.shape] = core.compile_model(network, "CPU", {
+                "INFERENCE_NUM_THREADS": job["threads"], "INFERENCE_PRECISION_HINT": "f32"})
+        return compiled[x.shape](x)[0]
+
+    run(_inputs(job, job["batches"][0]))
+    info["session_start_s"] = time.perf_counter() - start
+    return run
 
 
 def _torch_runner(backend: Backend, job: dict, info: dict):
@@ -247,7 +291,8 @@ def measure_backend(job: dict) -> dict:
     """One backend at each of ``job["batches"]`` (run isolated): its rows and its setup."""
     backend = BACKENDS[job["backend"]]
     info: dict = {}
-    run = (_torch_runner if backend.runtime == "torch" else _ort_runner)(backend, job, info)
+    run = {"torch": _torch_runner, "openvino": _openvino_runner}.get(
+        backend.runtime, _ort_runner)(backend, job, info)
     cuda = backend.device == "cuda" and importlib.import_module("torch").cuda
     reference, rows, last = Path(job["reference"]), [], {}
     for index, batch in enumerate(job["batches"]):
@@ -273,7 +318,7 @@ def _measure(family: str, name: str, batches: tuple[int, ...], job: dict,
     backend = BACKENDS[name]
     if reason := _skip(name, family):
         return [{"batch": batch, "status": f"skipped: {reason}"} for batch in batches]
-    if backend.runtime == "ort" and job["export"].startswith("failed"):
+    if backend.runtime != "torch" and job["export"].startswith("failed"):
         return [{"batch": batch, "status": job["export"]} for batch in batches]
     job = dict(job, backend=name, batches=list(batches))
     try:
@@ -311,7 +356,7 @@ def run(config: Config) -> list[dict]:
     for family in config.families:
         network = shapes[family] = describe(family, config.size, config.segment)
         graphs = {BACKENDS[name].graph for name in wanted
-                  if BACKENDS[name].runtime == "ort" and _skip(name, family) is None}
+                  if BACKENDS[name].runtime != "torch" and _skip(name, family) is None}
         try:
             export = models.exported(family, config.size, precisions=graphs,
                                      segment_length=network["segment_length"],

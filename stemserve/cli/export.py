@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="output folder (default: <cache>/export/<model>, where every "
                              "command looks for it; the cache is $STEMSERVE_CACHE or "
                              "~/.cache/stemserve)")
+    parser.add_argument("--portable", action="store_true",
+                        help="standard ONNX operators only, for runtimes other than ONNX "
+                             "Runtime and OpenVINO (--tensorrt implies it); otherwise a "
+                             "RoFormer's attention uses ONNX Runtime's fused operators")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the PyTorch vs ONNX Runtime parity check")
     tensorrt = parser.add_argument_group(
@@ -62,16 +66,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> Path:
     """Export ``args.model`` (every model of a bag) to ONNX, unless ``--tensorrt`` finds it
-    exported; its folder."""
+    exported in standard operators; its folder."""
     from stemserve.client.models import export_model, local_export
+    from stemserve.export.tensorrt import onnx_runtime_domains
+    from stemserve.export.to_onnx import onnx_parity
+    from stemserve.spec import load_export
 
     if args.tensorrt and args.out is None and args.segment is None \
             and (local := local_export(args.model, args.config)) is not None:
         for precision in args.precisions:
             check_precision(precision, tensorrt=True)
-        return local
-    from stemserve.export.to_onnx import onnx_parity
-    from stemserve.spec import load_export
+        if not any(onnx_runtime_domains(folder) for folder, _ in load_export(local).members):
+            return local
+        print(f"{local} has ONNX Runtime's fused attention, which TensorRT does not read: "
+              "exporting it again with --portable", file=sys.stderr, flush=True)
 
     def announce(index: int, count: int, info) -> None:
         if count > 1:
@@ -79,7 +87,8 @@ def _export_onnx(args: argparse.Namespace) -> Path:
 
     start = time.perf_counter()
     out, bag = export_model(args.model, args.config, segment=args.segment, out=args.out,
-                            precisions=args.precisions, on_member=announce)
+                            precisions=args.precisions, on_member=announce,
+                            portable=args.portable or args.tensorrt)
     layout = load_export(out)
     print(f"exported {bag.name} to {out} in {time.perf_counter() - start:.1f} s: "
           + ", ".join(f"{spec.checkpoint} ({spec.family}, sha256 {spec.checkpoint_sha256[:8]}, "
