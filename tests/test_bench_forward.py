@@ -140,6 +140,26 @@ def test_torch_compile_past_its_budget_fails_and_onnxslim_runs(tmp_path):
     assert _finite_positive(slim["per_item_s"]) and "max_abs_diff_vs_eager" not in slim
 
 
+def test_a_roformer_runs_fused_portable_and_on_openvino_fp32(tmp_path):
+    """The fused attention's comparison (docs/decisions/0010): the export's graph, the one
+    ``--portable`` writes (more nodes: the attention spelled out), OpenVINO in fp32, on the
+    small BS-RoFormer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "forward.backends", "--quick",
+         "--families", "bs_roformer", "--backends", "torch_eager,ort,ort_portable,openvino_fp32",
+         "--batches", "1", "--machine", BENCH_MACHINE, "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["kind"]: row for row in _section(tmp_path, "forward.backends")["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    portable = rows["ort_portable"]
+    assert portable["graph_nodes"] > portable["source_nodes"] and portable["prepare_s"] > 0
+    for kind in ("ort", "ort_portable"):
+        assert rows[kind]["max_abs_diff_vs_eager"] < 1e-3, rows[kind]
+    assert rows["openvino_fp32"]["max_abs_diff_vs_eager"] < 0.1
+    assert _finite_positive(rows["openvino_fp32"]["session_start_s"])
+
+
 def _config(**values) -> backends.Config:
     return dataclasses.replace(backends.Config(), **values)
 
