@@ -90,12 +90,8 @@ class FusedAttention(nn.Module):
         self.register_buffer("offset", torch.zeros(1, dtype=torch.int64), persistent=False)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        seq = int(x.shape[1])  # the chunk's: the tables become constants
-        cos = getattr(self.rotary_embed, f"cos_{seq}", None)
-        sin = getattr(self.rotary_embed, f"sin_{seq}", None)
-        if cos is None or sin is None:
-            angles = self.rotary_embed.angles(seq, x.device, torch.float32)
-            cos, sin = angles.cos(), angles.sin()
+        # the chunk's length: the fixed tables become constants
+        cos, sin = self.rotary_embed.tables(int(x.shape[1]), x.device, x.dtype)
         cos, sin = cos[:, ::2], sin[:, ::2]  # each angle is repeated for its pair
         return _RotaryEmbedding.apply(x, self.offset, cos.contiguous(), sin.contiguous(),
                                       self.heads)

@@ -119,13 +119,20 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(f"cos_{seq_len}", angles.cos(), persistent=False)
             self.register_buffer(f"sin_{seq_len}", angles.sin(), persistent=False)
 
+    def tables(self, seq_len, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosines and sines of ``seq_len`` positions: the fixed ones
+        (:meth:`fix_lengths`) or computed. Shapes: [seq_len, dim] each."""
+        fixed = int(seq_len)
+        cos, sin = getattr(self, f"cos_{fixed}", None), getattr(self, f"sin_{fixed}", None)
+        if cos is None or sin is None:
+            angles = self.angles(seq_len, device, dtype)
+            cos, sin = angles.cos(), angles.sin()
+        return cos, sin
+
     def rotate_queries_or_keys(self, t: torch.Tensor) -> torch.Tensor:
         """Rotate each position of ``t`` by its angles. Shapes: [..., seq, dim] -> same."""
-        seq_len = int(t.shape[-2])
-        cos, sin = getattr(self, f"cos_{seq_len}", None), getattr(self, f"sin_{seq_len}", None)
-        if cos is None or sin is None:
-            angles = self.angles(t.shape[-2], t.device, t.dtype)
-            cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.tables(t.shape[-2], t.device, t.dtype)
         return (t * cos + rotate_half(t) * sin).type(t.dtype)
 
 
