@@ -16,14 +16,16 @@ Example::
         stems = separator.separate_array(mix, 44100)            # {"vocals": [2, n], ...}
         paths = separator.separate_file("song.flac", "separated")
 
-Everything goes through :func:`stemserve.pipeline.separate_stream`; the backend only runs
+Everything goes through :func:`stemserve.pipeline.stream_stems`; the backend only runs
 the network. Files are read, separated and written in blocks, so memory does not grow with
-the track. No torch needed.
+the track, and ``stream_array`` / ``stream_file`` hand the stems out block by block as they
+become final. No torch needed.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -42,7 +44,7 @@ from stemserve.client.stems import (SampleRateOut, StemSplitter, check_outputs, 
 from stemserve.client.tracks import unique_tracks
 from stemserve.defaults import DEFAULT_TEMPLATE, DEFAULT_URL
 from stemserve.errors import InputError, OutputError, StemserveError
-from stemserve.pipeline import Backend, SeparationOptions, separate_stream
+from stemserve.pipeline import Backend, BlockSource, SeparationOptions, stream_stems
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +122,14 @@ class Separator:
 
     # -- one array ------------------------------------------------------------------------------
 
-    def separate_array(self, mix: np.ndarray, sample_rate: int, *,
-                       progress: Progress = False) -> dict[str, np.ndarray]:
-        """Separate ``mix`` ([time] mono or [channels, time]) into {stem: [2, time'] float32}.
+    def stream_array(self, mix: np.ndarray, sample_rate: int, *,
+                     progress: Progress = False) -> Iterator[dict[str, np.ndarray]]:
+        """Separate ``mix`` ([time] mono or [channels, time]) block by block: consecutive
+        {stem: [2, n] float32} blocks, each as soon as the overlap-add has made it final.
 
-        The result is at ``sample_rate`` unless ``samplerate_out="model"``; stems are not
-        clipped (clip modes and formats are for files).
+        Blocks are at ``sample_rate`` unless ``samplerate_out="model"``, and not clipped.
+        A bad mix is refused at the call; memory follows the requests in flight, not the
+        mix; closing the iterator early cancels the requests still in flight.
         """
         mix = np.asarray(mix, dtype=np.float32)
         if mix.ndim not in (1, 2):
@@ -137,19 +141,38 @@ class Separator:
                              f"least {MIN_SECONDS} s needed)")
         spec = self.spec
         out_rate = sample_rate if self.output.samplerate_out == "original" else spec.sample_rate
-        blocks: list[dict[str, np.ndarray]] = []
-        stems = StemSplitter(spec, self.output.two_stems, out_rate, blocks.append)
-        with contextlib.closing(TrackProgress(progress, mix.shape[-1] / sample_rate,
-                                              spec.sample_rate, "mix")) as track_progress:
-            separate_stream(
-                lambda: resample_blocks(array_blocks(mix, downmix=self.downmix), sample_rate,
-                                        spec.sample_rate),
-                self.backend, stems, self.separation, on_progress=track_progress.separated)
-        stems.flush()
+        return self._tracked(
+            lambda: resample_blocks(array_blocks(mix, downmix=self.downmix), sample_rate,
+                                    spec.sample_rate), out_rate, progress,
+            mix.shape[-1] / sample_rate, "mix")
+
+    def separate_array(self, mix: np.ndarray, sample_rate: int, *,
+                       progress: Progress = False) -> dict[str, np.ndarray]:
+        """Separate ``mix`` ([time] mono or [channels, time]) into {stem: [2, time'] float32}:
+        :meth:`stream_array`'s blocks joined."""
+        blocks = list(self.stream_array(mix, sample_rate, progress=progress))
+        names = stem_names(self.spec, self.output.two_stems)
         return {name: np.concatenate([block[name] for block in blocks], axis=-1)
-                for name in stems.names}
+                for name in names}
 
     # -- one file -------------------------------------------------------------------------------
+
+    def stream_file(self, track: str | Path | AudioInfo, *,
+                    progress: Progress = False) -> Iterator[dict[str, np.ndarray]]:
+        """Separate one audio file block by block, as :meth:`stream_array` does: the blocks
+        :meth:`separate_file` writes, before clipping and encoding (``rescale`` needs a
+        stem's peak over the whole track). A file that cannot be read is refused at the
+        call; every failure is a :class:`StemserveError` about the track."""
+        info = track if isinstance(track, AudioInfo) else probe(Path(track),
+                                                                downmix=self.downmix)
+        spec = self.spec
+        try:
+            out_rate = output_rate(self.output.samplerate_out, spec.sample_rate,
+                                   info.sample_rate, self.output.fmt)
+        except StemserveError as err:
+            raise err.about(info.path) from err
+        return self._tracked(self._file_blocks(info), out_rate, progress, info.seconds,
+                             info.path.name, where=info.path)
 
     def separate_file(self, track: str | Path | AudioInfo, out_dir: str | Path, *,
                       progress: Progress = False) -> dict[str, Path]:
@@ -172,12 +195,8 @@ class Separator:
                             output.clip_mode) as writer, \
                     contextlib.closing(TrackProgress(progress, info.seconds, spec.sample_rate,
                                                      path.name)) as track_progress:
-                stems = StemSplitter(spec, output.two_stems, out_rate, writer.write)
-                separate_stream(
-                    lambda: resample_blocks(read_blocks(path, downmix=self.downmix),
-                                            info.sample_rate, spec.sample_rate),
-                    self.backend, stems, self.separation, on_progress=track_progress.separated)
-                stems.flush()
+                for block in self._stream(self._file_blocks(info), out_rate, track_progress):
+                    writer.write(block)
                 return writer.commit(on_encoded=track_progress.encoded)
         except StemserveError as err:
             raise err.about(path) from err
@@ -188,6 +207,42 @@ class Separator:
             raise StemserveError("out of memory while separating; try fewer requests in "
                                  "flight (--in-flight) or fewer --jobs", where=str(path)) \
                 from None
+
+    # -- the one pipeline under all of them -----------------------------------------------------
+
+    def _file_blocks(self, info: AudioInfo) -> BlockSource:
+        """The file's mix at the model's rate, read afresh at each call."""
+        return lambda: resample_blocks(read_blocks(info.path, downmix=self.downmix),
+                                       info.sample_rate, self.spec.sample_rate)
+
+    def _tracked(self, source: BlockSource, out_rate: int, progress: Progress,
+                 seconds: float, label: str,
+                 where: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """:meth:`_stream` with its own progress, its failures about ``where``."""
+        try:
+            with contextlib.closing(TrackProgress(progress, seconds, self.spec.sample_rate,
+                                                  label)) as track_progress:
+                yield from self._stream(source, out_rate, track_progress)
+        except StemserveError as err:
+            raise (err.about(where) if where is not None else err) from err
+
+    def _stream(self, source: BlockSource, out_rate: int,
+                track_progress: TrackProgress) -> Iterator[dict[str, np.ndarray]]:
+        """:func:`~stemserve.pipeline.stream_stems` on ``source``, as named stems at
+        ``out_rate``; closing it cancels the requests in flight at once."""
+        ready: list[dict[str, np.ndarray]] = []
+        stems = StemSplitter(self.spec, self.output.two_stems, out_rate, ready.append)
+        # A backend that runs the whole pipeline itself (the server's, triton-stream).
+        pipeline = getattr(self.backend, "stream", None) or functools.partial(stream_stems,
+                                                                            backend=self.backend)
+        with contextlib.closing(pipeline(source, options=self.separation,
+                                         on_progress=track_progress.separated)) as blocks:
+            for block in blocks:
+                stems(block)
+                yield from ready
+                ready.clear()
+        stems.flush()
+        yield from ready
 
     # -- many files -----------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ demucs 4.0.1's ``separate.py`` and ``apply.py``, which agree but where noted):
 
 Unlike demucs it keeps up to ``in_flight`` requests in flight through a :class:`Backend`
 (of every member and pass at once), adds results as they arrive in any order, and hands
-every finished stretch of output (one that no pending segment can still touch) to a sink.
-Memory therefore grows with that window, never with the track. No torch here.
+out every finished stretch of output (one that no pending segment can still touch) as soon
+as it is final (:func:`stream_stems` is a generator). Memory therefore grows with that
+window, never with the track. No torch here.
 """
 from __future__ import annotations
 
@@ -74,8 +75,6 @@ BlockSource = Callable[[], Iterable[np.ndarray]]
 
 The pipeline calls it twice: once for the whole-track statistics, once to separate.
 """
-Sink = Callable[[np.ndarray], None]
-"""Receives consecutive [sources, 2, n] float32 blocks of de-normalised stems."""
 
 
 class Backend(Protocol):
@@ -595,16 +594,21 @@ class _OverlapAdd:
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
-def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
-                    options: SeparationOptions = SeparationOptions(), *,
-                    on_progress: Callable[[float], None] | None = None) -> MixStats:
-    """Separate the mix that ``source`` yields, handing de-normalised stems to ``sink``.
+def stream_stems(source: BlockSource, backend: Backend,
+                 options: SeparationOptions = SeparationOptions(), *,
+                 on_progress: Callable[[float], None] | None = None) -> Iterator[np.ndarray]:
+    """Separate the mix that ``source`` yields into de-normalised [sources, channels, n]
+    stem blocks, in order, each yielded as soon as no pending request can still touch it.
 
     ``backend`` may be a bag (see :class:`Backend`). ``on_progress`` receives, each time a
     request is answered, its share of the track in samples (a segment's length over its
     number of requests, scaled so that the shares add up to the track's length): progress
-    moves with every answer, not only once a stretch of output is finished. Returns the
-    statistics used for normalisation (its ``length`` is the output length).
+    moves with every answer, not only once a stretch of output is finished.
+
+    A generator, pulled by its consumer: the first ``next`` reads the whole mix once for the
+    statistics, then requests go out only as blocks are taken, so a slow consumer holds the
+    pipeline back instead of piling up output. Closing it early (or an error) cancels every
+    request still in flight.
     """
     members, weights = bag_of(backend)
     spec, window = members[0].spec, options.in_flight
@@ -630,10 +634,11 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
     pending: dict[Future, _Request] = {}
     emitted = 0
 
-    def emit(frontier: int) -> None:
+    def emit(frontier: int) -> Iterator[np.ndarray]:
+        """The output up to ``frontier``, de-normalised, if any of it is new."""
         nonlocal emitted
         if frontier > emitted:
-            sink(output.pop(frontier) * std + means)
+            yield output.pop(frontier) * std + means
             emitted = frontier
 
     def collect(done: Iterable[Future]) -> None:
@@ -667,17 +672,15 @@ def separate_stream(source: BlockSource, backend: Backend, sink: Sink,
             for request in requests:
                 while len(pending) >= window:
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
-                    emit(segments[0].start if segments else segment.start)
+                    yield from emit(segments[0].start if segments else segment.start)
                 output.reserve(segment.start + segment.length)
                 mix = (inputs.take(request.start, request.size, request.lo, request.hi)
                        if request.indices is None else inputs.gather(request.indices))
                 pending[members[segment.pass_.member].submit(mix)] = request
         while pending:
             collect(wait(pending, return_when=FIRST_COMPLETED).done)
-            emit(segments[0].start if segments else stats.length)
-        emit(stats.length)
-    except BaseException:
+            yield from emit(segments[0].start if segments else stats.length)
+        yield from emit(stats.length)
+    finally:  # done, failed, or closed by the consumer (GeneratorExit)
         for future in pending:
             future.cancel()
-        raise
-    return stats

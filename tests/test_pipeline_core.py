@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from stemserve.errors import StemserveError
-from stemserve.pipeline import SeparationOptions, mix_stats, separate_stream
+from stemserve.pipeline import SeparationOptions, mix_stats, stream_stems
 from stemserve.spec import ModelSpec
 from tolerance import assert_matches
 
@@ -63,10 +63,9 @@ class IdentityBackend:
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.9])
 def test_identity_network_gives_back_the_mix(overlap, shifts):
     mix = make_mix(2)
-    blocks: list[np.ndarray] = []
-    separate_stream(lambda: [mix[:, i:i + 5000] for i in range(0, LENGTH, 5000)],
-                    IdentityBackend(), blocks.append,
-                    SeparationOptions(overlap=overlap, shifts=shifts, seed=1))
+    blocks = list(stream_stems(lambda: [mix[:, i:i + 5000] for i in range(0, LENGTH, 5000)],
+                               IdentityBackend(),
+                               SeparationOptions(overlap=overlap, shifts=shifts, seed=1)))
     out = np.concatenate(blocks, axis=-1)
     assert out.shape == (2, 2, LENGTH)
     # Measured: at most 3.2 float32 epsilons of the mix's peak (overlap 0.9, shifts 3).
@@ -85,14 +84,11 @@ def test_memory_does_not_grow_with_the_track():
                                       dtype=np.float32)
 
     received = [0, 0]
-
-    def sink(stems: np.ndarray) -> None:
-        received[0] += stems.shape[-1]
-        received[1] += 1
-
     tracemalloc.start()
     try:
-        separate_stream(source, IdentityBackend(), sink, SeparationOptions(in_flight=8))
+        for stems in stream_stems(source, IdentityBackend(), SeparationOptions(in_flight=8)):
+            received[0] += stems.shape[-1]
+            received[1] += 1
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -121,10 +117,9 @@ def test_bad_parameters_are_clear_errors(kwargs, message):
 
 def test_silence_and_nan():
     silence = np.zeros((2, RATE), np.float32)
-    blocks: list[np.ndarray] = []
-    separate_stream(lambda: [silence], IdentityBackend(), blocks.append)
+    blocks = list(stream_stems(lambda: [silence], IdentityBackend()))
     assert np.all(np.concatenate(blocks, axis=-1) == 0)
     broken = make_mix(2)
     broken[0, 100] = np.nan
     with pytest.raises(StemserveError, match="NaN"):
-        separate_stream(lambda: [broken], IdentityBackend(), lambda _: None)
+        next(stream_stems(lambda: [broken], IdentityBackend()))

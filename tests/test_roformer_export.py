@@ -26,7 +26,7 @@ from stemserve.export.to_onnx import export_onnx
 from stemserve.checkpoints import CheckpointInfo
 from stemserve.models.roformer import BSRoformer, MelBandRoformer
 from stemserve.models.stft import ConvISTFT, ConvSTFT
-from stemserve.pipeline import SeparationOptions, fade_window, separate_stream
+from stemserve.pipeline import SeparationOptions, fade_window, stream_stems
 from stemserve.spec import ModelSpec
 
 SMALL = dict(dim=32, depth=1, dim_head=16, heads=2, time_transformer_depth=1,
@@ -151,10 +151,10 @@ def chunk_spec(num_overlap: int, chunk: int = 1000, residual: bool = False,
 
 
 def separate(spec: ModelSpec, mix: np.ndarray, network) -> np.ndarray:
-    blocks = []
     with LocalBackend(spec, network, max_batch=1, name="test") as backend:
-        separate_stream(lambda: (mix[:, i:i + 777] for i in range(0, mix.shape[-1], 777)),
-                        backend, blocks.append, SeparationOptions(in_flight=3))
+        blocks = list(stream_stems(
+            lambda: (mix[:, i:i + 777] for i in range(0, mix.shape[-1], 777)), backend,
+            SeparationOptions(in_flight=3)))
     return np.concatenate(blocks, axis=-1)
 
 
