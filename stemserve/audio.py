@@ -17,10 +17,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from stemserve.defaults import BLOCK_FRAMES
 from stemserve.errors import InputError, OutputError
 from stemserve.files import collect_stale_parts, commit_all, temporary_name
 
-BLOCK_FRAMES = 1 << 16
 MIN_SECONDS = 0.1
 """Shorter inputs are refused: nothing audible to separate, and their statistics are noise."""
 MIN_SAMPLE_RATE = 8000

@@ -45,10 +45,17 @@ STEM_NAMES = SOURCES + ("guitar", "piano")
 """Every stem a release separates: htdemucs_6s adds guitar and piano."""
 TRITON_MODEL = "demucs"
 """The model's name in every Triton model repository stemserve fills."""
+STREAM_MODEL = "separate"
+"""The decoupled model beside it that runs the whole pipeline and streams the stems back."""
 DEFAULT_URL = "127.0.0.1:8001"
 """Triton's gRPC address when none is given: a `stemserve serve` on this host."""
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 """Where a track's stems go under the output folder, as demucs lays them out."""
+BLOCK_FRAMES = 1 << 16
+"""Frames per block read, resampled and written; the server's streaming model cuts a mix
+into the same blocks, so its whole-track statistics are the client's to the last bit."""
+STDIN = "-"
+"""The track name that means stdin, and the ``-o`` that means stdout (stemserve.pipes)."""
 DEFAULT_IN_FLIGHT = 4
 """Segment requests in flight per track (and per Triton server): twice the CPU server's
 max_batch_size of 2, so one batch runs while the next forms. The client's memory follows it:

@@ -66,13 +66,14 @@ def test_the_link_check_can_fail(tmp_path):
 
 
 def readme_commands() -> list[str]:
-    """Every ``stemserve ...`` command in the README's shell blocks, without comments."""
+    """Every ``stemserve ...`` command in the README's shell blocks (in a pipe too), without
+    comments."""
     commands = []
     for language, block in FENCE.findall((ROOT / "README.md").read_text()):
         if language not in ("bash", "sh", ""):
             continue
         for line in block.splitlines():
-            for part in line.split("&&"):
+            for part in re.split(r"&&|\|", line.split("#")[0]):
                 words = shlex.split(part, comments=True)
                 while words and "=" in words[0]:  # VAR=value before the command
                     words.pop(0)

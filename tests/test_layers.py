@@ -21,7 +21,7 @@ LAYERS = [  # bottom to top; a module is in the first layer one of whose prefixe
     ("defaults", ["stemserve.defaults"]),
     ("core", ["stemserve.errors", "stemserve.untrusted", "stemserve.files", "stemserve.releases",
               "stemserve.cpu", "stemserve.precision", "stemserve.connection", "stemserve.spec",
-              "stemserve.audio", "stemserve.pipeline"]),
+              "stemserve.audio", "stemserve.pipes", "stemserve.pipeline"]),
     ("models", ["stemserve.model", "stemserve.models", "stemserve.checkpoints",
                 "stemserve.export", "stemserve.runtime"]),
     ("backends", ["stemserve.client.backends", "stemserve.client.models"]),

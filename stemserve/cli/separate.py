@@ -12,7 +12,8 @@ from typing import Iterator
 
 from stemserve.cli.flags import add_model, add_precision
 from stemserve.connection import ConnectionOptions
-from stemserve.defaults import DEFAULT_MODEL, DEFAULT_URL, TRITON_URL_ENV, triton_url_from_env
+from stemserve.defaults import (DEFAULT_MODEL, DEFAULT_URL, STDIN, TRITON_URL_ENV,
+                                 triton_url_from_env)
 from stemserve.errors import StemserveError, print_error
 from stemserve.precision import check_precision
 
@@ -27,14 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                              "in-process")
     parser.add_argument("tracks", nargs="+", type=Path,
                         help="audio files libsndfile reads (WAV, FLAC, OGG, MP3, ...), folders "
-                             "of them (not their subfolders), or @LIST: a file naming one "
-                             "track a line")
+                             "of them (not their subfolders), @LIST: a file naming one "
+                             "track a line, or - (alone): audio on stdin")
     add_model(parser, None, "release name, checkpoint file or export folder (default: what "
                              f"the server serves; {DEFAULT_MODEL} in-process)")
     parser.add_argument("--backend", choices=BACKEND_KINDS, default=None,
-                        help="default: triton if a server answers at --url, else onnx")
+                        help="default: triton if a server answers at --url, else onnx; "
+                             "triton-stream: the whole pipeline on the server, whose "
+                             "'separate' model streams the stems back")
     parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
-                        help="output folder; stems go under OUT/<model>/ (default: %(default)s)")
+                        help="output folder; stems go under OUT/<model>/ (default: "
+                             "%(default)s); -: one track's --stem to stdout as a WAV stream, "
+                             "each block as soon as it is final")
     parser.add_argument("--jobs", type=int, default=None,
                         help="tracks separated at once, sharing the servers (default: 2 per "
                              "Triton server, 1 in-process)")
@@ -55,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     encoding.add_argument("--float32", action="store_true", help="32-bit float WAV")
     output.add_argument("--mp3-bitrate", type=int, default=320,
                         help="MP3 bit rate in kb/s (default: %(default)s)")
+    output.add_argument("--stem", default=None,
+                        help="with -o -: the stem written to stdout (one of the model's, or "
+                             "of --two-stems' pair)")
     triton = parser.add_argument_group("Triton")
     triton.add_argument("--url", default=None,
                         help="Triton gRPC address, or several (HOST:PORT,HOST:PORT or @FILE, "
@@ -93,14 +101,19 @@ def run(args: argparse.Namespace) -> int:
     from stemserve.errors import ServerUnreachable
 
     precision = args.precision and check_precision(args.precision, backend=args.backend)
+    _check_pipes(args)
     with contextlib.ExitStack() as stack:
+        if args.tracks == [Path(STDIN)]:
+            from stemserve.pipes import spooled_stdin
+
+            args.tracks = [stack.enter_context(spooled_stdin(sys.stdin.buffer))]
         if args.serve:
-            if args.backend not in (None, "triton"):
+            if args.backend not in (None, "triton", "triton-stream"):
                 raise StemserveError("--serve starts a Triton server: drop --backend "
                                      f"{args.backend}")
             args.url = stack.enter_context(_served(args.model, args.config,
                                                    precision or "fp32", args.quiet))
-            args.backend = "triton"
+            args.backend = args.backend or "triton"
         url = args.url or triton_url_from_env() or DEFAULT_URL
         options = dict(model=args.model, config=args.config, precision=precision,
                        connection=options_from(args, ConnectionOptions, url=url))
@@ -121,6 +134,21 @@ def run(args: argparse.Namespace) -> int:
         return _separate_tracks(args, backend, jobs=args.jobs or 2 * servers or 1)
 
 
+def _check_pipes(args: argparse.Namespace) -> None:
+    """Refuse what stdin and stdout cannot do, before any model loads."""
+    if Path(STDIN) in args.tracks and len(args.tracks) > 1:
+        raise StemserveError("- (stdin) must be the only track")
+    to_stdout = args.out == Path(STDIN)
+    if to_stdout and args.stem is None:
+        raise StemserveError("-o - writes one stem to stdout: choose it with --stem (e.g. "
+                             "--stem vocals)")
+    if args.stem is not None and not to_stdout:
+        raise StemserveError("--stem picks the stem written to stdout: add -o -")
+    if to_stdout and (args.mp3 or args.flac):
+        raise StemserveError("-o - writes a WAV stream: drop --mp3/--flac, or encode the "
+                             "stream afterwards (... -o - | ffmpeg -i - out.flac)")
+
+
 def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
     """Separate every track with ``backend``, ``jobs`` at once, under one progress bar; a
     failing track does not stop the others."""
@@ -139,6 +167,8 @@ def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
                        args.mp3_bitrate)
     separator = Separator(backend, options_from(args, SeparationOptions),
                           options_from(args, OutputOptions, fmt=fmt), downmix=args.downmix)
+    if args.out == Path(STDIN):
+        return _separate_to_stdout(args, separator)
     start = time.perf_counter()
     failed, seconds, total = 0, 0.0, 0
     for result in separator.separate_files(expand_tracks(args.tracks),
@@ -163,6 +193,54 @@ def _separate_tracks(args: argparse.Namespace, backend, jobs: int) -> int:
               f"({seconds / max(elapsed, 1e-9):.1f}x real time){resent}", file=sys.stderr)
     if failed:
         print(f"stemserve: {failed} of {total} tracks failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _separate_to_stdout(args: argparse.Namespace, separator) -> int:
+    """The one track's ``--stem`` to stdout as a WAV stream, block by block as the pipeline
+    makes them final. Clipping: ``rescale`` needs the stem's peak over the whole track, so
+    a stream is clamped to [-1, 1] instead (``--clip-mode none`` keeps float samples as they
+    are)."""
+    import os
+
+    import numpy as np
+
+    from stemserve.audio import probe
+    from stemserve.client.stems import output_rate, stem_names
+    from stemserve.client.tracks import expand_tracks
+    from stemserve.pipes import WavStream
+
+    tracks = expand_tracks(args.tracks)
+    if len(tracks) != 1:
+        raise StemserveError(f"-o - writes one track's stem; {len(tracks)} tracks given")
+    (track,) = tracks
+    names = stem_names(separator.spec, separator.output.two_stems)
+    if args.stem not in names:
+        raise StemserveError(f"--stem {args.stem!r}: the stems are {', '.join(names)}")
+    clip = separator.output.clip_mode
+    if clip == "rescale":
+        clip = "clamp"
+        if not args.quiet:
+            print("stemserve: to stdout, the stem is clamped to [-1, 1] (--clip-mode rescale "
+                  "needs its peak over the whole track)", file=sys.stderr)
+    info = probe(track, downmix=args.downmix)
+    fmt = separator.output.fmt
+    rate = output_rate(separator.output.samplerate_out, separator.spec.sample_rate,
+                       info.sample_rate, fmt)
+    blocks = separator.stream_file(info, progress=not args.quiet)
+    try:
+        with contextlib.closing(blocks):
+            stream = WavStream(sys.stdout.buffer, rate, separator.spec.audio_channels,
+                               fmt.encoding)
+            for block in blocks:
+                samples = block[args.stem]
+                stream.write(np.clip(samples, -1.0, 1.0) if clip == "clamp" else samples)
+    except BrokenPipeError:
+        # The reader left (a player closed): stop at once, and keep Python's exit flush of
+        # stdout from failing on the closed pipe too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("stemserve: stdout was closed before the stem was complete", file=sys.stderr)
         return 1
     return 0
 
