@@ -16,6 +16,11 @@ export (``demucs_0``, ``demucs_1``, ...), each config also carrying the bag's si
 ``stemserve_bag`` parameter: clients find the members and the weights on the server, send
 each member its own segments, and every member batches on its own.
 
+A CPU repository also gets ``separate`` (``separate/config.pbtxt`` beside the templates): a
+decoupled python model that runs the whole pipeline on a track and streams the stems back,
+calling the network model(s) through BLS. Its config carries the bag and the members'
+sidecars, checked against theirs like everything else.
+
 Usage: ``stemserve repository fill EXPORT_DIR REPO_DIR --variant gpu``, ``stemserve
 repository check REPO_DIR``.
 """
@@ -33,8 +38,9 @@ from stemserve.errors import RepositoryError
 from stemserve.export.tensorrt import PLAN_FILE
 from stemserve.files import atomic_write, file_sha256
 from stemserve.precision import check_precision
-from stemserve.spec import (BAG_PARAMETER, SIDECAR_FILE, SPEC_PARAMETER, BagSpec, ExportLayout,
-                            ModelSpec, load_export, sidecar_name)
+from stemserve.defaults import STREAM_MODEL
+from stemserve.spec import (BAG_PARAMETER, SIDECAR_FILE, SPEC_PARAMETER, SPECS_PARAMETER, BagSpec,
+                            ExportLayout, ModelSpec, load_export, sidecar_name)
 
 TEMPLATES = Path(__file__).resolve().parent
 VARIANTS = ("cpu", "gpu", "gpu-trt")
@@ -179,11 +185,44 @@ def fill_repository(export_dir: Path, repo_dir: Path, variant: str = "cpu", *,
             hint = ("build it on the serving GPU with the export's TensorRT script"
                     if variant == "gpu-trt" else "run `stemserve export` first")
             raise RepositoryError(f"{model_file} is missing: {hint}")
-    _remove_other_models(repo_dir, {spec.model_name for _, spec in members})
+    streams = variant == "cpu"  # the GPU image has no stemserve for a python model (yet)
+    _remove_other_models(repo_dir, {spec.model_name for _, spec in members}
+                         | ({STREAM_MODEL} if streams else set()))
     for (folder, spec), config in zip(members, configs):
         _fill_model(folder, spec, config, repo_dir, variant, version, precision)
+    if streams:
+        _fill_stream_model(layout, repo_dir, version)
     check_repository(repo_dir)
     return repo_dir / layout.spec.model_name
+
+
+def render_stream_config(layout: ExportLayout) -> mc.ModelConfig:
+    """The streaming model's template with the tensors, the bag and the members' sidecars
+    of ``layout``."""
+    spec = layout.spec
+    config = load_config(TEMPLATES / STREAM_MODEL / "config.pbtxt")
+    mix = config.input[0]
+    mix.name, mix.dims[:] = spec.input_name, [spec.audio_channels, -1]
+    (stems,) = [tensor for tensor in config.output if tensor.name == "stems"]
+    stems.dims[:] = [len(spec.sources), spec.audio_channels, -1]
+    config.parameters[BAG_PARAMETER].string_value = layout.bag.to_json()
+    by_name = {member.model_name: member for _, member in layout.members}
+    config.parameters[SPECS_PARAMETER].string_value = json.dumps(
+        [by_name[name].to_json() for name in dict.fromkeys(layout.bag.members)])
+    return config
+
+
+def _fill_stream_model(layout: ExportLayout, repo_dir: Path, version: int) -> None:
+    """``separate/``: its model.py and config.pbtxt, written last."""
+    template = TEMPLATES / STREAM_MODEL
+    model_dir = repo_dir / STREAM_MODEL
+    version_dir = model_dir / str(version)
+    shutil.rmtree(version_dir, ignore_errors=True)
+    version_dir.mkdir(parents=True)
+    shutil.copy2(template / "1" / "model.py", version_dir / "model.py")
+    header = HEADER.format(template=template / "config.pbtxt", sidecar="the network's sidecars")
+    _write_atomic(model_dir / "config.pbtxt",
+                  header + text_format.MessageToString(render_stream_config(layout)))
 
 
 def _remove_other_models(repo_dir: Path, keep: set[str]) -> None:
@@ -313,7 +352,8 @@ def check_repository(repo_dir: Path) -> ExportLayout:
     one for a single model) with each member's folder and spec.
     """
     repo_dir = Path(repo_dir)
-    model_dirs = sorted(p.parent for p in repo_dir.glob("*/config.pbtxt"))
+    model_dirs = sorted(p.parent for p in repo_dir.glob("*/config.pbtxt")
+                        if p.parent.name != STREAM_MODEL)
     if not model_dirs:
         raise RepositoryError(f"{repo_dir}: no model folder with a config.pbtxt; fill it "
                              "with stemserve.model_repository.writer")
@@ -329,9 +369,35 @@ def check_repository(repo_dir: Path) -> ExportLayout:
     members = tuple((model_dir, _check_model(model_dir, configs[model_dir]))
                     for model_dir in model_dirs)
     if first is None:
-        return ExportLayout(BagSpec.single(members[0][1]), members)
-    by_name = {model_dir.name: (model_dir, spec) for model_dir, spec in members}
-    return ExportLayout(first, tuple(by_name[name] for name in first.members))
+        layout = ExportLayout(BagSpec.single(members[0][1]), members)
+    else:
+        by_name = {model_dir.name: (model_dir, spec) for model_dir, spec in members}
+        layout = ExportLayout(first, tuple(by_name[name] for name in first.members))
+    if (repo_dir / STREAM_MODEL / "config.pbtxt").is_file():
+        _check_stream_model(repo_dir / STREAM_MODEL, layout)
+    return layout
+
+
+def _check_stream_model(model_dir: Path, layout: ExportLayout) -> None:
+    """The streaming model must be decoupled, have its model.py in every version, and carry
+    exactly the bag and sidecars of the network models beside it."""
+    where = model_dir / "config.pbtxt"
+    config = load_config(where)
+    if not config.model_transaction_policy.decoupled:
+        raise RepositoryError(f"{where}: the streaming model must be decoupled "
+                              "(model_transaction_policy { decoupled: true })")
+    expected = render_stream_config(layout)
+    for key in (BAG_PARAMETER, SPECS_PARAMETER):
+        if config.parameters[key].string_value != expected.parameters[key].string_value:
+            raise RepositoryError(f"{where}: its {key!r} parameter is not the sidecar of the "
+                                  "network models beside it; fill the repository again")
+    if [(t.name, list(t.dims)) for t in config.input][:1] != \
+            [(t.name, list(t.dims)) for t in expected.input][:1]:
+        raise RepositoryError(f"{where}: its input is not the network's mix; fill the "
+                              "repository again")
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions or not all((version / "model.py").is_file() for version in versions):
+        raise RepositoryError(f"{model_dir}: a version folder with model.py is missing")
 
 
 def _check_model(model_dir: Path, config: mc.ModelConfig) -> ModelSpec:

@@ -57,19 +57,19 @@ class PrecisionRow:
 PRECISIONS: dict[Precision, PrecisionRow] = {
     Precision.FP32: PrecisionRow(
         "model.json", "ONNX Runtime", "any", ("cpu", "gpu", "gpu-trt"),
-        ("onnx", "triton", "torch"), "export", None, True,
+        ("onnx", "triton", "triton-stream", "torch"), "export", None, True,
         "the exact graph, demucs' own stems"),
     Precision.FP16: PrecisionRow(
-        "model.fp16.json", "ONNX Runtime", "gpu", ("cpu", "gpu"), ("onnx", "triton"),
+        "model.fp16.json", "ONNX Runtime", "gpu", ("cpu", "gpu"), ("onnx", "triton", "triton-stream"),
         "export", "--fp16", False, "the half-precision graph, for GPUs (ONNX Runtime's CPU "
         "kernels run it too, slowly)"),
     Precision.INT8: PrecisionRow(
-        "model.int8.json", "ONNX Runtime", "cpu", ("cpu",), ("onnx", "triton"), "quantize",
+        "model.int8.json", "ONNX Runtime", "cpu", ("cpu",), ("onnx", "triton", "triton-stream"), "quantize",
         "--int8", False,
         "the int8 graph (dynamic quantization of the LSTM and matrix products), a CPU fast "
         "path"),
     Precision.BF16: PrecisionRow(
-        "model.bf16.json", "OpenVINO", "cpu", ("cpu",), ("onnx", "triton"), "sidecar",
+        "model.bf16.json", "OpenVINO", "cpu", ("cpu",), ("onnx", "triton", "triton-stream"), "sidecar",
         "--bf16", False,
         "the fp32 graph run by OpenVINO with bf16 arithmetic on a CPU with AMX or "
         "AVX512_BF16, the other CPU fast path"),
@@ -111,8 +111,9 @@ def check_precision(precision: str | Precision, *, variant: str | None = None,
         raise error(f"{flag} is a CPU fast path; TensorRT builds its own engine from the fp32 "
                     "graph" if tensorrt else f"{flag} is a CPU fast path: drop --gpu")
     if backend is not None and backend not in info.backends:
+        *others, last = info.backends
         raise error(f"the {name.value} graph runs on {info.runtime}: {flag} takes --backend "
-                    f"{' or '.join(info.backends)}, not {backend}")
+                    f"{', '.join(others)} or {last}, not {backend}")
     if variant == "gpu-trt" and name is not Precision.FP32:
         raise error("gpu-trt serves the engine `stemserve export --tensorrt` built (its "
                     "precision is chosen there): leave precision out")

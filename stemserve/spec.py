@@ -392,6 +392,9 @@ untrusted."""
 BAG_FILE = "bag.json"
 BAG_PARAMETER = "stemserve_bag"
 """The config.pbtxt parameter of each served member of a bag: the bag's sidecar."""
+SPECS_PARAMETER = "stemserve_specs"
+"""The streaming model's parameter: the JSON list of its network models' sidecars, in the
+bag's order."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -387,7 +387,7 @@ def test_refusals_name_the_way_out(small_export, bf16_export, tmp_path, capsys, 
     assert "not allowed with argument" in capsys.readouterr().err
     track = tmp_path / "song.wav"
     assert main(["separate", "--bf16", "--backend", "torch", str(track)]) == 1
-    assert "the bf16 graph runs on OpenVINO: --bf16 takes --backend onnx or triton, not " \
+    assert "the bf16 graph runs on OpenVINO: --bf16 takes --backend onnx, triton or triton-stream, not " \
            "torch" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
     with pytest.raises(ModelError, match=r"pip install 'stemserve\[openvino\]'"):

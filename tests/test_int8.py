@@ -141,7 +141,7 @@ def test_refusals_name_the_way_out(small_export, tmp_path, capsys):
     assert not (tmp_path / "repo").exists()
     assert main(["serve", "--int8", "--gpu", "-n", str(small_export)]) != 0
     assert "--int8 is a CPU fast path: drop --gpu" in capsys.readouterr().err
-    with pytest.raises(ModelError, match="--int8 takes --backend onnx or triton"):
+    with pytest.raises(ModelError, match="--int8 takes --backend onnx, triton or triton-stream"):
         open_backend("torch", model=small_export, precision="int8")
 
 

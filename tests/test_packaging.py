@@ -33,6 +33,8 @@ def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
                  "stemserve/model_repository/cpu/demucs/1/model.py",
                  "stemserve/model_repository/gpu/demucs/config.pbtxt",
                  "stemserve/model_repository/gpu-trt/demucs/config.pbtxt",
+                 "stemserve/model_repository/separate/config.pbtxt",
+                 "stemserve/model_repository/separate/1/model.py",
                  "stemserve/web/static/index.html"):
         assert data in names, data
     assert not any(name.startswith(("client/", "export/", "tests/")) for name in names)

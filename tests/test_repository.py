@@ -369,7 +369,7 @@ def test_filling_another_model_replaces_the_bag_and_a_foreign_model_is_refused(
         tiny_bag_export, small_export, tmp_path):
     fill_repository(tiny_bag_export, tmp_path, "cpu")
     fill_repository(small_export, tmp_path, "cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demucs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demucs", "separate"]
     assert check_repository(tmp_path).bag.members == ("demucs",)
 
     shutil.copytree(tmp_path / "demucs", tmp_path / "demucs_7")  # not a bag member
@@ -411,16 +411,20 @@ def test_a_model_a_bag_lists_twice_is_exported_and_served_once(tmp_path):
 
     repository = tmp_path / "repository"
     fill_repository(export, repository, "cpu")
-    assert sorted(path.name for path in repository.iterdir()) == ["demucs_0", "demucs_1"]
+    assert sorted(path.name for path in repository.iterdir()) == ["demucs_0", "demucs_1",
+                                                                  "separate"]
     assert check_repository(repository).bag == layout.bag
 
     mix = np.random.default_rng(3).standard_normal((2, 3 * 44100)).astype(np.float32)
     with open_backend("onnx", model=export) as backend:
         assert len(backend.members) == 4 and len({id(m) for m in backend.members}) == 2
         local = separate_array(mix, 44100, backend=backend)
-    with local_server(export, root=tmp_path / "served") as server, \
-            open_backend("triton", connection=server.grpc_url) as backend:
-        served = separate_array(mix, 44100, backend=backend)
+    with local_server(export, root=tmp_path / "served") as server:
+        with open_backend("triton", connection=server.grpc_url) as backend:
+            served = separate_array(mix, 44100, backend=backend)
+        # The server's own pipeline runs the bag too: every listing, through BLS.
+        with open_backend("triton-stream", connection=server.grpc_url) as backend:
+            streamed = separate_array(mix, 44100, backend=backend)
     # The same bag in PyTorch, every listing its own network run.
     from stemserve.client.backends.bag import BagBackend
     from stemserve.client.backends.pytorch import TorchBackend
@@ -431,3 +435,4 @@ def test_a_model_a_bag_lists_twice_is_exported_and_served_once(tmp_path):
     for name, stem in reference.items():
         assert np.abs(local[name] - stem).max() < 1e-4, name
         assert np.abs(served[name] - stem).max() < 1e-4, name
+        assert np.abs(streamed[name] - stem).max() < 1e-4, name

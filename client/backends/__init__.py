@@ -1,7 +1,8 @@
 """Backends: what runs the network on a padded segment, behind one small interface.
 
 :class:`~stemserve.pipeline.Backend` is the interface; the implementations are a Triton
-server (:mod:`.triton`), several of them (:mod:`.fleet`), ONNX Runtime in-process
+server (:mod:`.triton`), several of them (:mod:`.fleet`), a server that runs the whole
+pipeline and streams the stems back (:mod:`.triton_stream`), ONNX Runtime in-process
 (:mod:`.onnx`) and PyTorch (:mod:`.pytorch`), the last two sharing a batching worker
 (:mod:`.local`). :func:`open_backend` builds one from a kind and a model name.
 """
@@ -23,8 +24,8 @@ from stemserve.untrusted import safe_name
 
 logger = logging.getLogger(__name__)
 
-BackendKind = Literal["triton", "onnx", "torch"]
-BACKEND_KINDS: tuple[str, ...] = ("triton", "onnx", "torch")
+BackendKind = Literal["triton", "triton-stream", "onnx", "torch"]
+BACKEND_KINDS: tuple[str, ...] = ("triton", "triton-stream", "onnx", "torch")
 
 
 def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = None,
@@ -60,12 +61,13 @@ def open_backend(kind: BackendKind = "triton", *, model: str | Path | None = Non
         precision = check_precision(precision, backend=kind, error=ModelError).value
     if autocast is not None and kind != "torch":
         raise ModelError(f"autocast is PyTorch's: it takes the torch backend, not {kind}")
-    if kind == "triton":
+    if kind in ("triton", "triton-stream"):
         if not isinstance(connection, ConnectionOptions):
             connection = ConnectionOptions(**({} if connection is None else {"url": connection}))
         url = connection.url
         local = local_export(model, config)
-        backend = _triton_backend(local, precision or "fp32", connection)
+        backend = (_triton_backend(local, precision or "fp32", connection) if kind == "triton"
+                   else _stream_backend(connection))
         served = backend.spec
         problem = None if model is None else served_mismatch(local or model, config, served)
         if problem is None and precision is not None and served.precision != precision:
@@ -169,6 +171,19 @@ def _triton_backend(local: Path | None, precision: str,
     if bag is None:
         return member(TRITON_MODEL)()
     return _bag_or_single(bag, [member(name) for name in bag.members])
+
+
+def _stream_backend(connection: ConnectionOptions) -> Backend:
+    """The pipeline on the one server at the ``connection``'s URL (a fleet shares segments,
+    which only the client's pipeline cuts)."""
+    from stemserve.client.backends.fleet import parse_endpoints
+    from stemserve.client.backends.triton_stream import TritonStreamBackend
+
+    urls = parse_endpoints(connection.url)
+    if len(urls) != 1:
+        raise ModelError(f"--backend triton-stream runs the track on one server, not "
+                         f"{len(urls)}: use --backend triton for a fleet")
+    return TritonStreamBackend(urls[0], timeout=connection.timeout)
 
 
 def _bag_or_single(bag: BagSpec, connect: list[Callable[[], Backend]]) -> Backend:
