@@ -107,23 +107,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tiers by what a test needs: a test on the session's tritonserver is a ``server``
-    test, one on the official demucs an ``oracle`` test (modules mark the rest).
-
-    Under pytest-xdist (``.ci/run``: ``-n 2 --dist loadgroup``) each file is one group, so
-    its module fixtures (servers, exports) are made once, on one worker; the files that read
-    :func:`bench_quick_run` are one group, so that minutes of benchmarks run once."""
-    grouped = config.pluginmanager.hasplugin("xdist")
+    test, one on the official demucs an ``oracle`` test (modules mark the rest)."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & SERVER_FIXTURES:
             item.add_marker(pytest.mark.server)
         if names & ORACLE_FIXTURES:
             item.add_marker(pytest.mark.oracle)
-        if grouped:
-            group = "bench" if "bench_quick_run" in names else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
