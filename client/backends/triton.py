@@ -108,6 +108,17 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def check_server_ready(client: grpcclient.InferenceServerClient, url: str) -> None:
+    """Refuse a server that does not answer at ``url``, or answers that it is not ready,
+    within :data:`CONNECT_TIMEOUT`."""
+    try:
+        ready = client.is_server_ready(client_timeout=CONNECT_TIMEOUT)
+    except InferenceServerException as err:
+        raise ServerUnreachable(unreachable_message(url, err.message())) from None
+    if not ready:
+        raise ServerUnreachable(unreachable_message(url, "server not ready"))
+
+
 def spec_from_config(config: dict, where: str) -> ModelSpec | None:
     """The sidecar a model repository's config.pbtxt carries as a string parameter, if any."""
     text = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
@@ -369,12 +380,7 @@ class TritonBackend:
 
     def _read_spec(self, local: ModelSpec | None) -> ModelSpec:
         """Check the server and the model are ready, then read the model's sidecar."""
-        try:
-            ready = self._client.is_server_ready(client_timeout=CONNECT_TIMEOUT)
-        except InferenceServerException as err:
-            raise ServerUnreachable(unreachable_message(self.url, err.message())) from None
-        if not ready:
-            raise ServerUnreachable(unreachable_message(self.url, "server not ready"))
+        check_server_ready(self._client, self.url)
         try:
             if not self._client.is_model_ready(self.model, client_timeout=CONTROL_TIMEOUT):
                 raise InferenceServerException(msg="not ready")

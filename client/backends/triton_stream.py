@@ -19,10 +19,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from stemserve.client.backends.triton import (CONNECT_TIMEOUT, CONTROL_TIMEOUT, grpc_client,
-                                              unreachable_message)
+from stemserve.client.backends.triton import CONTROL_TIMEOUT, check_server_ready, grpc_client
 from stemserve.defaults import STREAM_MODEL
-from stemserve.errors import ServerError, ServerUnreachable, StemserveError
+from stemserve.errors import ServerError, StemserveError
 from stemserve.pipeline import BlockSource, SeparationOptions
 from stemserve.spec import SPECS_PARAMETER, ModelSpec
 
@@ -48,12 +47,7 @@ class TritonStreamBackend:
             raise
 
     def _read_spec(self) -> ModelSpec:
-        try:
-            ready = self._client.is_server_ready(client_timeout=CONNECT_TIMEOUT)
-        except InferenceServerException as err:
-            raise ServerUnreachable(unreachable_message(self.url, err.message())) from None
-        if not ready:
-            raise ServerUnreachable(unreachable_message(self.url, "server not ready"))
+        check_server_ready(self._client, self.url)
         try:
             config = self._client.get_model_config(STREAM_MODEL, as_json=True,
                                                    client_timeout=CONTROL_TIMEOUT)
