@@ -75,10 +75,10 @@ class TritonPythonModel:
             ModelSpec.from_json(text, where=f"{STREAM_MODEL} config")
             for text in json.loads(parameters[SPECS_PARAMETER]))}
         self.in_flight = int(parameters.get("in_flight", "4"))
-        self.tracks = threading.BoundedSemaphore(int(parameters.get("max_tracks", "16")))
+        max_tracks = int(parameters.get("max_tracks", "16"))
+        self.tracks = threading.BoundedSemaphore(max_tracks)
         # Every track's requests in flight at once, each holding a thread while it waits.
-        self.pool = ThreadPoolExecutor(self.in_flight * int(parameters.get("max_tracks", "16")),
-                                       thread_name_prefix="bls")
+        self.pool = ThreadPoolExecutor(self.in_flight * max_tracks, thread_name_prefix="bls")
         # As the client's BagBackend: one member per listing (a bag may list a model twice).
         members = [_Network(specs[name], self.pool) for name in bag.members]
         self.backend = members[0] if len(members) == 1 else _Bag(
