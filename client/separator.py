@@ -165,14 +165,14 @@ class Separator:
         call; every failure is a :class:`StemserveError` about the track."""
         info = track if isinstance(track, AudioInfo) else probe(Path(track),
                                                                 downmix=self.downmix)
-        spec = self.spec
-        try:
-            out_rate = output_rate(self.output.samplerate_out, spec.sample_rate,
-                                   info.sample_rate, self.output.fmt)
-        except StemserveError as err:
-            raise err.about(info.path) from err
-        return self._tracked(self._file_blocks(info), out_rate, progress, info.seconds,
-                             info.path.name, where=info.path)
+        return self._tracked(self._file_blocks(info), self.file_rate(info), progress,
+                             info.seconds, info.path.name, where=info.path)
+
+    def file_rate(self, info: AudioInfo) -> int:
+        """The rate a file's stems come out at (:func:`~stemserve.client.stems.output_rate`):
+        what :meth:`stream_file` yields and :meth:`separate_file` writes."""
+        return output_rate(self.output.samplerate_out, self.spec.sample_rate, info.sample_rate,
+                           self.output.fmt)
 
     def separate_file(self, track: str | Path | AudioInfo, out_dir: str | Path, *,
                       progress: Progress = False) -> dict[str, Path]:
@@ -187,8 +187,7 @@ class Separator:
                                                                 downmix=self.downmix)
         path, output, spec = info.path, self.output, self.spec
         try:
-            out_rate = output_rate(output.samplerate_out, spec.sample_rate, info.sample_rate,
-                                   output.fmt)
+            out_rate = self.file_rate(info)
             targets = stem_paths(path, Path(out_dir), stem_names(spec, output.two_stems),
                                  output.fmt.ext, output.template)
             with StemWriter(targets, out_rate, spec.audio_channels, output.fmt,

@@ -207,7 +207,7 @@ def _separate_to_stdout(args: argparse.Namespace, separator) -> int:
     import numpy as np
 
     from stemserve.audio import probe
-    from stemserve.client.stems import output_rate, stem_names
+    from stemserve.client.stems import stem_names
     from stemserve.client.tracks import expand_tracks
     from stemserve.pipes import WavStream
 
@@ -225,14 +225,12 @@ def _separate_to_stdout(args: argparse.Namespace, separator) -> int:
             print("stemserve: to stdout, the stem is clamped to [-1, 1] (--clip-mode rescale "
                   "needs its peak over the whole track)", file=sys.stderr)
     info = probe(track, downmix=args.downmix)
-    fmt = separator.output.fmt
-    rate = output_rate(separator.output.samplerate_out, separator.spec.sample_rate,
-                       info.sample_rate, fmt)
+    rate = separator.file_rate(info)
     blocks = separator.stream_file(info, progress=not args.quiet)
     try:
         with contextlib.closing(blocks):
             stream = WavStream(sys.stdout.buffer, rate, separator.spec.audio_channels,
-                               fmt.encoding)
+                               separator.output.fmt.encoding)
             for block in blocks:
                 samples = block[args.stem]
                 stream.write(np.clip(samples, -1.0, 1.0) if clip == "clamp" else samples)
